@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.carefl-installed
+
+# Real data shipped beside the repo (CI and this workplace); the product itself only reads CAREFL_DATA.
+ifneq ($(wildcard ../shared/data),)
+export CAREFL_DATA ?= $(abspath ../shared/data)
+endif
+# No phone-home from any process we start.
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+
+.PHONY: demo test bench setup clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/carefl demo $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,82 @@
+"""Download public data sets into the site's data directory, verified by checksum.
+
+Files are written to a temporary name and renamed only once the checksum matches, so an
+interrupted or corrupted download never leaves a file that looks valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from client import heart_disease
+from client.errors import DataFormatError, SiteError
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    url: str
+    relpath: str  # inside the data directory
+    md5: str
+
+
+def heart_disease_files() -> list[RemoteFile]:
+    return [
+        RemoteFile(
+            url=f"{heart_disease.SOURCE_URL}processed.{centre}.data",
+            relpath=f"{heart_disease.FOLDER}/processed.{centre}.data",
+            md5=md5sum,
+        )
+        for centre, md5sum in heart_disease.MD5.items()
+    ]
+
+
+DATASETS: dict[str, Callable[[], list[RemoteFile]]] = {"heart-disease": heart_disease_files}
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(path: Path, expected_md5: str) -> None:
+    """Raise DataFormatError if ``path`` does not have the expected checksum."""
+    actual = md5_of(path)
+    if actual != expected_md5:
+        raise DataFormatError(f"{path}: checksum mismatch (md5 {actual}, expected {expected_md5})")
+
+
+def fetch(dataset: str, data_dir: Path, opener=urllib.request.urlopen, timeout: float = 60) -> list[Path]:
+    """Fetch ``dataset`` into ``data_dir``; files already present with the right checksum are kept."""
+    if dataset not in DATASETS:
+        raise SiteError(f"unknown data set '{dataset}'; available: {', '.join(DATASETS)}")
+    written = []
+    for remote in DATASETS[dataset]():
+        target = data_dir / remote.relpath
+        if target.is_file() and md5_of(target) == remote.md5:
+            written.append(target)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                try:
+                    with opener(remote.url, timeout=timeout) as response:
+                        out.write(response.read())
+                except OSError as exc:
+                    raise SiteError(f"could not download {remote.url}: {exc}") from None
+            verify(tmp, remote.md5)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        written.append(target)
+    return written

@@ -1,0 +1,176 @@
+"""UCI Heart Disease, one hospital per site, preprocessed exactly as FLamby's Fed-Heart-Disease.
+
+FLamby protocol (owkin/FLamby, flamby/datasets/fed_heart_disease): drop slope/ca/thal, drop rows
+with a missing value, one-hot ``cp`` and ``restecg`` with the first level dropped (13 features),
+label = ``num > 0``, per-centre 66/34 split with ``random_state=43`` (stratified when both
+classes have more than 2 members), z-score with the centre's own train mean/std.
+
+A site reads only its own centre's file. Errors name the file, line and column, never a value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from client.errors import DataFormatError, DataNotFoundError
+
+FOLDER = "uci_heart_disease"
+CENTRES = ("cleveland", "hungarian", "switzerland", "va")
+MD5 = {
+    "cleveland": "2d91a8ff69cfd9616aa47b59d6f843db",
+    "hungarian": "22e96bee155b5973568101c93b3705f6",
+    "switzerland": "9a87f7577310b3917730d06ba9349e20",
+    "va": "4249d03ca7711e84f4444768c9426170",
+}
+SOURCE_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/heart-disease/"
+
+COLUMNS = ("age", "sex", "cp", "trestbps", "chol", "fbs", "restecg",
+           "thalach", "exang", "oldpeak", "slope", "ca", "thal", "num")
+DROPPED = ("slope", "ca", "thal")  # mostly missing outside Cleveland
+CATEGORICAL = {"cp": (1, 2, 3, 4), "restecg": (0, 1, 2)}  # one-hot, first level dropped
+NUMERIC = ("age", "sex", "trestbps", "chol", "fbs", "thalach", "exang", "oldpeak")
+FEATURES = NUMERIC + tuple(f"{c}={v}" for c, levels in CATEGORICAL.items() for v in levels[1:])
+ALLOWED = {"sex": (0, 1), "fbs": (0, 1), "exang": (0, 1), "num": (0, 1, 2, 3, 4), **CATEGORICAL}
+TRAIN_FRACTION = 0.66
+SPLIT_SEED = 43
+Z_EPS = 1e-9
+
+
+def centre_file(data_dir: Path, centre: str) -> Path:
+    if centre not in CENTRES:
+        raise DataNotFoundError(f"unknown heart-disease centre '{centre}'; one of: {', '.join(CENTRES)}")
+    return data_dir / FOLDER / f"processed.{centre}.data"
+
+
+def centre_of(path: Path) -> str:
+    """Centre name from a UCI file name (``processed.<centre>.data``), or the file stem."""
+    parts = path.name.split(".")
+    return parts[1] if len(parts) == 3 and parts[0] == "processed" else path.stem
+
+
+def read_rows(path: Path) -> np.ndarray:
+    """Parse one UCI ``processed.*.data`` file into a float array (NaN for '?').
+
+    Raises DataFormatError naming file, line and column for any malformed row.
+    """
+    if not path.is_file():
+        raise DataNotFoundError(
+            f"heart-disease file not found: {path}. Fetch the data with "
+            f"`carefl data fetch heart-disease` or point --data-dir / $CAREFL_DATA at it."
+        )
+    try:
+        text = path.read_text(encoding="ascii")
+    except UnicodeDecodeError:
+        raise DataFormatError(f"{path}: not a plain-text (ASCII) UCI data file") from None
+    rows = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.strip().split(",")
+        if len(fields) != len(COLUMNS):
+            raise DataFormatError(
+                f"{path.name} line {line_no}: {len(fields)} columns, expected {len(COLUMNS)} "
+                f"({', '.join(COLUMNS)})"
+            )
+        row = []
+        for col, field in zip(COLUMNS, fields):
+            field = field.strip()
+            if field == "?":
+                row.append(math.nan)
+                continue
+            try:
+                value = float(field)
+            except ValueError:
+                raise DataFormatError(
+                    f"{path.name} line {line_no}, column '{col}': not a number and not '?'"
+                ) from None
+            if not math.isfinite(value):
+                raise DataFormatError(f"{path.name} line {line_no}, column '{col}': not a finite number")
+            if col in ALLOWED and value not in ALLOWED[col]:
+                raise DataFormatError(
+                    f"{path.name} line {line_no}, column '{col}': outside the allowed codes "
+                    f"{ALLOWED[col]}"
+                )
+            row.append(value)
+        rows.append(row)
+    if not rows:
+        raise DataFormatError(f"{path.name}: no data rows")
+    return np.asarray(rows, dtype=np.float64)
+
+
+def encode(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Complete rows → (13 features, binary label), FLamby's encoding."""
+    col = {name: rows[:, i] for i, name in enumerate(COLUMNS)}
+    parts = [col[name] for name in NUMERIC]
+    for name, levels in CATEGORICAL.items():
+        parts += [(col[name] == level).astype(np.float64) for level in levels[1:]]
+    return np.stack(parts, axis=1), (col["num"] > 0).astype(np.float64)
+
+
+def split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FLamby's per-centre split: 66/34, seed 43, stratified if both classes have >2 members."""
+    levels, counts = np.unique(labels, return_counts=True)
+    stratify = labels if len(levels) > 1 and all(counts > 2) else None
+    return train_test_split(
+        np.arange(len(labels)),
+        test_size=1.0 - TRAIN_FRACTION,
+        train_size=TRAIN_FRACTION,
+        random_state=SPLIT_SEED,
+        shuffle=True,
+        stratify=stratify,
+    )
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One site's preprocessed train and test split (features already z-scored)."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    rows_read: int
+    rows_incomplete: int  # excluded for a missing value in a kept column
+
+    @property
+    def n_features(self) -> int:
+        return self.x_train.shape[1]
+
+
+def load_centre(path: Path, shard: int = 0, num_shards: int = 1) -> SiteData:
+    """Load one centre file; optionally keep only shard ``shard`` of ``num_shards`` of its train rows
+    (simulation of more sites than centres). The test split is always the centre's whole test split."""
+    rows = read_rows(path)
+    kept_cols = [i for i, name in enumerate(COLUMNS) if name not in DROPPED]
+    complete = ~np.isnan(rows[:, kept_cols]).any(axis=1)
+    x, y = encode(rows[complete])
+    if len(y) < 4:
+        raise DataFormatError(f"{path.name}: only {len(y)} complete rows, too few to split")
+    train_idx, test_idx = split_indices(y)
+    if num_shards > 1:
+        train_idx = np.array_split(np.sort(train_idx), num_shards)[shard]
+    mean = x[train_idx].mean(axis=0)
+    std = x[train_idx].std(axis=0)
+    x = (x - mean) / (std + Z_EPS)
+    return SiteData(
+        name=centre_of(path),
+        x_train=x[train_idx].astype(np.float32),
+        y_train=y[train_idx].astype(np.float32),
+        x_test=x[test_idx].astype(np.float32),
+        y_test=y[test_idx].astype(np.float32),
+        rows_read=len(rows),
+        rows_incomplete=int((~complete).sum()),
+    )
+
+
+def partition_for(partition_id: int, num_partitions: int) -> tuple[str, int, int]:
+    """Simulation: partition → (centre, shard, number of shards of that centre), round-robin."""
+    centre_idx = partition_id % len(CENTRES)
+    num_shards = len(range(centre_idx, num_partitions, len(CENTRES)))
+    return CENTRES[centre_idx], partition_id // len(CENTRES), num_shards

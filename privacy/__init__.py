@@ -1,0 +1,1 @@
+"""Differential privacy, privacy budgets and audit logs (site-side core). Filled by later issues."""

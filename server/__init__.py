@@ -1,0 +1,1 @@
+"""Coordinator: the ServerApp, strategy selection, site handshake, run directory and metrics."""

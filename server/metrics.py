@@ -1,0 +1,42 @@
+"""Turn the sites' evaluation replies into federation-level metrics.
+
+Sites send confusion counts and per-class score histograms (never per-patient scores), so the
+pooled accuracy is exact and the pooled AUC is exact up to ties inside a histogram bin.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from flwr.app import MetricRecord, RecordDict
+
+from shared_models.metrics import auc_from_histograms, metrics_from_counts
+
+COUNT_KEYS = ("tp", "fp", "tn", "fn")
+
+
+def pooled_metrics(site_reports: list[dict]) -> dict[str, float]:
+    """Pooled (union of test sets) and mean-centre (each site weighs the same) metrics."""
+    if not site_reports:
+        return {}
+    totals = {k: sum(int(r[k]) for r in site_reports) for k in COUNT_KEYS}
+    pooled = metrics_from_counts(**totals)
+    pos = np.sum([r["score-hist-pos"] for r in site_reports], axis=0)
+    neg = np.sum([r["score-hist-neg"] for r in site_reports], axis=0)
+    site_aucs = [r["auc"] for r in site_reports if not math.isnan(r["auc"])]
+    return {
+        "mean_centre_accuracy": float(np.mean([r["accuracy"] for r in site_reports])),
+        "mean_centre_auc": float(np.mean(site_aucs)) if site_aucs else math.nan,
+        "pooled_accuracy": pooled["accuracy"],
+        "pooled_auc": auc_from_histograms(pos, neg),
+        "pooled_sensitivity": pooled["sensitivity"],
+        "pooled_specificity": pooled["specificity"],
+        "pooled_f1": pooled["f1"],
+    }
+
+
+def pooled_evaluate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Flower ``evaluate_metrics_aggr_fn``: pool the sites' reports of one round."""
+    reports = [dict(next(iter(r.metric_records.values()))) for r in records]
+    return MetricRecord(pooled_metrics(reports))

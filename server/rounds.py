@@ -1,0 +1,76 @@
+"""Collect each round's replies per site and write them to the run directory.
+
+Fed by ``SiteGrid`` (every batch of replies) and closed by the strategy's per-round
+``evaluate_fn`` callback, which Flower calls after the round's evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord
+
+from server.metrics import pooled_metrics
+from server.run_dir import METRICS_FILE, ROUNDS_FILE, RunDirectory
+
+log = logging.getLogger("flwr")
+
+# Keys a site's metrics are written under (Flower key → run-directory key).
+TRAIN_KEYS = {"num-examples": "num_train", "train-loss": "train_loss", "local-steps": "local_steps"}
+EVAL_KEYS = {"num-examples": "num_test", "test-loss": "test_loss", "accuracy": "accuracy", "auc": "auc",
+             "sensitivity": "sensitivity", "specificity": "specificity", "f1": "f1"}
+
+
+def _pick(record: MetricRecord, keys: dict[str, str]) -> dict:
+    return {out: record[key] for key, out in keys.items() if key in record}
+
+
+class RoundRecorder:
+    def __init__(self, run_dir: RunDirectory, site_ids: list[str]) -> None:
+        self.run_dir = run_dir
+        self.site_ids = site_ids
+        self._train: dict[str, dict] = {}
+        self._eval: dict[str, dict] = {}
+        self._eval_raw: dict[str, dict] = {}
+        self._errors: dict[str, str] = {}
+        self._round_started = time.time()
+        self.last_eval: dict[str, dict] = {}  # site → its latest test metrics
+        self.last_round: dict = {}
+
+    def on_replies(self, message_type: str, server_round: int, replies: list[tuple[str, Message]]) -> None:
+        for site, reply in replies:
+            if reply.has_error():
+                self._errors[site] = f"{message_type}: {reply.error.reason}"
+                continue
+            metrics = next(iter(reply.content.metric_records.values()))
+            if message_type == MessageType.TRAIN:
+                self._train[site] = _pick(metrics, TRAIN_KEYS)
+            elif message_type == MessageType.EVALUATE:
+                self._eval[site] = _pick(metrics, EVAL_KEYS)
+                self._eval_raw[site] = dict(metrics)
+
+    def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower ``evaluate_fn``: called with round 0 before training, then after every round."""
+        if server_round == 0:
+            self._round_started = time.time()
+            return None
+        seconds = time.time() - self._round_started
+        for site in self.site_ids:
+            record = {"round": server_round, "site": site, **self._train.get(site, {}), **self._eval.get(site, {})}
+            if site in self._errors:
+                record["error"] = self._errors[site]
+            elif site not in self._train or site not in self._eval:
+                record["error"] = "no reply within the round timeout"
+            self.run_dir.append(METRICS_FILE, record)
+        pooled = pooled_metrics(list(self._eval_raw.values()))
+        self.last_round = {"round": server_round, "seconds": round(seconds, 3),
+                           "sites_replied": sorted(set(self._train) & set(self._eval)), **pooled}
+        self.run_dir.append(ROUNDS_FILE, self.last_round)
+        self.last_eval.update(self._eval)
+        log.info("round %d: %d/%d sites, mean-centre accuracy %.3f, pooled AUC %.3f (%.1fs)",
+                 server_round, len(self.last_round["sites_replied"]), len(self.site_ids),
+                 pooled.get("mean_centre_accuracy", float("nan")), pooled.get("pooled_auc", float("nan")), seconds)
+        self._train, self._eval, self._eval_raw, self._errors = {}, {}, {}, {}
+        self._round_started = time.time()
+        return None
