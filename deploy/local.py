@@ -41,6 +41,7 @@ class LocalFederation:
     workdir: Path
     sites: dict[str, dict]  # site id → node config
     tls: bool = True
+    simulated_sites: int = 0  # > 0: Flower's simulation engine (Ray) runs this many virtual sites
     app_dir: Path = APP_DIR
     procs: list[processes.Managed] = field(default_factory=list)
 
@@ -66,7 +67,11 @@ class LocalFederation:
         coord = self.workdir / "coordinator"
         tls_args: list[str] = ["--insecure"]
         self._root_cert: Path | None = None
-        if self.tls:
+        if self.simulated_sites:
+            # One process on loopback, no network hop between sites: nothing for TLS to protect.
+            self.tls = False
+            tls_args = ["--insecure", "--simulation"]
+        elif self.tls:
             certs = make_server_tls(coord / "tls", ["127.0.0.1", "localhost"])
             tls_args = ["--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.server_cert),
                         "--ssl-keyfile", str(certs.server_key)]
@@ -79,7 +84,7 @@ class LocalFederation:
         )
         self.procs.append(link)
         processes.wait_for_port(self.port, timeout, link)
-        for site_id, node_config in self.sites.items():
+        for site_id, node_config in ({} if self.simulated_sites else self.sites).items():
             site_dir = self.workdir / "sites" / site_id
             client_tls = ["--root-certificates", str(self._root_cert)] if self.tls else ["--insecure"]
             node = processes.start(
@@ -117,7 +122,10 @@ class LocalFederation:
         """``flwr run`` the app with these run-config overrides; return the run id."""
         overrides = self.workdir / "coordinator" / f"run-config-{time.time_ns()}.toml"
         overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
-        done = self.flwr("run", str(self.app_dir), CONNECTION, "--run-config", str(overrides), "--format", "json")
+        args = ["run", str(self.app_dir), CONNECTION, "--run-config", str(overrides), "--format", "json"]
+        if self.simulated_sites:
+            args += ["--federation-config", f"num_supernodes={self.simulated_sites} client_resources_num_cpus=1"]
+        done = self.flwr(*args)
         try:
             reply = json.loads(done.stdout)
         except json.JSONDecodeError:

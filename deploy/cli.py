@@ -1,0 +1,172 @@
+"""``carefl`` command line: demo, simulation and data commands for sites and coordinators.
+
+Errors a person can fix are printed as one clear line (exit code 2); no tracebacks.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.live import Live
+
+from client import fetch as fetch_mod
+from client import heart_disease
+from client.data_dir import resolve_data_dir
+from client.errors import SiteError
+from deploy.local import DeploymentError, LocalFederation
+from deploy.progress import progress_table, summary_table
+from server.run_dir import SUMMARY_FILE
+from server.settings import RunConfigError
+from server.sites import SiteSelectionError
+
+console = Console()
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="carefl: federated learning for hospitals.")
+data_app = typer.Typer(no_args_is_help=True, help="Get and check the public data sets.")
+app.add_typer(data_app, name="data")
+
+USER_ERRORS = (SiteError, DeploymentError, RunConfigError, SiteSelectionError)
+
+DataDir = typer.Option(None, "--data-dir", help="Data directory (else $CAREFL_DATA, else ~/.cache/carefl).")
+
+
+def _heart_disease_files(data_dir: Optional[Path]) -> dict[str, Path]:
+    root, source = resolve_data_dir(data_dir)
+    if not root.is_dir():
+        raise SiteError(f"data directory {root} (from {source}) does not exist; "
+                        f"run `carefl data fetch heart-disease` or set --data-dir / $CAREFL_DATA")
+    files = {c: heart_disease.centre_file(root, c) for c in heart_disease.CENTRES}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise SiteError(f"heart-disease files missing in {root} (from {source}): {', '.join(missing)}; "
+                        f"run `carefl data fetch heart-disease --data-dir {root}`")
+    return files
+
+
+def _run_config(rounds, strategy, model, lr, local_steps, extra: dict) -> dict:
+    given = {"num-server-rounds": rounds, "strategy": strategy, "model": model, "lr": lr, "local-steps": local_steps}
+    return {**{k: v for k, v in given.items() if v is not None}, **extra}
+
+
+def _out_dir(out: Optional[Path], kind: str) -> Path:
+    return (out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}").resolve()
+
+
+def follow(fed: LocalFederation, run_config: dict, out: Path, poll: float = 2.0) -> dict:
+    """Submit, show the live table until the run ends, and return its summary."""
+    rounds = int(run_config.get("num-server-rounds", 15))
+    run_id = fed.submit(run_config)
+    console.print(f"[bold]run {run_id}[/] submitted → {out}")
+    status = "starting"
+    with Live(progress_table(out, rounds, status), console=console, refresh_per_second=2) as live:
+        while not status.startswith("finished"):
+            time.sleep(poll)
+            dead = [name for name, ok in fed.alive().items() if not ok]
+            if dead:
+                raise DeploymentError(f"{', '.join(dead)} stopped unexpectedly; logs under {fed.workdir}")
+            status = fed.run_status(run_id)
+            live.update(progress_table(out, rounds, status))
+    summary_path = out / SUMMARY_FILE
+    if status != "finished:completed" or not summary_path.exists():
+        tail = "\n".join(fed.run_log(run_id).strip().splitlines()[-15:])
+        raise DeploymentError(f"run {run_id} ended with status '{status}'. Last coordinator log lines:\n{tail}")
+    import json
+
+    summary = json.loads(summary_path.read_text())
+    console.print(summary_table(summary))
+    console.print(f"run directory: {out}  (summary.json, metrics.jsonl, final_model.pt)")
+    return summary
+
+
+@app.command()
+def demo(
+    task: str = typer.Option("ehr", help="ehr: UCI heart disease, 4 hospitals."),
+    rounds: int = typer.Option(5, min=1, help="Federated rounds."),
+    strategy: Optional[str] = typer.Option(None, help="fedavg | fedprox | fedadam | fedyogi"),
+    model: Optional[str] = typer.Option(None, help="ehr-logreg | ehr-mlp"),
+    lr: Optional[float] = typer.Option(None, help="Local learning rate."),
+    local_steps: Optional[int] = typer.Option(None, help="Optimizer steps per site and round."),
+    data_dir: Optional[Path] = DataDir,
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<time>-demo)."),
+    insecure: bool = typer.Option(False, help="Plain HTTP on loopback instead of TLS (debugging only)."),
+) -> None:
+    """A real deployment on 127.0.0.1: one SuperLink, one SuperNode per hospital, then one run."""
+    if task != "ehr":
+        raise SiteError(f"unknown task '{task}'; available: ehr")
+    files = _heart_disease_files(data_dir)
+    out = _out_dir(out, "demo")
+    sites = {c: {"site-id": c, "data-path": str(p)} for c, p in files.items()}
+    run_config = _run_config(rounds, strategy, model, lr, local_steps,
+                             {"sites": ",".join(sites), "out-dir": str(out)})
+    console.print(f"starting SuperLink and {len(sites)} SuperNodes on 127.0.0.1 "
+                  f"({'TLS' if not insecure else 'no TLS'}); logs in {out / 'deployment'}")
+    with LocalFederation(out / "deployment", sites, tls=not insecure) as fed:
+        follow(fed, run_config, out)
+
+
+@app.command()
+def simulate(
+    sites: int = typer.Option(4, "--sites", min=2, help="Virtual sites (partition i → centre i mod 4)."),
+    rounds: int = typer.Option(5, min=1),
+    strategy: Optional[str] = typer.Option(None),
+    model: Optional[str] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    local_steps: Optional[int] = typer.Option(None),
+    data_dir: Optional[Path] = DataDir,
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<time>-sim)."),
+) -> None:
+    """The same apps on Flower's simulation engine (Ray), for studies with many sites."""
+    _heart_disease_files(data_dir)
+    root, _ = resolve_data_dir(data_dir)
+    out = _out_dir(out, "sim")
+    run_config = _run_config(rounds, strategy, model, lr, local_steps,
+                             {"sim-data-dir": str(root), "out-dir": str(out), "min-sites": sites})
+    with LocalFederation(out / "deployment", {}, simulated_sites=sites) as fed:
+        follow(fed, run_config, out)
+
+
+@data_app.command("fetch")
+def data_fetch(dataset: str = typer.Argument(..., help="heart-disease"), data_dir: Optional[Path] = DataDir) -> None:
+    """Download a public data set into the data directory, checksum-verified."""
+    root, source = resolve_data_dir(data_dir)
+    for path in fetch_mod.fetch(dataset, root):
+        console.print(f"ok  {path}")
+    console.print(f"{dataset} is in {root} ({source})")
+
+
+@data_app.command("check")
+def data_check(dataset: str = typer.Argument("heart-disease"), data_dir: Optional[Path] = DataDir) -> None:
+    """Check every centre file: checksum, format, split sizes (counts only, no values)."""
+    if dataset != "heart-disease":
+        raise SiteError(f"unknown data set '{dataset}'; available: heart-disease")
+    problems = 0
+    for centre, path in _heart_disease_files(data_dir).items():
+        try:
+            checksum = "md5 ok" if fetch_mod.md5_of(path) == heart_disease.MD5[centre] else "md5 differs from UCI"
+            d = heart_disease.load_centre(path)
+            console.print(f"{centre:12s} {checksum}; {d.rows_read} rows, {d.rows_incomplete} incomplete "
+                          f"excluded, train {len(d.y_train)} / test {len(d.y_test)}")
+        except SiteError as exc:
+            problems += 1
+            console.print(f"[red]{centre:12s} {exc}[/]")
+    if problems:
+        raise typer.Exit(2)
+
+
+def main() -> None:
+    try:
+        app()
+    except USER_ERRORS as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted; every process this command started has been stopped")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
