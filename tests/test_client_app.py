@@ -1,0 +1,273 @@
+"""The site's ClientApp handlers, called directly with real Flower Messages and Contexts.
+
+Incoming messages are built the way the SuperNode hands them to a ClientApp: a RecordDict plus
+the Metadata of a received instruction (``flwr.app.message.make_message``), so no process-wide
+Flower identity has to be faked. Data: the real Cleveland file from $CAREFL_DATA.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata,
+                      RecordDict)
+from flwr.app.message import make_message
+
+from client import client_app, heart_disease
+from shared_models.registry import build_model, model_names
+
+DEFAULT_DATA_DIR = Path("/work/shared/data")
+SERVER_NODE, SITE_NODE = 1, 42
+_ids = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def data_dir() -> Path:
+    path = Path(os.environ.get("CAREFL_DATA") or DEFAULT_DATA_DIR)
+    if not (path / heart_disease.FOLDER).is_dir():
+        pytest.skip(f"real UCI heart-disease data not found: {path / heart_disease.FOLDER} is absent "
+                    f"(set $CAREFL_DATA or run `carefl data fetch heart-disease`)")
+    return path
+
+
+def _context(node_config: dict, run_config: dict | None = None) -> Context:
+    return Context(run_id=7, node_id=SITE_NODE, node_config=node_config, state=RecordDict(),
+                   run_config=run_config or {})
+
+
+@pytest.fixture
+def cleveland_ctx(data_dir) -> Context:
+    return _context({"site-id": "cleveland",
+                     "data-path": str(heart_disease.centre_file(data_dir, "cleveland")),
+                     "device": "cpu"})
+
+
+def _incoming(content: RecordDict, message_type: str) -> Message:
+    """An instruction from the coordinator, as delivered to the site."""
+    metadata = Metadata(run_id=7, message_id=f"msg-{next(_ids)}", src_node_id=SERVER_NODE, dst_node_id=SITE_NODE,
+                        reply_to_message_id="", group_id="3", created_at=time.time(), ttl=DEFAULT_TTL,
+                        message_type=message_type)
+    return make_message(metadata=metadata, content=content)
+
+
+def _model(name="ehr-logreg"):
+    torch.manual_seed(0)
+    return build_model(name, n_features=13)
+
+
+def _train_config(**overrides) -> ConfigRecord:
+    cfg = {"model": "ehr-logreg", "local-steps": 20, "local-epochs": 1, "batch-size": 4, "optimizer": "sgd",
+           "lr": 0.05, "seed": 42, "server-round": 3}
+    cfg.update(overrides)
+    return ConfigRecord(cfg)
+
+
+def _train_msg(weights=None, **overrides) -> Message:
+    weights = weights if weights is not None else _model(overrides.get("model", "ehr-logreg"))
+    return _incoming(RecordDict({"arrays": ArrayRecord(weights.state_dict()), "config": _train_config(**overrides)}),
+                     MessageType.TRAIN)
+
+
+def _evaluate_msg(model=None, name="ehr-logreg") -> Message:
+    model = model if model is not None else _model(name)
+    return _incoming(RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                                 "config": ConfigRecord({"model": name, "server-round": 3})}), MessageType.EVALUATE)
+
+
+def _assert_reply_to(reply: Message, msg: Message) -> None:
+    assert reply.metadata.reply_to_message_id == msg.metadata.message_id
+    assert reply.metadata.dst_node_id == SERVER_NODE
+    assert reply.metadata.src_node_id == SITE_NODE
+    assert reply.metadata.message_type == msg.metadata.message_type
+
+
+# ---- query ----
+
+def test_query_reports_identity_and_counts_only(cleveland_ctx):
+    msg = _incoming(RecordDict({}), MessageType.QUERY)
+    reply = client_app.query(msg, cleveland_ctx)
+    assert not reply.has_error()
+    _assert_reply_to(reply, msg)
+    content = reply.content
+    assert set(content.keys()) == {"site", "counts"}
+    assert content.array_records == {}
+    site = content.config_records["site"]
+    assert dict(site) == {"site-id": "cleveland", "task": "ehr", "dataset": "heart-disease",
+                          "models": model_names("ehr")}
+    counts = content.metric_records["counts"]
+    assert dict(counts) == {"n-train": 199, "n-test": 104, "n-features": 13}
+
+
+# ---- train ----
+
+def test_train_returns_new_weights_and_counts(cleveland_ctx):
+    start = _model()
+    msg = _train_msg(start)
+    reply = client_app.train(msg, cleveland_ctx)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    _assert_reply_to(reply, msg)
+    arrays = reply.content["arrays"]
+    assert isinstance(arrays, ArrayRecord)
+    new_state = arrays.to_torch_state_dict()
+    assert set(new_state) == set(start.state_dict())
+    changed = [k for k in new_state if not torch.equal(new_state[k], start.state_dict()[k])]
+    assert set(changed) == set(start.state_dict())  # every tensor moved
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == 199
+    assert metrics["local-steps"] == 20
+    assert np.isfinite(metrics["train-loss"])
+    # the returned weights load into the coordinator's copy of the architecture
+    build_model("ehr-logreg", n_features=13).load_state_dict(new_state)
+
+
+def test_train_mlp(cleveland_ctx):
+    start = _model("ehr-mlp")
+    reply = client_app.train(_train_msg(start, model="ehr-mlp", **{"local-steps": 5}), cleveland_ctx)
+    assert not reply.has_error()
+    assert set(reply.content["arrays"].keys()) == set(start.state_dict())
+
+
+def test_train_honours_proximal_mu_from_config(cleveland_ctx):
+    start = _model()
+    replies = [client_app.train(_train_msg(start, **{"proximal-mu": mu, "local-steps": 60}), cleveland_ctx)
+               for mu in (0.0, 2.0)]
+    flat_start = torch.cat([p.flatten() for p in start.state_dict().values()])
+    dist = [torch.linalg.norm(torch.cat([t.flatten() for t in r.content["arrays"].to_torch_state_dict().values()])
+                              - flat_start).item() for r in replies]
+    assert dist[1] < dist[0]
+
+
+# ---- evaluate ----
+
+def test_evaluate_reports_poolable_metrics(cleveland_ctx):
+    msg = _evaluate_msg()
+    reply = client_app.evaluate(msg, cleveland_ctx)
+    assert not reply.has_error()
+    _assert_reply_to(reply, msg)
+    m = reply.content["metrics"]
+    for key in ("accuracy", "auc", "tp", "fp", "tn", "fn", "score-hist-pos", "score-hist-neg", "num-examples"):
+        assert key in m
+    assert m["tp"] + m["fp"] + m["tn"] + m["fn"] == 104
+    assert m["num-examples"] == 104
+    assert sum(m["score-hist-pos"]) + sum(m["score-hist-neg"]) == 104
+    assert sum(m["score-hist-pos"]) == m["tp"] + m["fn"]
+    assert m["accuracy"] == pytest.approx((m["tp"] + m["tn"]) / 104)
+    assert 0.0 <= m["auc"] <= 1.0
+
+
+def test_trained_model_evaluates_better(cleveland_ctx):
+    trained = client_app.train(_train_msg(**{"local-steps": 200}), cleveland_ctx)
+    model = build_model("ehr-logreg", n_features=13)
+    model.load_state_dict(trained.content["arrays"].to_torch_state_dict())
+    reply = client_app.evaluate(_evaluate_msg(model), cleveland_ctx)
+    assert reply.content["metrics"]["accuracy"] > 0.7
+
+
+# ---- errors become replies ----
+
+def test_missing_data_file_is_a_site_error_reply(tmp_path):
+    missing = tmp_path / "processed.cleveland.data"
+    ctx = _context({"site-id": "cleveland", "data-path": str(missing)})
+    for handler, msg in ((client_app.query, _incoming(RecordDict({}), MessageType.QUERY)),
+                         (client_app.train, _train_msg()),
+                         (client_app.evaluate, _evaluate_msg())):
+        reply = handler(msg, ctx)
+        assert reply.has_error()
+        assert not reply.has_content()
+        _assert_reply_to(reply, msg)
+        assert reply.error.code == client_app.CODE_SITE_ERROR
+        assert reply.error.reason.startswith("site error:")
+        assert "not found" in reply.error.reason and str(missing) in reply.error.reason
+
+
+def test_malformed_data_reply_does_not_echo_values(tmp_path, data_dir):
+    lines = heart_disease.centre_file(data_dir, "cleveland").read_text().splitlines()[:20]
+    fields = lines[5].split(",")
+    fields[3] = "XYZZY123"
+    lines[5] = ",".join(fields)
+    path = tmp_path / "processed.cleveland.data"
+    path.write_text("\n".join(lines) + "\n")
+    reply = client_app.query(_incoming(RecordDict({}), MessageType.QUERY),
+                             _context({"site-id": "cleveland", "data-path": str(path)}))
+    assert reply.has_error()
+    assert reply.error.code == client_app.CODE_SITE_ERROR
+    assert "line 6" in reply.error.reason and "'trestbps'" in reply.error.reason
+    assert "XYZZY123" not in reply.error.reason
+
+
+def test_incomplete_node_config_is_a_site_error_reply():
+    reply = client_app.query(_incoming(RecordDict({}), MessageType.QUERY), _context({"site-id": "cleveland"}))
+    assert reply.has_error()
+    assert reply.error.code == client_app.CODE_SITE_ERROR
+    assert "data-path" in reply.error.reason
+
+
+@pytest.mark.parametrize("handler", ["train", "evaluate"])
+def test_unknown_model_is_refused(cleveland_ctx, handler):
+    model = _model()
+    if handler == "train":
+        msg = _train_msg(model, model="ehr-gpt")
+    else:
+        msg = _incoming(RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                                    "config": ConfigRecord({"model": "ehr-gpt"})}), MessageType.EVALUATE)
+    reply = getattr(client_app, handler)(msg, cleveland_ctx)
+    assert reply.has_error()
+    _assert_reply_to(reply, msg)
+    assert reply.error.code == client_app.CODE_BAD_REQUEST
+    assert reply.error.reason.startswith("refused:")
+    assert "ehr-gpt" in reply.error.reason and "ehr-logreg" in reply.error.reason
+
+
+def test_bad_train_settings_are_refused(cleveland_ctx):
+    reply = client_app.train(_train_msg(**{"batch-size": 0}), cleveland_ctx)
+    assert reply.has_error()
+    assert reply.error.code == client_app.CODE_BAD_REQUEST
+    assert "batch-size" in reply.error.reason
+
+
+def test_weights_of_another_model_are_refused(cleveland_ctx):
+    """An MLP's weights sent under the logreg name: refused, not an internal error."""
+    msg = _incoming(RecordDict({"arrays": ArrayRecord(_model("ehr-mlp").state_dict()),
+                                "config": ConfigRecord({"model": "ehr-logreg"})}), MessageType.EVALUATE)
+    reply = client_app.evaluate(msg, cleveland_ctx)
+    assert reply.has_error()
+    assert reply.error.code in (client_app.CODE_BAD_REQUEST, client_app.CODE_INTERNAL)
+    assert "Traceback" not in reply.error.reason
+
+
+# ---- simulation ----
+
+def test_simulation_partition_node_config(data_dir):
+    run_config = {"sim-data-dir": str(data_dir)}
+    sizes = {}
+    for pid in range(8):
+        ctx = _context({"partition-id": pid, "num-partitions": 8}, run_config)
+        reply = client_app.query(_incoming(RecordDict({}), MessageType.QUERY), ctx)
+        assert not reply.has_error(), reply.error.reason
+        site = reply.content["site"]
+        centre = heart_disease.CENTRES[pid % 4]
+        assert site["site-id"] == f"sim-{pid:04d}-{centre}"
+        sizes.setdefault(centre, []).append(reply.content["counts"]["n-train"])
+    assert {c: sum(v) for c, v in sizes.items()} == {"cleveland": 199, "hungarian": 172, "switzerland": 30, "va": 85}
+
+    ctx = _context({"partition-id": 1, "num-partitions": 8}, run_config)  # hungarian, shard 0 of 2
+    trained = client_app.train(_train_msg(**{"local-steps": 5}), ctx)
+    assert not trained.has_error(), trained.error.reason
+    assert trained.content["metrics"]["num-examples"] == 86
+    evaluated = client_app.evaluate(_evaluate_msg(), ctx)
+    m = evaluated.content["metrics"]
+    assert m["tp"] + m["fp"] + m["tn"] + m["fn"] == 89  # the centre's whole test split
+
+
+def test_simulation_without_data_dir_is_a_site_error():
+    reply = client_app.query(_incoming(RecordDict({}), MessageType.QUERY),
+                             _context({"partition-id": 0, "num-partitions": 2}, {"sim-data-dir": ""}))
+    assert reply.has_error()
+    assert reply.error.code == client_app.CODE_SITE_ERROR
+    assert "sim-data-dir" in reply.error.reason

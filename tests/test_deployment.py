@@ -1,0 +1,100 @@
+"""End to end: the `carefl` command starts real Flower processes on 127.0.0.1 and stops them all."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy.processes import NO_PHONE_HOME
+from tests.helpers import data_dir
+
+CAREFL = [sys.executable, "-m", "deploy.cli"]
+FLOWER_BINARIES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
+                   "flwr-clientapp", "flwr-simulation")
+
+
+def _flower_pids_mentioning(marker: str) -> list[int]:
+    """Flower processes whose command line or environment mentions ``marker`` (our run's folder)."""
+    found = []
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            env = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if any(b in cmd for b in FLOWER_BINARIES) and (marker in cmd or marker in env):
+            found.append(pid)
+    return found
+
+
+def _carefl(args: list[str], tmp_path: Path, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, **NO_PHONE_HOME, "CAREFL_DATA": str(data_dir()), "COLUMNS": "120"}
+    try:
+        return subprocess.run(CAREFL + args, env=env, capture_output=True, text=True, timeout=timeout,
+                              cwd=tmp_path, stdin=subprocess.DEVNULL)
+    finally:
+        leftovers = _flower_pids_mentioning(str(tmp_path))
+        for pid in leftovers:  # never leave a process behind, even when the test fails
+            os.kill(pid, signal.SIGKILL)
+        assert not leftovers, f"processes left running: {leftovers}"
+
+
+def test_demo_runs_a_tls_federation_of_four_hospitals(tmp_path):
+    out = tmp_path / "demo"
+    done = _carefl(["demo", "--rounds", "2", "--local-steps", "50", "--out", str(out)], tmp_path, timeout=540)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sites"] == ["cleveland", "hungarian", "switzerland", "va"]
+    assert summary["rounds_completed"] == 2 and summary["strategy"] == "fedavg"
+    assert {"mean_centre_accuracy", "pooled_accuracy", "pooled_auc"} <= summary.keys()
+    assert summary["mean_centre_accuracy"] > 0.6
+    assert all({"accuracy", "auc"} <= m.keys() for m in summary["per_site"].values())
+    assert (out / "final_model.pt").stat().st_size > 0
+    rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(rounds) == [1] * 4 + [2] * 4
+    # the live table and the summary table were shown
+    assert "mean over centres" in done.stdout and "pooled test sets" in done.stdout
+    # TLS: the SuperLink served HTTPS with a certificate made for this run
+    assert (out / "deployment" / "coordinator" / "tls" / "ca.crt").exists()
+    link_log = (out / "deployment" / "coordinator" / "superlink.log").read_text()
+    assert "--insecure" not in link_log
+
+
+def test_simulation_engine_runs_more_sites_than_hospitals(tmp_path):
+    out = tmp_path / "sim"
+    done = _carefl(["simulate", "--sites", "6", "--rounds", "1", "--local-steps", "10", "--out", str(out)],
+                   tmp_path, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["sites"]) == 6
+    # partitions 0 and 4 share Cleveland's train rows between them
+    train = {s: m["num_train"] for s, m in summary["per_site"].items()}
+    assert train["sim-0000-cleveland"] + train["sim-0004-cleveland"] == 199
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["demo", "--data-dir", "/nonexistent/carefl"], "carefl data fetch heart-disease"),
+    (["demo", "--task", "mri"], "unknown task 'mri'"),
+    (["data", "fetch", "imagenet", "--data-dir", "/tmp"], "unknown data set 'imagenet'"),
+])
+def test_bad_arguments_get_one_clear_line_and_no_traceback(tmp_path, args, expected):
+    done = _carefl(args, tmp_path, timeout=60)
+    assert done.returncode == 2
+    output = " ".join((done.stdout + done.stderr).split())
+    assert expected in output and "Traceback" not in output
+
+
+def test_data_check_reports_counts_for_every_centre(tmp_path):
+    done = _carefl(["data", "check", "heart-disease"], tmp_path, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for centre, split in (("cleveland", "199 / test 104"), ("hungarian", "172 / test 89"),
+                          ("switzerland", "30 / test 16"), ("va", "85 / test 45")):
+        line = next(l for l in done.stdout.splitlines() if l.startswith(centre))
+        assert "md5 ok" in line and split in line

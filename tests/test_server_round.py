@@ -1,0 +1,91 @@
+"""The coordinator's ServerApp for real, over an in-process transport to four real sites."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+from client.client_app import app as client_app
+from server.run_dir import read_jsonl
+from server.server_app import app as server_app
+from server.sites import SiteSelectionError
+from shared_models.registry import build_model
+from tests.helpers import InProcessGrid, data_dir, default_run_config
+
+CENTRES = ("cleveland", "hungarian", "switzerland", "va")
+
+
+def _nodes(extra: dict | None = None) -> dict[int, dict]:
+    root = data_dir() / "uci_heart_disease"
+    nodes = {10 + i: {"site-id": c, "data-path": str(root / f"processed.{c}.data")} for i, c in enumerate(CENTRES)}
+    if extra:
+        nodes.update(extra)
+    return nodes
+
+
+def _run(tmp_path, nodes, **overrides):
+    cfg = default_run_config(**{"num-server-rounds": 2, "local-steps": 20, "out-dir": str(tmp_path / "run"),
+                                "round-timeout": 5, **overrides})
+    grid = InProcessGrid(client_app, nodes, cfg)
+    server_app(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
+    return grid, tmp_path / "run"
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "fedyogi"])
+def test_two_rounds_write_the_run_directory_contract(tmp_path, strategy):
+    grid, out = _run(tmp_path, _nodes(), strategy=strategy)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "ehr" and summary["strategy"] == strategy and summary["rounds"] == 2
+    assert summary["sites"] == sorted(CENTRES)
+    for site in CENTRES:
+        assert 0.0 <= summary["per_site"][site]["accuracy"] <= 1.0
+        assert "auc" in summary["per_site"][site]
+    accs = [summary["per_site"][s]["accuracy"] for s in CENTRES]
+    assert summary["mean_centre_accuracy"] == pytest.approx(sum(accs) / 4)
+    n_test = {s: summary["per_site"][s]["num_test"] for s in CENTRES}
+    assert n_test == {"cleveland": 104, "hungarian": 89, "switzerland": 16, "va": 45}
+    pooled = sum(summary["per_site"][s]["accuracy"] * n_test[s] for s in CENTRES) / sum(n_test.values())
+    assert summary["pooled_accuracy"] == pytest.approx(pooled)
+    assert 0.5 < summary["pooled_auc"] <= 1.0
+
+    records = read_jsonl(out / "metrics.jsonl")
+    assert sorted((r["round"], r["site"]) for r in records) == sorted((r, s) for r in (1, 2) for s in CENTRES)
+    assert all("error" not in r and r["local_steps"] == 20 for r in records)
+
+    saved = torch.load(out / "final_model.pt", weights_only=True)
+    model = build_model(saved["model"], **saved["model_kwargs"])
+    model.load_state_dict(saved["state_dict"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # per site and round: one train and one evaluate message, plus one query per node
+    assert len(grid.sent) == 4 + 2 * 2 * 4
+
+
+def test_federation_beats_untrained_model(tmp_path):
+    _, out = _run(tmp_path, _nodes(), **{"num-server-rounds": 3, "local-steps": 100})
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mean_centre_accuracy"] > 0.65
+
+
+def test_work_goes_only_to_the_named_sites(tmp_path):
+    root = data_dir() / "uci_heart_disease"
+    stranger = {99: {"site-id": "stranger", "data-path": str(root / "processed.cleveland.data")}}
+    grid, out = _run(tmp_path, _nodes(stranger), sites="cleveland,hungarian,switzerland,va")
+    to_stranger = [m.metadata.message_type for m in grid.sent if m.metadata.dst_node_id == 99]
+    assert to_stranger == ["query"]  # asked who it is, never given work
+    assert json.loads((out / "summary.json").read_text())["sites"] == list(CENTRES)
+
+
+def test_a_named_site_that_never_answers_stops_the_run_with_its_name(tmp_path):
+    with pytest.raises(SiteSelectionError, match="nowhere"):
+        _run(tmp_path, _nodes(), sites="cleveland,nowhere", **{"round-timeout": 1})
+
+
+def test_a_site_that_cannot_load_its_data_is_left_out(tmp_path):
+    broken = {20: {"site-id": "broken", "data-path": str(tmp_path / "missing.data")}}
+    nodes = {**_nodes(), **broken}
+    # The broken site cannot even answer the query, so it is not part of the run ...
+    _, out = _run(tmp_path, nodes, **{"min-sites": 4})
+    assert "broken" not in json.loads((out / "summary.json").read_text())["sites"]
