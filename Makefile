@@ -18,7 +18,6 @@ setup: $(STAMP)
 
 $(STAMP): requirements.lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.lock.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
@@ -30,7 +29,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run $(ARGS)
+	$(BIN)/python -m benchmarks.heart_disease_results $(or $(ARGS),--seeds 1)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

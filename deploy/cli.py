@@ -5,10 +5,17 @@ Errors a person can fix are printed as one clear line (exit code 2); no tracebac
 
 from __future__ import annotations
 
+import json
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 import typer
 from rich.console import Console
@@ -18,10 +25,10 @@ from client import fetch as fetch_mod
 from client import heart_disease
 from client.data_dir import resolve_data_dir
 from client.errors import SiteError
-from deploy.local import DeploymentError, LocalFederation
+from deploy.local import APP_DIR, DeploymentError, LocalFederation
 from deploy.progress import progress_table, summary_table
 from server.run_dir import SUMMARY_FILE
-from server.settings import RunConfigError
+from server.settings import RunConfigError, RunSettings
 from server.sites import SiteSelectionError
 
 console = Console()
@@ -48,8 +55,12 @@ def _heart_disease_files(data_dir: Optional[Path]) -> dict[str, Path]:
 
 
 def _run_config(rounds, strategy, model, lr, local_steps, extra: dict) -> dict:
+    """Overrides for the app's run config, checked here so that mistakes fail before any process starts."""
     given = {"num-server-rounds": rounds, "strategy": strategy, "model": model, "lr": lr, "local-steps": local_steps}
-    return {**{k: v for k, v in given.items() if v is not None}, **extra}
+    overrides = {**{k: v for k, v in given.items() if v is not None}, **extra}
+    defaults = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    RunSettings.from_run_config({**defaults, **overrides})
+    return overrides
 
 
 def _out_dir(out: Optional[Path], kind: str) -> Path:
@@ -74,8 +85,6 @@ def follow(fed: LocalFederation, run_config: dict, out: Path, poll: float = 2.0)
     if status != "finished:completed" or not summary_path.exists():
         tail = "\n".join(fed.run_log(run_id).strip().splitlines()[-15:])
         raise DeploymentError(f"run {run_id} ended with status '{status}'. Last coordinator log lines:\n{tail}")
-    import json
-
     summary = json.loads(summary_path.read_text())
     console.print(summary_table(summary))
     console.print(f"run directory: {out}  (summary.json, metrics.jsonl, final_model.pt)")
@@ -157,7 +166,12 @@ def data_check(dataset: str = typer.Argument("heart-disease"), data_dir: Optiona
         raise typer.Exit(2)
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(143)  # unwinds the `with LocalFederation` blocks, which stop their processes
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         app()
     except USER_ERRORS as exc:

@@ -15,6 +15,7 @@ from server.run_dir import RunDirectory
 from server.settings import RunSettings
 from server.sites import SiteGrid, SiteSelectionError, discover_sites
 from server.strategies import build_strategy
+from shared_models.metrics import SCORE_BINS
 from shared_models.registry import build_model
 
 log = logging.getLogger("flwr")
@@ -74,7 +75,7 @@ def main(grid: Grid, context: Context) -> None:
         "sites": site_ids,
         "per_site": per_site,
         **final,
-        "pooled_auc_method": "sum of per-site score histograms (50 bins); ties inside a bin count 1/2",
+        "pooled_auc_method": f"sum of per-site score histograms ({SCORE_BINS} bins); ties inside a bin count 1/2",
         "config": dict(context.run_config),
         "seconds": round(time.time() - run_dir.started, 1),
         "dp": {"enabled": False, "note": "no differential privacy in this run"},

@@ -82,6 +82,7 @@ def test_simulation_engine_runs_more_sites_than_hospitals(tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (["demo", "--data-dir", "/nonexistent/carefl"], "carefl data fetch heart-disease"),
     (["demo", "--task", "mri"], "unknown task 'mri'"),
+    (["demo", "--strategy", "fedmagic", "--lr", "0"], "strategy 'fedmagic' is not one of"),
     (["data", "fetch", "imagenet", "--data-dir", "/tmp"], "unknown data set 'imagenet'"),
 ])
 def test_bad_arguments_get_one_clear_line_and_no_traceback(tmp_path, args, expected):
