@@ -25,8 +25,8 @@ FLAMBY = {"fedavg": "0.685 ± 0.028", "fedprox": "0.685 ± 0.028", "fedadam": "0
 SETTINGS = {
     "fedavg": {"lr": 0.05},
     "fedprox": {"lr": 0.05, "proximal-mu": 0.01},
-    "fedadam": {"lr": 0.01, "server-lr": 0.01},
-    "fedyogi": {"lr": 0.01, "server-lr": 0.01},
+    "fedadam": {"lr": 0.01, "server-lr": 0.01, "server-tau": 1e-8},
+    "fedyogi": {"lr": 0.01, "server-lr": 0.01, "server-tau": 1e-8},
 }
 
 

@@ -48,7 +48,10 @@ def replies_with_errors(handler):
 def _model_from(msg: Message, n_features: int):
     config = msg.content["config"]
     model = build_model(str(config["model"]), n_features=n_features)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    try:
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    except RuntimeError:
+        raise ValueError(f"the arrays sent do not fit model '{config['model']}' with {n_features} features") from None
     return model
 
 
@@ -72,15 +75,7 @@ def train(msg: Message, context: Context) -> Message:
     data = site.load_data()
     config = msg.content["config"]
     get_spec(str(config["model"]))  # refuse unknown models before doing any work
-    settings = training.TrainSettings(
-        local_steps=int(config["local-steps"]),
-        local_epochs=int(config["local-epochs"]),
-        batch_size=int(config["batch-size"]),
-        optimizer=str(config["optimizer"]),
-        lr=float(config["lr"]),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-        seed=int(config["seed"]) * 100_003 + int(config["server-round"]),
-    )
+    settings = training.TrainSettings.from_config(config)
     model = _model_from(msg, data.n_features)
     metrics = training.train(model, data.x_train, data.y_train, settings, training.pick_device(site.device))
     reply = RecordDict({

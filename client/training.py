@@ -5,47 +5,13 @@ Plain PyTorch here; the DP-SGD path (Opacus, site-enforced budget) plugs in at `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from shared_models.ehr import binary_loss
+from shared_models.train_request import TrainSettings
 from shared_models.metrics import binary_report, score_histograms
-
-OPTIMIZERS = ("sgd", "adam")
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """What the coordinator may ask of one local training round."""
-
-    local_steps: int  # > 0: exactly this many optimizer steps; 0: local_epochs full passes
-    local_epochs: int
-    batch_size: int
-    optimizer: str
-    lr: float
-    proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.local_steps < 0:
-            problems.append("local-steps must be >= 0")
-        if self.local_steps == 0 and self.local_epochs < 1:
-            problems.append("local-epochs must be >= 1 when local-steps is 0")
-        if self.batch_size < 1:
-            problems.append("batch-size must be >= 1")
-        if self.optimizer not in OPTIMIZERS:
-            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
-        if not self.lr > 0:
-            problems.append("lr must be > 0")
-        if self.proximal_mu < 0:
-            problems.append("proximal-mu must be >= 0")
-        if problems:
-            raise ValueError("; ".join(problems))
-
 
 def pick_device(requested: str = "auto") -> torch.device:
     """The site's own accelerator when it has one: ``auto`` → ``cuda`` if available, else CPU."""

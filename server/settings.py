@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared_models.registry import UnknownModelError, get_spec
+from shared_models.train_request import TrainSettings
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 TASKS = ("ehr",)
@@ -74,6 +75,11 @@ class RunSettings:
         for name, value in (("lr", s.lr), ("server-lr", s.server_lr), ("round-timeout", s.round_timeout)):
             if not value > 0:
                 problems.append(f"'{name}' must be > 0")
+        try:  # exactly the check every site will apply to the train message
+            mu = s.proximal_mu if s.strategy == "fedprox" else 0.0
+            TrainSettings.from_config({**s.train_config(), "proximal-mu": mu})
+        except ValueError as exc:
+            problems.append(str(exc))
         if len(set(s.sites)) != len(s.sites):
             problems.append("'sites' names a site twice")
         if problems:

@@ -8,24 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from pathlib import Path
 
 import pytest
 
+from tests import helpers
+
 from client import fetch, heart_disease
 from client.errors import DataFormatError, SiteError
-
-DEFAULT_DATA_DIR = Path("/work/shared/data")
 
 
 @pytest.fixture(scope="module")
 def data_dir() -> Path:
-    path = Path(os.environ.get("CAREFL_DATA") or DEFAULT_DATA_DIR)
-    if not (path / heart_disease.FOLDER).is_dir():
-        pytest.skip(f"real UCI heart-disease data not found: {path / heart_disease.FOLDER} is absent "
-                    f"(set $CAREFL_DATA or run `carefl data fetch heart-disease`)")
-    return path
+    return helpers.data_dir()
 
 
 @pytest.fixture(scope="module")

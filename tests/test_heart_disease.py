@@ -8,19 +8,18 @@ files skip when its ``uci_heart_disease`` folder is absent. Bad-input tests writ
 from __future__ import annotations
 
 import math
-import os
 import traceback
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests import helpers
 from sklearn.model_selection import train_test_split
 
 from client import heart_disease
 from client.errors import DataFormatError, DataNotFoundError, SiteError
-
-DEFAULT_DATA_DIR = Path("/work/shared/data")
 
 # FLamby's documented per-centre split sizes (train, test) and rows dropped for a missing value.
 FLAMBY_SIZES = {"cleveland": (199, 104), "hungarian": (172, 89), "switzerland": (30, 16), "va": (85, 45)}
@@ -29,11 +28,7 @@ ROWS_INCOMPLETE = {"cleveland": 0, "hungarian": 33, "switzerland": 77, "va": 70}
 
 @pytest.fixture(scope="module")
 def data_dir() -> Path:
-    path = Path(os.environ.get("CAREFL_DATA") or DEFAULT_DATA_DIR)
-    if not (path / heart_disease.FOLDER).is_dir():
-        pytest.skip(f"real UCI heart-disease data not found: {path / heart_disease.FOLDER} is absent "
-                    f"(set $CAREFL_DATA or run `carefl data fetch heart-disease`)")
-    return path
+    return helpers.data_dir()
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +247,13 @@ def test_wrong_column_count(tmp_path, real_lines):
     assert path.name in message
     assert "line 5" in message
     assert "15 columns" in message
+
+
+def test_line_numbers_count_blank_lines(tmp_path, real_lines):
+    real_lines[3] = real_lines[3] + ",0"
+    lines = real_lines[:2] + ["", "   "] + real_lines[2:]  # the bad row is now on line 6
+    with pytest.raises(DataFormatError, match=r"line 6: 15 columns"):
+        heart_disease.load_centre(_write(tmp_path, lines))
 
 
 def test_missing_columns(tmp_path, real_lines):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests import helpers
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -14,17 +15,12 @@ from client import heart_disease, training
 from shared_models.ehr import binary_loss
 from shared_models.registry import build_model
 
-DEFAULT_DATA_DIR = Path("/work/shared/data")
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def data_dir() -> Path:
-    path = Path(os.environ.get("CAREFL_DATA") or DEFAULT_DATA_DIR)
-    if not (path / heart_disease.FOLDER).is_dir():
-        pytest.skip(f"real UCI heart-disease data not found: {path / heart_disease.FOLDER} is absent "
-                    f"(set $CAREFL_DATA or run `carefl data fetch heart-disease`)")
-    return path
+    return helpers.data_dir()
 
 
 @pytest.fixture(scope="module")
