@@ -25,8 +25,8 @@ FLAMBY = {"fedavg": "0.685 ± 0.028", "fedprox": "0.685 ± 0.028", "fedadam": "0
 SETTINGS = {
     "fedavg": {"lr": 0.05},
     "fedprox": {"lr": 0.05, "proximal-mu": 0.01},
-    "fedadam": {"lr": 0.01, "server-lr": 0.01, "server-tau": 1e-8},
-    "fedyogi": {"lr": 0.01, "server-lr": 0.01, "server-tau": 1e-8},
+    "fedadam": {"lr": 0.01, "server-lr": 0.1, "server-tau": 1e-3},
+    "fedyogi": {"lr": 0.01, "server-lr": 0.1, "server-tau": 1e-3},
 }
 
 
@@ -66,14 +66,15 @@ def main() -> None:
                       f"{summary['mean_centre_accuracy']:.3f}, pooled {summary['pooled_accuracy']:.3f}", flush=True)
 
     print(f"\n{args.rounds} rounds × {args.local_steps} local SGD steps, batch 4, {args.seeds} seeds (42…)")
-    print("| strategy | local lr | mean-centre accuracy | pooled accuracy | pooled AUC | FLamby |")
-    print("|---|---|---|---|---|---|")
+    print("| strategy | local lr | server lr | mean-centre accuracy | pooled accuracy | pooled AUC | FLamby |")
+    print("|---|---|---|---|---|---|---|")
     for strategy, runs in results.items():
         def stat(key: str) -> str:
             values = [r[key] for r in runs]
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
             return f"{statistics.mean(values):.3f} ± {sd:.3f}"
-        print(f"| {strategy} | {SETTINGS[strategy]['lr']} | {stat('mean_centre_accuracy')} | "
+        print(f"| {strategy} | {SETTINGS[strategy]['lr']} | {SETTINGS[strategy].get('server-lr', '–')} | "
+              f"{stat('mean_centre_accuracy')} | "
               f"{stat('pooled_accuracy')} | {stat('pooled_auc')} | {FLAMBY[strategy]} |")
 
 
