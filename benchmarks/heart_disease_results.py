@@ -57,7 +57,7 @@ def main() -> None:
             for seed in range(42, 42 + args.seeds):
                 run_out = out / f"{strategy}-seed{seed}"
                 config = {"strategy": strategy, "seed": seed, "num-server-rounds": args.rounds,
-                          "local-steps": args.local_steps, "batch-size": 4, "sim-data-dir": str(data_dir),
+                          "local-steps": args.local_steps, "batch-size": 4, "dp": False, "sim-data-dir": str(data_dir),
                           "out-dir": str(run_out), "min-sites": 4, **SETTINGS[strategy]}
                 status = wait(fed, fed.submit(config))
                 summary = json.loads((run_out / SUMMARY_FILE).read_text())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -15,6 +16,9 @@ from flwr.clientapp import ClientApp
 from client import training
 from client.errors import SiteError
 from client.site import site_from_configs
+from privacy.accounting import plan_noise, sample_rate
+from privacy.ledger import AlreadyCharged, BudgetExceeded, LedgerError, PrivacyLedger
+from privacy.policy import DPRequest, RequestRefused, check_request
 from shared_models.registry import build_model, model_names
 
 log = logging.getLogger("carefl.site")
@@ -25,6 +29,7 @@ app = ClientApp()
 CODE_SITE_ERROR = 4001     # data or configuration at the site
 CODE_BAD_REQUEST = 4002    # the coordinator asked for something invalid
 CODE_INTERNAL = 4003       # unexpected failure; details stay in the site's own log
+CODE_PRIVACY = 4004        # refused by the site's privacy policy or budget
 
 
 def replies_with_errors(handler):
@@ -34,6 +39,9 @@ def replies_with_errors(handler):
     def wrapped(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
+        except (RequestRefused, BudgetExceeded, AlreadyCharged, LedgerError) as exc:
+            log.warning("refused %s: %s", msg.metadata.message_type, exc)
+            return Message(Error(CODE_PRIVACY, f"refused by site privacy policy: {exc}"), reply_to=msg)
         except SiteError as exc:
             return Message(Error(CODE_SITE_ERROR, f"site error: {exc}"), reply_to=msg)
         except (ValueError, KeyError, TypeError) as exc:
@@ -68,18 +76,62 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"site": info, "counts": counts}), reply_to=msg)
 
 
+def _noise_multiplier(config, context: Context, site, n: int) -> float:
+    """σ asked for, or — given a study target ε — the σ this site needs for all the study's rounds.
+
+    Planning is the site's: it knows its own N. The result is cached per run in the SuperNode's
+    context state (the PRV search takes seconds). Either way the policy check and the lifetime
+    ledger decide whether the round may run.
+    """
+    if float(config.get("noise-multiplier", 0.0)) > 0 or not config.get("dp", True):
+        return float(config.get("noise-multiplier", 0.0))
+    target = float(config["target-epsilon"])
+    settings = training.TrainSettings.from_config(config)
+    total_steps = int(config["num-server-rounds"]) * training.planned_steps(settings, n)
+    key = f"{site.dataset}|{target}|{n}|{settings.batch_size}|{total_steps}|{site.policy.accountant}"
+    cache = context.state.config_records.setdefault("carefl-noise-plan", ConfigRecord())
+    if key not in cache:
+        cache[key] = plan_noise(target, site.policy.delta_for(n), n, settings.batch_size, total_steps,
+                                site.policy.accountant)
+    return float(cache[key])
+
+
 @app.train()
 @replies_with_errors
 def train(msg: Message, context: Context) -> Message:
+    """Check the request against the site's policy, charge the ledger, then train (DP-SGD by default).
+
+    The budget is charged before training, in one transaction with its check: a refused round
+    trains nothing and sends nothing; a crash after the charge over-counts rather than under-counts.
+    """
     site = site_from_configs(context.node_config, context.run_config)
     data = site.load_data()
     config = msg.content["config"]
     settings = training.TrainSettings.from_config(config)
+    n = len(data.y_train)
+    q = sample_rate(n, settings.batch_size)
+    dp = DPRequest(enabled=bool(config.get("dp", True)), noise_multiplier=_noise_multiplier(config, context, site, n),
+                   clip_norm=float(config.get("clip-norm", 0.0)))
+    check_request(site.policy, dp, q)
     model = _model_from(msg, data.n_features)
-    metrics = training.train(model, data.x_train, data.y_train, settings, training.pick_device(site.device))
+    delta = site.policy.delta_for(n)
+    charge = PrivacyLedger(site.ledger_path).charge(
+        site.dataset, run_id=str(context.run_id), server_round=int(config["server-round"]),
+        noise_multiplier=dp.noise_multiplier if dp.enabled else 0.0, clip_norm=dp.clip_norm, sample_rate=q,
+        steps=training.planned_steps(settings, n), delta=delta,
+        budget=site.policy.epsilon_budget if dp.enabled else math.inf, accountant=site.policy.accountant)
+    if not dp.enabled:
+        log.warning("NON-DP ROUND on dataset '%s' (allow_non_dp = true): its ε is now unbounded", site.dataset)
+    metrics = training.train(model, data.x_train, data.y_train, settings, training.pick_device(site.device),
+                             dp=dp, max_physical_batch=site.max_physical_batch)
+    if dp.enabled and metrics.pop("sample-rate") != q:  # the charged q must be the one Opacus sampled with
+        raise RuntimeError("sample rate used in training differs from the one charged; weights withheld")
+    privacy = {"dp": 1.0 if dp.enabled else 0.0, "epsilon": charge.epsilon_after, "delta": delta,
+               "noise-multiplier": dp.noise_multiplier if dp.enabled else 0.0, "clip-norm": dp.clip_norm,
+               "sample-rate": q}
     reply = RecordDict({
         "arrays": ArrayRecord(model.cpu().state_dict()),
-        "metrics": MetricRecord({"num-examples": len(data.y_train), **metrics}),
+        "metrics": MetricRecord({"num-examples": n, **metrics, **privacy}),
     })
     return Message(reply, reply_to=msg)
 

@@ -1,17 +1,27 @@
 """Local training and evaluation of a tabular model on one site's data.
 
-Plain PyTorch here; the DP-SGD path (Opacus, site-enforced budget) plugs in at ``train``.
+One loop for both modes: plain SGD/Adam on shuffled mini-batches, or patient-level DP-SGD
+(``privacy.dp_sgd``: Poisson batches, per-patient clipping, noise). The FedProx proximal term is
+applied as its own data-independent step after each optimizer step, so it works unchanged under DP.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from privacy.dp_sgd import make_private
+from privacy.policy import DPRequest
 from shared_models.ehr import binary_loss
-from shared_models.train_request import TrainSettings
 from shared_models.metrics import binary_report, score_histograms
+from shared_models.train_request import TrainSettings
+
+__all__ = ["TrainSettings", "pick_device", "planned_steps", "train", "predict", "evaluate"]
+
 
 def pick_device(requested: str = "auto") -> torch.device:
     """The site's own accelerator when it has one: ``auto`` → ``cuda`` if available, else CPU."""
@@ -20,42 +30,64 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, generator: torch.Generator) -> DataLoader:
-    data = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
-    return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+def planned_steps(settings: TrainSettings, n: int) -> int:
+    """Optimizer steps of one round: fixed local steps, or epochs × ceil(N / batch)."""
+    return settings.local_steps or settings.local_epochs * math.ceil(n / settings.batch_size)
+
+
+def _cycle(loader: DataLoader, steps: int) -> Iterator[tuple]:
+    done = 0
+    while done < steps:
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == steps:
+                return
 
 
 def train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainSettings,
-          device: torch.device) -> dict[str, float]:
-    """Run one round of local training in place; return mean loss and the number of steps."""
+          device: torch.device, dp: DPRequest | None = None, max_physical_batch: int = 256) -> dict[str, float]:
+    """Run one round of local training on ``model`` in place; return loss, steps and, under DP, q."""
     model.to(device).train()
-    generator = torch.Generator().manual_seed(settings.seed)
-    loader = _batches(x, y, settings.batch_size, generator)
-    params = list(model.parameters())
-    global_params = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else None
-    if settings.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=settings.lr)
-    else:
-        opt = torch.optim.Adam(params, lr=settings.lr)
+    data = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    steps = planned_steps(settings, len(data))
+    anchor = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu > 0 else None
+    private = None
+    if dp is not None and dp.enabled:
+        private = make_private(model, data, settings.batch_size, settings.lr, settings.optimizer,
+                               dp.noise_multiplier, dp.clip_norm, device, max_physical_batch)
+        forward, optimizer, batches = private.module, private.optimizer, private.batches(steps)
 
-    total_steps = settings.local_steps or settings.local_epochs * len(loader)
+        def loss_fn(logits, labels):  # summed; the lr was divided by the public batch size
+            return binary_loss(logits, labels) * len(labels) if len(labels) else logits.sum() * 0.0
+    else:
+        generator = torch.Generator().manual_seed(settings.seed)
+        loader = DataLoader(data, batch_size=settings.batch_size, shuffle=True, generator=generator)
+        opt_cls = torch.optim.SGD if settings.optimizer == "sgd" else torch.optim.Adam
+        forward, optimizer, batches, loss_fn = model, opt_cls(model.parameters(), lr=settings.lr), \
+            _cycle(loader, steps), binary_loss
+
     losses = []
-    steps = 0
-    while steps < total_steps:
-        for xb, yb in loader:
+    try:
+        for xb, yb in batches:
             xb, yb = xb.to(device), yb.to(device)
-            opt.zero_grad()
-            loss = binary_loss(model(xb), yb)
-            losses.append(loss.item())
-            if global_params is not None:
-                prox = sum(((p - g) ** 2).sum() for p, g in zip(params, global_params))
-                loss = loss + settings.proximal_mu / 2 * prox
+            optimizer.zero_grad()
+            loss = loss_fn(forward(xb), yb)
             loss.backward()
-            opt.step()
-            steps += 1
-            if steps == total_steps:
-                break
-    return {"train-loss": float(np.mean(losses)), "local-steps": float(steps)}
+            optimizer.step()
+            if anchor is not None:  # FedProx: w ← w − lr·μ·(w − w_global), touches no data
+                with torch.no_grad():
+                    for p, g in zip(model.parameters(), anchor):
+                        p.sub_(settings.lr * settings.proximal_mu * (p - g))
+            if len(yb):
+                losses.append(loss.item() / (len(yb) if private else 1))
+    finally:
+        if private is not None:
+            private.close()
+    result = {"train-loss": float(np.mean(losses)) if losses else math.nan, "local-steps": float(steps)}
+    if private is not None:
+        result["sample-rate"] = private.sample_rate
+    return result
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ from client import fetch as fetch_mod
 from client import heart_disease
 from client.data_dir import resolve_data_dir
 from client.errors import SiteError
+from client.site import write_site_config
 from deploy.local import APP_DIR, DeploymentError, LocalFederation
 from deploy.progress import progress_table, summary_table
 from server.run_dir import SUMMARY_FILE
@@ -102,15 +103,22 @@ def demo(
     data_dir: Optional[Path] = DataDir,
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<time>-demo)."),
     insecure: bool = typer.Option(False, help="Plain HTTP on loopback instead of TLS (debugging only)."),
+    target_epsilon: Optional[float] = typer.Option(None, help="Study ε each site sizes its noise for (default 4)."),
+    epsilon_budget: float = typer.Option(10.0, help="Lifetime ε budget written into each demo site's policy."),
 ) -> None:
     """A real deployment on 127.0.0.1: one SuperLink, one SuperNode per hospital, then one run."""
     if task != "ehr":
         raise SiteError(f"unknown task '{task}'; available: ehr")
     files = _heart_disease_files(data_dir)
     out = _out_dir(out, "demo")
-    sites = {c: {"site-id": c, "data-path": str(p)} for c, p in files.items()}
-    run_config = _run_config(rounds, strategy, model, lr, local_steps,
-                             {"sites": ",".join(sites), "out-dir": str(out)})
+    # Each hospital's own config file: its data, its privacy policy, its ledger (kept per demo run).
+    sites = {c: {"site-config": str(write_site_config(out / "deployment" / "sites" / c / "site.toml", c, p,
+                                                      epsilon_budget=epsilon_budget, delta=1e-4))}
+             for c, p in files.items()}
+    extra = {"sites": ",".join(sites), "out-dir": str(out)}
+    if target_epsilon is not None:
+        extra["target-epsilon"] = target_epsilon
+    run_config = _run_config(rounds, strategy, model, lr, local_steps, extra)
     console.print(f"starting SuperLink and {len(sites)} SuperNodes on 127.0.0.1 "
                   f"({'TLS' if not insecure else 'no TLS'}); logs in {out / 'deployment'}")
     with LocalFederation(out / "deployment", sites, tls=not insecure) as fed:

@@ -17,7 +17,9 @@ from server.run_dir import METRICS_FILE, ROUNDS_FILE, RunDirectory
 log = logging.getLogger("flwr")
 
 # Keys a site's metrics are written under (Flower key → run-directory key).
-TRAIN_KEYS = {"num-examples": "num_train", "train-loss": "train_loss", "local-steps": "local_steps"}
+TRAIN_KEYS = {"num-examples": "num_train", "train-loss": "train_loss", "local-steps": "local_steps",
+              "dp": "dp", "epsilon": "epsilon", "delta": "delta", "noise-multiplier": "noise_multiplier",
+              "clip-norm": "clip_norm", "sample-rate": "sample_rate"}
 EVAL_KEYS = {"num-examples": "num_test", "test-loss": "test_loss", "accuracy": "accuracy", "auc": "auc",
              "sensitivity": "sensitivity", "specificity": "specificity", "f1": "f1"}
 
@@ -36,6 +38,7 @@ class RoundRecorder:
         self._errors: dict[str, str] = {}
         self._round_started = time.time()
         self.last_eval: dict[str, dict] = {}  # site → its latest test metrics
+        self.last_train: dict[str, dict] = {}  # site → its latest train reply (ε, δ, …)
         self.last_round: dict = {}
 
     def on_replies(self, message_type: str, server_round: int, replies: list[tuple[str, Message]]) -> None:
@@ -68,6 +71,7 @@ class RoundRecorder:
                            "sites_replied": sorted(set(self._train) & set(self._eval)), **pooled}
         self.run_dir.append(ROUNDS_FILE, self.last_round)
         self.last_eval.update(self._eval)
+        self.last_train.update(self._train)
         log.info("round %d: %d/%d sites, mean-centre accuracy %.3f, pooled AUC %.3f (%.1fs)",
                  server_round, len(self.last_round["sites_replied"]), len(self.site_ids),
                  pooled.get("mean_centre_accuracy", float("nan")), pooled.get("pooled_auc", float("nan")), seconds)

@@ -62,7 +62,10 @@ def main(grid: Grid, context: Context) -> None:
     run_dir.save_model(result.arrays.to_torch_state_dict(), settings.model, model_kwargs)
     per_site = {}
     for s in sites:
-        per_site[s.site_id] = {**recorder.last_eval.get(s.site_id, {}), "num_train": s.n_train, "num_test": s.n_test}
+        train = recorder.last_train.get(s.site_id, {})
+        privacy = {k: train[k] for k in ("epsilon", "delta", "dp") if k in train}
+        per_site[s.site_id] = {**recorder.last_eval.get(s.site_id, {}), **privacy,
+                               "num_train": s.n_train, "num_test": s.n_test}
     final = {k: v for k, v in recorder.last_round.items() if k not in ("round", "seconds", "sites_replied")}
     run_dir.write_summary({
         "run_id": context.run_id,
@@ -78,6 +81,10 @@ def main(grid: Grid, context: Context) -> None:
         "pooled_auc_method": f"sum of per-site score histograms ({SCORE_BINS} bins); ties inside a bin count 1/2",
         "config": dict(context.run_config),
         "seconds": round(time.time() - run_dir.started, 1),
-        "dp": {"enabled": False, "note": "no differential privacy in this run"},
+        "dp": {"enabled": settings.dp, "unit": "patient", "noise_multiplier": settings.noise_multiplier,
+               "clip_norm": settings.clip_norm,
+               "note": "patient-level DP-SGD at each site; per_site.<id>.epsilon is that site's lifetime ε for "
+                       "the dataset at per_site.<id>.delta, from the site's own ledger" if settings.dp else
+                       "NO differential privacy: sites with allow_non_dp released undefended updates"},
     })
     log.info("run directory: %s", run_dir.path)

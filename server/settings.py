@@ -27,6 +27,10 @@ class RunSettings:
     optimizer: str
     lr: float
     proximal_mu: float
+    dp: bool
+    noise_multiplier: float
+    target_epsilon: float
+    clip_norm: float
     server_lr: float
     server_tau: float
     min_sites: int
@@ -43,6 +47,9 @@ class RunSettings:
             if key not in cfg:
                 problems.append(f"'{key}' is missing")
                 return kind()
+            if kind is bool and not isinstance(cfg[key], bool):
+                problems.append(f"'{key}' must be true or false")
+                return False
             try:
                 return kind(cfg[key])
             except (TypeError, ValueError):
@@ -54,6 +61,8 @@ class RunSettings:
             num_rounds=get("num-server-rounds", int), local_steps=get("local-steps", int),
             local_epochs=get("local-epochs", int), batch_size=get("batch-size", int),
             optimizer=get("optimizer", str), lr=get("lr", float), proximal_mu=get("proximal-mu", float),
+            dp=get("dp", bool), noise_multiplier=get("noise-multiplier", float),
+            target_epsilon=get("target-epsilon", float), clip_norm=get("clip-norm", float),
             server_lr=get("server-lr", float), server_tau=get("server-tau", float),
             min_sites=get("min-sites", int),
             sites=tuple(x.strip() for x in get("sites", str).split(",") if x.strip()),
@@ -80,6 +89,10 @@ class RunSettings:
             TrainSettings.from_config({**s.train_config(), "proximal-mu": mu})
         except ValueError as exc:
             problems.append(str(exc))
+        if s.dp and (s.noise_multiplier > 0) == (s.target_epsilon > 0):
+            problems.append("with dp = true set exactly one of 'noise-multiplier' (> 0) or 'target-epsilon' (> 0)")
+        if s.dp and not s.clip_norm > 0:
+            problems.append("'clip-norm' must be > 0 when dp = true")
         if len(set(s.sites)) != len(s.sites):
             problems.append("'sites' names a site twice")
         if problems:
@@ -89,4 +102,6 @@ class RunSettings:
     def train_config(self) -> dict:
         """What every site receives with a train message."""
         return {"model": self.model, "local-steps": self.local_steps, "local-epochs": self.local_epochs,
-                "batch-size": self.batch_size, "optimizer": self.optimizer, "lr": self.lr, "seed": self.seed}
+                "batch-size": self.batch_size, "optimizer": self.optimizer, "lr": self.lr, "seed": self.seed,
+                "dp": self.dp, "noise-multiplier": self.noise_multiplier, "target-epsilon": self.target_epsilon,
+                "clip-norm": self.clip_norm, "num-server-rounds": self.num_rounds}

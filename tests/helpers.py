@@ -25,6 +25,16 @@ def data_dir() -> Path:
     return root
 
 
+def site_config(folder: Path, centre: str, **policy) -> Path:
+    """A real site config file for one hospital of the real data, with a ledger beside it."""
+    from client.heart_disease import centre_file
+    from client.site import write_site_config
+
+    policy = {"epsilon_budget": 10.0, "delta": 1e-4, **policy}
+    return write_site_config(folder / centre / "site.toml", centre, centre_file(data_dir(), centre),
+                             device="cpu", **policy)
+
+
 def default_run_config(**overrides) -> dict:
     """The app's own run config from pyproject.toml, with overrides."""
     cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]

@@ -38,10 +38,8 @@ def _context(node_config: dict, run_config: dict | None = None) -> Context:
 
 
 @pytest.fixture
-def cleveland_ctx(data_dir) -> Context:
-    return _context({"site-id": "cleveland",
-                     "data-path": str(heart_disease.centre_file(data_dir, "cleveland")),
-                     "device": "cpu"})
+def cleveland_ctx(data_dir, tmp_path) -> Context:
+    return _context({"site-config": str(helpers.site_config(tmp_path, "cleveland"))})
 
 
 def _incoming(content: RecordDict, message_type: str) -> Message:
@@ -59,7 +57,8 @@ def _model(name="ehr-logreg"):
 
 def _train_config(**overrides) -> ConfigRecord:
     cfg = {"model": "ehr-logreg", "local-steps": 20, "local-epochs": 1, "batch-size": 4, "optimizer": "sgd",
-           "lr": 0.05, "seed": 42, "server-round": 3}
+           "lr": 0.05, "seed": 42, "server-round": 3, "dp": True, "noise-multiplier": 1.0, "clip-norm": 1.0,
+           "target-epsilon": 0.0, "num-server-rounds": 5}
     cfg.update(overrides)
     return ConfigRecord(cfg)
 
@@ -129,10 +128,13 @@ def test_train_mlp(cleveland_ctx):
     assert set(reply.content["arrays"].keys()) == set(start.state_dict())
 
 
-def test_train_honours_proximal_mu_from_config(cleveland_ctx):
+def test_train_honours_proximal_mu_from_config(tmp_path):
+    # without DP noise, so the comparison is deterministic (this site's policy allows it)
+    ctx = _context({"site-config": str(helpers.site_config(tmp_path, "cleveland", allow_non_dp=True))})
     start = _model()
-    replies = [client_app.train(_train_msg(start, **{"proximal-mu": mu, "local-steps": 60}), cleveland_ctx)
-               for mu in (0.0, 2.0)]
+    replies = [client_app.train(_train_msg(start, **{"proximal-mu": mu, "local-steps": 60, "server-round": r,
+                                                     "dp": False}), ctx)
+               for r, mu in ((1, 0.0), (2, 2.0))]
     flat_start = torch.cat([p.flatten() for p in start.state_dict().values()])
     dist = [torch.linalg.norm(torch.cat([t.flatten() for t in r.content["arrays"].to_torch_state_dict().values()])
                               - flat_start).item() for r in replies]
@@ -167,9 +169,16 @@ def test_trained_model_evaluates_better(cleveland_ctx):
 
 # ---- errors become replies ----
 
+def _config_for(tmp_path, data_path: Path) -> Context:
+    from client.site import write_site_config
+
+    path = write_site_config(tmp_path / "site" / "site.toml", "cleveland", data_path, epsilon_budget=10.0)
+    return _context({"site-config": str(path)})
+
+
 def test_missing_data_file_is_a_site_error_reply(tmp_path):
     missing = tmp_path / "processed.cleveland.data"
-    ctx = _context({"site-id": "cleveland", "data-path": str(missing)})
+    ctx = _config_for(tmp_path, missing)
     for handler, msg in ((client_app.query, _incoming(RecordDict({}), MessageType.QUERY)),
                          (client_app.train, _train_msg()),
                          (client_app.evaluate, _evaluate_msg())):
@@ -189,19 +198,26 @@ def test_malformed_data_reply_does_not_echo_values(tmp_path, data_dir):
     lines[5] = ",".join(fields)
     path = tmp_path / "processed.cleveland.data"
     path.write_text("\n".join(lines) + "\n")
-    reply = client_app.query(_incoming(RecordDict({}), MessageType.QUERY),
-                             _context({"site-id": "cleveland", "data-path": str(path)}))
+    reply = client_app.query(_incoming(RecordDict({}), MessageType.QUERY), _config_for(tmp_path, path))
     assert reply.has_error()
     assert reply.error.code == client_app.CODE_SITE_ERROR
     assert "line 6" in reply.error.reason and "'trestbps'" in reply.error.reason
     assert "XYZZY123" not in reply.error.reason
 
 
-def test_incomplete_node_config_is_a_site_error_reply():
+def test_node_config_without_site_config_is_a_site_error_reply():
     reply = client_app.query(_incoming(RecordDict({}), MessageType.QUERY), _context({"site-id": "cleveland"}))
     assert reply.has_error()
     assert reply.error.code == client_app.CODE_SITE_ERROR
-    assert "data-path" in reply.error.reason
+    assert "site-config" in reply.error.reason
+
+
+def test_incomplete_site_config_is_a_site_error_reply(tmp_path):
+    path = tmp_path / "site.toml"
+    path.write_text('[site]\nid = "cleveland"\n\n[datasets.heart-disease]\npath = "x.data"\n')
+    reply = client_app.query(_incoming(RecordDict({}), MessageType.QUERY), _context({"site-config": str(path)}))
+    assert reply.has_error() and reply.error.code == client_app.CODE_SITE_ERROR
+    assert str(path) in reply.error.reason and "epsilon_budget is required" in reply.error.reason
 
 
 @pytest.mark.parametrize("handler", ["train", "evaluate"])
@@ -239,8 +255,8 @@ def test_weights_of_another_model_are_refused(cleveland_ctx):
 
 # ---- simulation ----
 
-def test_simulation_partition_node_config(data_dir):
-    run_config = {"sim-data-dir": str(data_dir)}
+def test_simulation_partition_node_config(data_dir, tmp_path):
+    run_config = {"sim-data-dir": str(data_dir), "out-dir": str(tmp_path)}
     sizes = {}
     for pid in range(8):
         ctx = _context({"partition-id": pid, "num-partitions": 8}, run_config)
@@ -263,7 +279,8 @@ def test_simulation_partition_node_config(data_dir):
 
 def test_simulation_without_data_dir_is_a_site_error():
     reply = client_app.query(_incoming(RecordDict({}), MessageType.QUERY),
-                             _context({"partition-id": 0, "num-partitions": 2}, {"sim-data-dir": ""}))
+                             _context({"partition-id": 0, "num-partitions": 2},
+                                      {"sim-data-dir": "", "out-dir": "/tmp"}))
     assert reply.has_error()
     assert reply.error.code == client_app.CODE_SITE_ERROR
     assert "sim-data-dir" in reply.error.reason

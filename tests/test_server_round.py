@@ -13,14 +13,13 @@ from server.run_dir import read_jsonl
 from server.server_app import app as server_app
 from server.sites import SiteSelectionError
 from shared_models.registry import build_model
-from tests.helpers import InProcessGrid, data_dir, default_run_config
+from tests.helpers import InProcessGrid, default_run_config, site_config
 
 CENTRES = ("cleveland", "hungarian", "switzerland", "va")
 
 
-def _nodes(extra: dict | None = None) -> dict[int, dict]:
-    root = data_dir() / "uci_heart_disease"
-    nodes = {10 + i: {"site-id": c, "data-path": str(root / f"processed.{c}.data")} for i, c in enumerate(CENTRES)}
+def _nodes(folder, extra: dict | None = None, **policy) -> dict[int, dict]:
+    nodes = {10 + i: {"site-config": str(site_config(folder / "sites", c, **policy))} for i, c in enumerate(CENTRES)}
     if extra:
         nodes.update(extra)
     return nodes
@@ -28,7 +27,7 @@ def _nodes(extra: dict | None = None) -> dict[int, dict]:
 
 def _run(tmp_path, nodes, **overrides):
     cfg = default_run_config(**{"num-server-rounds": 2, "local-steps": 20, "out-dir": str(tmp_path / "run"),
-                                "round-timeout": 5, **overrides})
+                                "round-timeout": 5, "noise-multiplier": 1.0, "target-epsilon": 0.0, **overrides})
     grid = InProcessGrid(client_app, nodes, cfg)
     server_app(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
     return grid, tmp_path / "run"
@@ -36,7 +35,7 @@ def _run(tmp_path, nodes, **overrides):
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "fedyogi"])
 def test_two_rounds_write_the_run_directory_contract(tmp_path, strategy):
-    grid, out = _run(tmp_path, _nodes(), strategy=strategy)
+    grid, out = _run(tmp_path, _nodes(tmp_path), strategy=strategy)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "ehr" and summary["strategy"] == strategy and summary["rounds"] == 2
     assert summary["sites"] == sorted(CENTRES)
@@ -64,15 +63,16 @@ def test_two_rounds_write_the_run_directory_contract(tmp_path, strategy):
 
 
 def test_federation_beats_untrained_model(tmp_path):
-    _, out = _run(tmp_path, _nodes(), **{"num-server-rounds": 3, "local-steps": 100})
+    _, out = _run(tmp_path, _nodes(tmp_path), **{"num-server-rounds": 3, "local-steps": 100})
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mean_centre_accuracy"] > 0.65
 
 
 def test_work_goes_only_to_the_named_sites(tmp_path):
-    root = data_dir() / "uci_heart_disease"
-    stranger = {99: {"site-id": "stranger", "data-path": str(root / "processed.cleveland.data")}}
-    grid, out = _run(tmp_path, _nodes(stranger), sites="cleveland,hungarian,switzerland,va")
+    stranger_config = site_config(tmp_path / "stranger", "cleveland")
+    stranger_config.write_text(stranger_config.read_text().replace('id = "cleveland"', 'id = "stranger"'))
+    stranger = {99: {"site-config": str(stranger_config)}}
+    grid, out = _run(tmp_path, _nodes(tmp_path, stranger), sites="cleveland,hungarian,switzerland,va")
     to_stranger = [m.metadata.message_type for m in grid.sent if m.metadata.dst_node_id == 99]
     assert to_stranger == ["query"]  # asked who it is, never given work
     assert json.loads((out / "summary.json").read_text())["sites"] == list(CENTRES)
@@ -80,12 +80,13 @@ def test_work_goes_only_to_the_named_sites(tmp_path):
 
 def test_a_named_site_that_never_answers_stops_the_run_with_its_name(tmp_path):
     with pytest.raises(SiteSelectionError, match="nowhere"):
-        _run(tmp_path, _nodes(), sites="cleveland,nowhere", **{"round-timeout": 1})
+        _run(tmp_path, _nodes(tmp_path), sites="cleveland,nowhere", **{"round-timeout": 1})
 
 
 def test_a_site_that_cannot_load_its_data_is_left_out(tmp_path):
-    broken = {20: {"site-id": "broken", "data-path": str(tmp_path / "missing.data")}}
-    nodes = {**_nodes(), **broken}
+    broken_config = site_config(tmp_path / "broken", "cleveland")
+    broken_config.write_text(broken_config.read_text().replace("processed.cleveland.data", "missing.data"))
+    nodes = {**_nodes(tmp_path), 20: {"site-config": str(broken_config)}}
     # The broken site cannot even answer the query, so it is not part of the run ...
     _, out = _run(tmp_path, nodes, **{"min-sites": 4})
     assert "broken" not in json.loads((out / "summary.json").read_text())["sites"]

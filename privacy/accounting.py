@@ -1,0 +1,51 @@
+"""ε from a history of DP-SGD steps, with Opacus's accountants (PRV by default, RDP).
+
+A history is the accountant's whole state: a list of (noise multiplier σ, sample rate q, steps).
+Equal (σ, q) entries are merged, so a history built round by round gives the same ε as one
+accountant run over all the steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
+
+Step = tuple[float, float, int]  # (sigma, sample rate, steps)
+
+
+def merge(history: Iterable[Step]) -> list[Step]:
+    """Sum the steps of entries with the same (σ, q), keeping first-seen order."""
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, q, steps in history:
+        merged[(float(sigma), float(q))] = merged.get((float(sigma), float(q)), 0) + int(steps)
+    return [(s, q, n) for (s, q), n in merged.items() if n > 0]
+
+
+def epsilon(history: Iterable[Step], delta: float, accountant: str = "prv") -> float:
+    """ε at ``delta`` after all steps of ``history``; 0 for no steps, ∞ if any step had no noise."""
+    steps = merge(history)
+    if not steps:
+        return 0.0
+    if any(sigma <= 0 for sigma, _, _ in steps):
+        return math.inf
+    acc = ACCOUNTANTS[accountant]()
+    acc.history = steps
+    return float(acc.get_epsilon(delta=delta))
+
+
+def sample_rate(n: int, batch_size: int) -> float:
+    """Opacus's Poisson rate for a data set of ``n`` patients and expected batch ``batch_size``."""
+    return 1.0 / math.ceil(n / batch_size)
+
+
+def plan_noise(target_epsilon: float, delta: float, n: int, batch_size: int, total_steps: int,
+               accountant: str = "prv") -> float:
+    """σ so that ``total_steps`` Poisson steps (all rounds × all local steps) stay within the target."""
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                      sample_rate=sample_rate(n, batch_size), steps=total_steps,
+                                      accountant=accountant, epsilon_tolerance=0.005))

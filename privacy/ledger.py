@@ -1,0 +1,147 @@
+"""The site's privacy ledger: what each dataset has spent, kept on the site's disk (SQLite).
+
+One row per training round that released weights: run id, round, σ, C, q, steps, δ and ε after.
+The accountant's state for a dataset is the merged list of its (σ, q, steps) — so ε composes
+across rounds, runs and studies, and survives agent and SuperNode restarts. A round is charged
+*before* training, in one transaction with the budget check: a crash after the charge can only
+over-count, never let a release go unaccounted, and the same (run, round) is never charged twice.
+Nothing here can reset a dataset's spending.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from privacy.accounting import Step, epsilon, merge
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS rounds (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    dataset          TEXT    NOT NULL,
+    run_id           TEXT    NOT NULL,
+    round            INTEGER NOT NULL,
+    noise_multiplier REAL    NOT NULL,
+    clip_norm        REAL    NOT NULL,
+    sample_rate      REAL    NOT NULL,
+    steps            INTEGER NOT NULL,
+    accountant       TEXT    NOT NULL,
+    delta            REAL    NOT NULL,
+    epsilon_before   REAL    NOT NULL,
+    epsilon_after    REAL    NOT NULL,
+    recorded_at      TEXT    NOT NULL,
+    UNIQUE (dataset, run_id, round)
+);
+"""
+
+
+class LedgerError(RuntimeError):
+    """The ledger cannot be read or written: the site refuses to train (fail closed)."""
+
+
+class BudgetExceeded(Exception):
+    """This round would take the dataset past its lifetime budget."""
+
+    def __init__(self, dataset: str, spent: float, needed: float, budget: float, delta: float) -> None:
+        self.dataset, self.spent, self.needed, self.budget, self.delta = dataset, spent, needed, budget, delta
+        remaining = max(budget - spent, 0.0)
+        super().__init__(
+            f"privacy budget of dataset '{dataset}' would be exceeded: this round needs ε={needed - spent:.4g} "
+            f"(total {needed:.4g}) but only ε={remaining:.4g} of {budget:g} remains (δ={delta:g})"
+        )
+
+
+class AlreadyCharged(Exception):
+    """The same (run, round) was already trained and released on this dataset."""
+
+
+@dataclass(frozen=True)
+class Charge:
+    dataset: str
+    epsilon_before: float
+    epsilon_after: float
+    delta: float
+    accountant: str
+
+
+class PrivacyLedger:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as db:
+                db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise LedgerError(f"privacy ledger {self.path} cannot be opened: {exc}") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    def history(self, dataset: str, db: sqlite3.Connection | None = None) -> list[Step]:
+        """The accountant state of ``dataset``: merged (σ, q, steps) of every charged round."""
+        conn = db or self._connect()
+        try:
+            rows = conn.execute("SELECT noise_multiplier, sample_rate, steps FROM rounds WHERE dataset = ? "
+                                "ORDER BY id", (dataset,)).fetchall()
+        finally:
+            if db is None:
+                conn.close()
+        return merge(rows)
+
+    def spent(self, dataset: str, delta: float, accountant: str) -> float:
+        return epsilon(self.history(dataset), delta, accountant)
+
+    def charge(self, dataset: str, run_id: str, server_round: int, noise_multiplier: float, clip_norm: float,
+               sample_rate: float, steps: int, delta: float, budget: float, accountant: str) -> Charge:
+        """Check the budget and record the round, atomically; raise BudgetExceeded or AlreadyCharged."""
+        try:
+            db = self._connect()
+        except sqlite3.Error as exc:
+            raise LedgerError(f"privacy ledger {self.path} cannot be opened: {exc}") from None
+        try:
+            db.execute("BEGIN IMMEDIATE")  # one writer: concurrent rounds cannot both pass the check
+            if db.execute("SELECT 1 FROM rounds WHERE dataset = ? AND run_id = ? AND round = ?",
+                          (dataset, run_id, server_round)).fetchone():
+                raise AlreadyCharged(f"round {server_round} of run {run_id} was already trained on dataset "
+                                     f"'{dataset}'; a second release would be charged again, so it is refused")
+            history = self.history(dataset, db)
+            before = epsilon(history, delta, accountant)
+            after = epsilon(history + [(noise_multiplier, sample_rate, steps)], delta, accountant)
+            if after > budget:
+                raise BudgetExceeded(dataset, before, after, budget, delta)
+            db.execute(
+                "INSERT INTO rounds (dataset, run_id, round, noise_multiplier, clip_norm, sample_rate, steps, "
+                "accountant, delta, epsilon_before, epsilon_after, recorded_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (dataset, run_id, server_round, noise_multiplier, clip_norm, sample_rate, steps, accountant, delta,
+                 before, after, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+            )
+            db.execute("COMMIT")
+            return Charge(dataset, before, after, delta, accountant)
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+
+    def rounds(self, dataset: str | None = None) -> list[dict]:
+        db = self._connect()
+        db.row_factory = sqlite3.Row
+        try:
+            query = "SELECT * FROM rounds" + (" WHERE dataset = ?" if dataset else "") + " ORDER BY id"
+            return [dict(r) for r in db.execute(query, (dataset,) if dataset else ())]
+        finally:
+            db.close()
+
+    def datasets(self) -> list[str]:
+        db = self._connect()
+        try:
+            return [r[0] for r in db.execute("SELECT DISTINCT dataset FROM rounds ORDER BY dataset")]
+        finally:
+            db.close()
+
