@@ -127,7 +127,7 @@ def site_from_configs(node_config: dict, run_config: dict) -> SiteConfig:
         try:
             # virtual sites belong to whoever runs the simulation: non-DP baselines are allowed
             policy = DatasetPolicy(epsilon_budget=float(run_config.get("sim-epsilon-budget", 10.0)),
-                                   allow_non_dp=True)
+                                   delta=float(run_config.get("sim-delta", 0.0)) or None, allow_non_dp=True)
         except PolicyError as exc:
             raise SiteError(f"simulation policy: {exc}") from None
         return SiteConfig(

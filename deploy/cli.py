@@ -25,7 +25,12 @@ from client import fetch as fetch_mod
 from client import heart_disease
 from client.data_dir import resolve_data_dir
 from client.errors import SiteError
-from client.site import write_site_config
+from client.site import load_site_config, write_site_config
+from privacy.accounting import ACCOUNTANTS, epsilon, plan_noise, sample_rate
+from privacy.ledger import LedgerError, PrivacyLedger
+from privacy.policy import PolicyError, default_delta
+from rich.table import Table
+from server.run_dir import json_safe
 from deploy.local import APP_DIR, DeploymentError, LocalFederation
 from deploy.progress import progress_table, summary_table
 from server.run_dir import SUMMARY_FILE
@@ -36,8 +41,12 @@ console = Console()
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="carefl: federated learning for hospitals.")
 data_app = typer.Typer(no_args_is_help=True, help="Get and check the public data sets.")
 app.add_typer(data_app, name="data")
+privacy_app = typer.Typer(no_args_is_help=True, help="Plan differential privacy for a study.")
+app.add_typer(privacy_app, name="privacy")
+site_app = typer.Typer(no_args_is_help=True, help="Commands for a hospital site.")
+app.add_typer(site_app, name="site")
 
-USER_ERRORS = (SiteError, DeploymentError, RunConfigError, SiteSelectionError)
+USER_ERRORS = (SiteError, DeploymentError, RunConfigError, SiteSelectionError, LedgerError, PolicyError)
 
 DataDir = typer.Option(None, "--data-dir", help="Data directory (else $CAREFL_DATA, else ~/.cache/carefl).")
 
@@ -176,6 +185,65 @@ def data_check(dataset: str = typer.Argument("heart-disease"), data_dir: Optiona
 
 def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(143)  # unwinds the `with LocalFederation` blocks, which stop their processes
+
+
+@privacy_app.command("plan")
+def privacy_plan(
+    rounds: int = typer.Option(..., min=1, help="Federated rounds of the study."),
+    epochs: int = typer.Option(1, min=1, help="Local epochs per round."),
+    n: int = typer.Option(..., min=1, help="Patients in the site's dataset."),
+    batch: int = typer.Option(..., min=1, help="Expected (Poisson) batch size."),
+    target_epsilon: float = typer.Option(..., min=0.01, help="ε the whole study may cost."),
+    delta: Optional[float] = typer.Option(None, help="δ (default: a power of ten ≥ 10× below 1/N)."),
+    accountant: str = typer.Option("prv", help="prv | rdp"),
+) -> None:
+    """The noise multiplier σ for a whole study: sized for rounds × epochs, not for one round."""
+    if accountant not in ACCOUNTANTS:
+        raise PolicyError(f"accountant must be one of {', '.join(ACCOUNTANTS)}")
+    delta = delta if delta is not None else default_delta(n)
+    q = sample_rate(n, batch)
+    steps = rounds * epochs * round(1 / q)
+    sigma = plan_noise(target_epsilon, delta, n, batch, steps, accountant)
+    reached = epsilon([(sigma, q, steps)], delta, accountant)
+    console.print(f"noise multiplier σ = {sigma:.4f}")
+    console.print(f"  {rounds} rounds × {epochs} epochs = {steps} steps at sample rate q = {q:.4g} "
+                  f"(N={n}, batch {batch}) → ε = {reached:.3f} at δ = {delta:g} ({accountant})")
+
+
+@site_app.command("budget")
+def site_budget(
+    config: Path = typer.Option(..., "--config", help="The site's config file (site.toml)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Spent and remaining ε per dataset, with δ and the rounds that spent it (from the site's ledger)."""
+    site = load_site_config(config)
+    ledger = PrivacyLedger(site.ledger_path)
+    n = len(site.load_data().y_train)
+    delta = site.policy.delta_for(n)
+    rounds = ledger.rounds(site.dataset)
+    spent = ledger.spent(site.dataset, delta, site.policy.accountant)
+    report = {
+        "site": site.site_id, "ledger": str(site.ledger_path),
+        "datasets": {site.dataset: {
+            "epsilon_spent": spent, "epsilon_budget": site.policy.epsilon_budget,
+            "epsilon_remaining": max(site.policy.epsilon_budget - spent, 0.0), "delta": delta,
+            "accountant": site.policy.accountant, "rounds": len(rounds),
+            "runs": sorted({r["run_id"] for r in rounds}),
+            "non_dp_rounds": sum(1 for r in rounds if r["noise_multiplier"] == 0),
+        }},
+    }
+    if as_json:
+        print(json.dumps(json_safe(report), indent=2))
+        return
+    table = Table(title=f"privacy budget of site {site.site_id}", title_justify="left")
+    for col in ("dataset", "ε spent", "ε budget", "ε remaining", "δ", "accountant", "rounds", "runs"):
+        table.add_column(col)
+    for name, d in report["datasets"].items():
+        spent_text = "∞ (non-DP rounds)" if d["non_dp_rounds"] else f"{d['epsilon_spent']:.4f}"
+        table.add_row(name, spent_text, f"{d['epsilon_budget']:g}", f"{d['epsilon_remaining']:.4f}",
+                      f"{d['delta']:g}", d["accountant"], str(d["rounds"]), str(len(d["runs"])))
+    console.print(table)
+    console.print(f"ledger: {site.ledger_path}")
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ accountant run over all the steps.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable
 
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -35,7 +36,9 @@ def epsilon(history: Iterable[Step], delta: float, accountant: str = "prv") -> f
         return math.inf
     acc = ACCOUNTANTS[accountant]()
     acc.history = steps
-    return float(acc.get_epsilon(delta=delta))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return float(acc.get_epsilon(delta=delta))
 
 
 def sample_rate(n: int, batch_size: int) -> float:
@@ -46,6 +49,8 @@ def sample_rate(n: int, batch_size: int) -> float:
 def plan_noise(target_epsilon: float, delta: float, n: int, batch_size: int, total_steps: int,
                accountant: str = "prv") -> float:
     """σ so that ``total_steps`` Poisson steps (all rounds × all local steps) stay within the target."""
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate(n, batch_size), steps=total_steps,
-                                      accountant=accountant, epsilon_tolerance=0.005))
+    with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha": the bound stays valid
+        warnings.simplefilter("ignore", UserWarning)
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate(n, batch_size), steps=total_steps,
+                                          accountant=accountant, epsilon_tolerance=0.005))
