@@ -29,6 +29,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	$(BIN)/python -m benchmarks.dp_overhead
 	$(BIN)/python -m benchmarks.heart_disease_results $(or $(ARGS),--seeds 1)
 
 clean:

@@ -56,6 +56,11 @@ def test_demo_runs_a_tls_federation_of_four_hospitals(tmp_path):
     assert {"mean_centre_accuracy", "pooled_accuracy", "pooled_auc"} <= summary.keys()
     assert summary["mean_centre_accuracy"] > 0.6
     assert all({"accuracy", "auc"} <= m.keys() for m in summary["per_site"].values())
+    # DP on by default: every site sized its noise for the study's ε = 4 at δ = 1e-4, from its own ledger
+    assert summary["dp"]["enabled"] is True
+    for site, m in summary["per_site"].items():
+        assert 3.9 <= m["epsilon"] <= 4.0 and m["delta"] == 1e-4, site
+        assert (out / "deployment" / "sites" / site / "privacy-ledger.sqlite").exists()
     assert (out / "final_model.pt").stat().st_size > 0
     rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sorted(rounds) == [1] * 4 + [2] * 4
