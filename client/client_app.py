@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from client import training
 from client.errors import SiteError
-from client.site import site_from_configs
+from client.site import HEART_DISEASE, DatasetConfig, site_from_configs
 from privacy.accounting import plan_noise, sample_rate
 from privacy.ledger import AlreadyCharged, BudgetExceeded, LedgerError, PrivacyLedger
 from privacy.policy import DPRequest, RequestRefused, check_request
@@ -68,7 +68,7 @@ def _model_from(msg: Message, n_features: int):
 def query(msg: Message, context: Context) -> Message:
     """Identity and capabilities: site id, task, models; counts only, no data statistics."""
     site = site_from_configs(context.node_config, context.run_config)
-    data = site.load_data()
+    data = site.load_heart_disease()
     info = ConfigRecord({"site-id": site.site_id, "task": "ehr", "dataset": "heart-disease",
                          "models": model_names("ehr")})
     counts = MetricRecord({"n-train": len(data.y_train), "n-test": len(data.y_test),
@@ -76,7 +76,7 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"site": info, "counts": counts}), reply_to=msg)
 
 
-def _noise_multiplier(config, context: Context, site, n: int) -> float:
+def _noise_multiplier(config, context: Context, dataset: DatasetConfig, n: int) -> float:
     """σ asked for, or — given a study target ε — the σ this site needs for all the study's rounds.
 
     Planning is the site's: it knows its own N. The result is cached per run in the SuperNode's
@@ -88,11 +88,11 @@ def _noise_multiplier(config, context: Context, site, n: int) -> float:
     target = float(config["target-epsilon"])
     settings = training.TrainSettings.from_config(config)
     total_steps = int(config["num-server-rounds"]) * training.planned_steps(settings, n)
-    key = f"{site.dataset}|{target}|{n}|{settings.batch_size}|{total_steps}|{site.policy.accountant}"
+    policy = dataset.policy
+    key = f"{dataset.name}|{target}|{n}|{settings.batch_size}|{total_steps}|{policy.accountant}"
     cache = context.state.config_records.setdefault("carefl-noise-plan", ConfigRecord())
     if key not in cache:
-        cache[key] = plan_noise(target, site.policy.delta_for(n), n, settings.batch_size, total_steps,
-                                site.policy.accountant)
+        cache[key] = plan_noise(target, policy.delta_for(n), n, settings.batch_size, total_steps, policy.accountant)
     return float(cache[key])
 
 
@@ -105,23 +105,25 @@ def train(msg: Message, context: Context) -> Message:
     trains nothing and sends nothing; a crash after the charge over-counts rather than under-counts.
     """
     site = site_from_configs(context.node_config, context.run_config)
-    data = site.load_data()
+    dataset = site.dataset(HEART_DISEASE)
+    data = site.load_heart_disease()
     config = msg.content["config"]
     settings = training.TrainSettings.from_config(config)
     n = len(data.y_train)
     q = sample_rate(n, settings.batch_size)
-    dp = DPRequest(enabled=bool(config.get("dp", True)), noise_multiplier=_noise_multiplier(config, context, site, n),
+    dp = DPRequest(enabled=bool(config.get("dp", True)),
+                   noise_multiplier=_noise_multiplier(config, context, dataset, n),
                    clip_norm=float(config.get("clip-norm", 0.0)))
-    check_request(site.policy, dp, q)
+    check_request(dataset.policy, dp, q)
     model = _model_from(msg, data.n_features)
-    delta = site.policy.delta_for(n)
+    delta = dataset.policy.delta_for(n)
     charge = PrivacyLedger(site.ledger_path).charge(
-        site.dataset, run_id=str(context.run_id), server_round=int(config["server-round"]),
+        dataset.name, run_id=str(context.run_id), server_round=int(config["server-round"]),
         noise_multiplier=dp.noise_multiplier if dp.enabled else 0.0, clip_norm=dp.clip_norm, sample_rate=q,
         steps=training.planned_steps(settings, n), delta=delta,
-        budget=site.policy.epsilon_budget if dp.enabled else math.inf, accountant=site.policy.accountant)
+        budget=dataset.policy.epsilon_budget if dp.enabled else math.inf, accountant=dataset.policy.accountant)
     if not dp.enabled:
-        log.warning("NON-DP ROUND on dataset '%s' (allow_non_dp = true): its ε is now unbounded", site.dataset)
+        log.warning("NON-DP ROUND on dataset '%s' (allow_non_dp = true): its ε is now unbounded", dataset.name)
     metrics = training.train(model, data.x_train, data.y_train, settings, training.pick_device(site.device),
                              dp=dp, max_physical_batch=site.max_physical_batch)
     if dp.enabled and metrics.pop("sample-rate") != q:  # the charged q must be the one Opacus sampled with
@@ -140,7 +142,7 @@ def train(msg: Message, context: Context) -> Message:
 @replies_with_errors
 def evaluate(msg: Message, context: Context) -> Message:
     site = site_from_configs(context.node_config, context.run_config)
-    data = site.load_data()
+    data = site.load_heart_disease()
     model = _model_from(msg, data.n_features)
     report = training.evaluate(model, data.x_test, data.y_test, training.pick_device(site.device))
     metrics = MetricRecord({"num-examples": len(data.y_test), **report})

@@ -8,6 +8,7 @@ The file belongs to the hospital; the coordinator never sees or sets it::
     device = "auto"                       # "cpu", "cuda", "cuda:1"; auto = cuda when present
     ledger = "privacy-ledger.sqlite"      # relative to this file
     max_physical_batch = 256              # larger DP batches are split in memory (BatchMemoryManager)
+    cache = "cache"                       # preprocessed imaging cases, keyed by content hash
 
     [datasets.heart-disease]
     path = "/data/uci_heart_disease/processed.cleveland.data"
@@ -18,6 +19,12 @@ The file belongs to the hospital; the coordinator never sees or sets it::
     max_sample_rate = 0.25
     accountant = "prv"                    # or "rdp"
     allow_non_dp = false
+
+    [datasets.hippocampus]                # imaging: a manifest of cases instead of a path
+    manifest = "hippocampus.csv"
+    labels = [0, 1, 2]
+    require_deidentified = true           # refuse DICOM cases that carry identifying attributes
+    epsilon_budget = 8.0
 
 Simulation supplies only ``partition-id`` / ``num-partitions``; the site is then built from the
 run config (``sim-data-dir``, ``sim-epsilon-budget``) with its ledger in the run directory.
@@ -38,23 +45,65 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-DATASET = "heart-disease"  # the one dataset a site trains on so far
+HEART_DISEASE = "heart-disease"
+TASK_DATASET = {"ehr": HEART_DISEASE, "seg": "hippocampus"}  # the dataset a study's task trains on
+DATASET_SETTINGS = {"path", "manifest", "labels", "require_deidentified"}  # besides the privacy policy
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One dataset of the site: where it is, and the site's privacy policy for it."""
+
+    name: str
+    policy: DatasetPolicy
+    path: Path | None = None          # a tabular extract (heart disease)
+    manifest: Path | None = None      # an imaging manifest (CSV of cases)
+    labels: tuple[int, ...] = ()      # declared label codes of the masks (imaging)
+    require_deidentified: bool = False
 
 
 @dataclass(frozen=True)
 class SiteConfig:
     site_id: str
-    data_path: Path
-    policy: DatasetPolicy
+    datasets: dict[str, DatasetConfig]
     ledger_path: Path
-    dataset: str = DATASET
+    cache_dir: Path
     shard: int = 0
     num_shards: int = 1
     device: str = "auto"
     max_physical_batch: int = 256
 
-    def load_data(self) -> heart_disease.SiteData:
-        return heart_disease.load_centre(self.data_path, self.shard, self.num_shards)
+    def dataset(self, name: str) -> DatasetConfig:
+        if name not in self.datasets:
+            raise SiteError(f"site '{self.site_id}' has no dataset '{name}' configured "
+                            f"(it has: {', '.join(self.datasets) or 'none'})")
+        return self.datasets[name]
+
+    def load_heart_disease(self) -> heart_disease.SiteData:
+        ds = self.dataset(HEART_DISEASE)
+        if ds.path is None:
+            raise SiteError(f"dataset '{HEART_DISEASE}' of site '{self.site_id}' has no path")
+        return heart_disease.load_centre(ds.path, self.shard, self.num_shards)
+
+
+def _dataset_from_toml(name: str, raw: dict, base: Path, where: str) -> DatasetConfig:
+    raw = dict(raw)
+    settings = {k: raw.pop(k) for k in list(raw) if k in DATASET_SETTINGS}
+    try:
+        policy = DatasetPolicy.from_dict(raw, where=where)
+    except PolicyError as exc:
+        raise SiteError(str(exc)) from None
+    if "path" not in settings and "manifest" not in settings:
+        raise SiteError(f"{where}: give the data's path (tabular) or manifest (imaging)")
+    labels = settings.get("labels", [])
+    if not isinstance(labels, list) or not all(isinstance(v, int) for v in labels):
+        raise SiteError(f"{where}: labels must be a list of integer label codes")
+    return DatasetConfig(
+        name=name, policy=policy,
+        path=(base / str(settings["path"])).resolve() if "path" in settings else None,
+        manifest=(base / str(settings["manifest"])).resolve() if "manifest" in settings else None,
+        labels=tuple(labels), require_deidentified=bool(settings.get("require_deidentified", False)),
+    )
 
 
 def load_site_config(path: Path) -> SiteConfig:
@@ -69,45 +118,46 @@ def load_site_config(path: Path) -> SiteConfig:
     except tomllib.TOMLDecodeError as exc:
         raise SiteError(f"site config {path} is not valid TOML: {exc}") from None
     site = raw.get("site", {})
-    dataset = raw.get("datasets", {}).get(DATASET)
+    datasets = raw.get("datasets", {})
     problems = []
     if not site.get("id"):
         problems.append("[site] id is missing")
-    if dataset is None:
-        problems.append(f"[datasets.{DATASET}] is missing")
-    elif not dataset.get("path"):
-        problems.append(f"[datasets.{DATASET}] path is missing")
+    if not datasets:
+        problems.append("no [datasets.<name>] section")
     if problems:
         raise SiteError(f"site config {path}: " + "; ".join(problems))
-    dataset = dict(dataset)
-    data_path = (path.parent / str(dataset.pop("path"))).resolve()
-    try:
-        policy = DatasetPolicy.from_dict(dataset, where=f"site config {path} [datasets.{DATASET}]")
-    except PolicyError as exc:
-        raise SiteError(str(exc)) from None
     return SiteConfig(
         site_id=str(site["id"]),
-        data_path=data_path,
-        policy=policy,
+        datasets={name: _dataset_from_toml(name, ds, path.parent, f"site config {path} [datasets.{name}]")
+                  for name, ds in datasets.items()},
         ledger_path=(path.parent / str(site.get("ledger", "privacy-ledger.sqlite"))).resolve(),
+        cache_dir=(path.parent / str(site.get("cache", "cache"))).resolve(),
         device=str(site.get("device", "auto")),
         max_physical_batch=int(site.get("max_physical_batch", 256)),
     )
 
 
 def write_site_config(path: Path, site_id: str, data_path: Path, ledger: str = "privacy-ledger.sqlite",
-                      device: str = "auto", **policy) -> Path:
-    """Write a site config file (demo and provisioning); ``policy`` holds DatasetPolicy settings."""
+                      device: str = "auto", dataset: str = HEART_DISEASE, **settings) -> Path:
+    """Write a one-dataset site config file (demo and provisioning).
+
+    ``data_path`` is the tabular extract, or for imaging the manifest (pass ``manifest=True``);
+    ``settings`` holds DatasetPolicy settings plus ``labels`` / ``require_deidentified``.
+    """
+    manifest = settings.pop("manifest", False)
+    policy = {k: v for k, v in settings.items() if k not in DATASET_SETTINGS}
     DatasetPolicy.from_dict(policy, where="site policy")  # refuse to write an invalid policy
 
     def value(v) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
         return repr(v) if isinstance(v, (int, float)) else json.dumps(str(v))  # JSON strings are TOML strings
 
     lines = ["[site]", f"id = {value(site_id)}", f"device = {value(device)}", f"ledger = {value(ledger)}", "",
-             f"[datasets.{DATASET}]", f"path = {value(Path(data_path).resolve())}"]
-    lines += [f"{k} = {value(v)}" for k, v in policy.items() if v is not None]
+             f"[datasets.{dataset}]", f"{'manifest' if manifest else 'path'} = {value(Path(data_path).resolve())}"]
+    lines += [f"{k} = {value(v)}" for k, v in settings.items() if v is not None]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -130,11 +180,12 @@ def site_from_configs(node_config: dict, run_config: dict) -> SiteConfig:
                                    delta=float(run_config.get("sim-delta", 0.0)) or None, allow_non_dp=True)
         except PolicyError as exc:
             raise SiteError(f"simulation policy: {exc}") from None
+        dataset = DatasetConfig(HEART_DISEASE, policy, path=heart_disease.centre_file(Path(sim_dir), centre))
         return SiteConfig(
             site_id=site_id,
-            data_path=heart_disease.centre_file(Path(sim_dir), centre),
-            policy=policy,
+            datasets={HEART_DISEASE: dataset},
             ledger_path=Path(out_dir) / "sim-ledgers" / f"{site_id}.sqlite",
+            cache_dir=Path(out_dir) / "sim-cache" / site_id,
             shard=shard,
             num_shards=num_shards,
         )

@@ -218,20 +218,19 @@ def site_budget(
     """Spent and remaining ε per dataset, with δ and the rounds that spent it (from the site's ledger)."""
     site = load_site_config(config)
     ledger = PrivacyLedger(site.ledger_path)
-    n = len(site.load_data().y_train)
-    delta = site.policy.delta_for(n)
-    rounds = ledger.rounds(site.dataset)
-    spent = ledger.spent(site.dataset, delta, site.policy.accountant)
-    report = {
-        "site": site.site_id, "ledger": str(site.ledger_path),
-        "datasets": {site.dataset: {
-            "epsilon_spent": spent, "epsilon_budget": site.policy.epsilon_budget,
-            "epsilon_remaining": max(site.policy.epsilon_budget - spent, 0.0), "delta": delta,
-            "accountant": site.policy.accountant, "rounds": len(rounds),
+    report = {"site": site.site_id, "ledger": str(site.ledger_path), "datasets": {}}
+    for name, ds in site.datasets.items():
+        rounds = ledger.rounds(name)
+        # δ as charged (the policy's, or its default from N at charge time); the policy's when nothing was
+        delta = rounds[-1]["delta"] if rounds else ds.policy.delta
+        spent = ledger.spent(name, delta, ds.policy.accountant) if rounds else 0.0
+        report["datasets"][name] = {
+            "epsilon_spent": spent, "epsilon_budget": ds.policy.epsilon_budget,
+            "epsilon_remaining": max(ds.policy.epsilon_budget - spent, 0.0), "delta": delta,
+            "accountant": ds.policy.accountant, "rounds": len(rounds),
             "runs": sorted({r["run_id"] for r in rounds}),
             "non_dp_rounds": sum(1 for r in rounds if r["noise_multiplier"] == 0),
-        }},
-    }
+        }
     if as_json:
         print(json.dumps(json_safe(report), indent=2))
         return
@@ -241,7 +240,8 @@ def site_budget(
     for name, d in report["datasets"].items():
         spent_text = "∞ (non-DP rounds)" if d["non_dp_rounds"] else f"{d['epsilon_spent']:.4f}"
         table.add_row(name, spent_text, f"{d['epsilon_budget']:g}", f"{d['epsilon_remaining']:.4f}",
-                      f"{d['delta']:g}", d["accountant"], str(d["rounds"]), str(len(d["runs"])))
+                      "–" if d["delta"] is None else f"{d['delta']:g}", d["accountant"], str(d["rounds"]),
+                      str(len(d["runs"])))
     console.print(table)
     console.print(f"ledger: {site.ledger_path}")
 
