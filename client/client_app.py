@@ -42,8 +42,10 @@ def replies_with_errors(handler):
         except (RequestRefused, BudgetExceeded, AlreadyCharged, LedgerError) as exc:
             log.warning("refused %s: %s", msg.metadata.message_type, exc)
             return Message(Error(CODE_PRIVACY, f"refused by site privacy policy: {exc}"), reply_to=msg)
-        except SiteError as exc:
-            return Message(Error(CODE_SITE_ERROR, f"site error: {exc}"), reply_to=msg)
+        except SiteError as exc:  # details (paths, lines) stay in the site's log: a path can identify
+            log.warning("site error handling %s: %s", msg.metadata.message_type, exc)
+            return Message(Error(CODE_SITE_ERROR, f"site error: {exc.public}; details are in the site's log"),
+                           reply_to=msg)
         except (ValueError, KeyError, TypeError) as exc:
             return Message(Error(CODE_BAD_REQUEST, f"refused: {exc}"), reply_to=msg)
         except Exception:  # noqa: BLE001 - the details may carry data; keep them local

@@ -176,7 +176,7 @@ def _config_for(tmp_path, data_path: Path) -> Context:
     return _context({"site-config": str(path)})
 
 
-def test_missing_data_file_is_a_site_error_reply(tmp_path):
+def test_missing_data_file_is_a_site_error_reply(tmp_path, caplog):
     missing = tmp_path / "processed.cleveland.data"
     ctx = _config_for(tmp_path, missing)
     for handler, msg in ((client_app.query, _incoming(RecordDict({}), MessageType.QUERY)),
@@ -188,10 +188,11 @@ def test_missing_data_file_is_a_site_error_reply(tmp_path):
         _assert_reply_to(reply, msg)
         assert reply.error.code == client_app.CODE_SITE_ERROR
         assert reply.error.reason.startswith("site error:")
-        assert "not found" in reply.error.reason and str(missing) in reply.error.reason
+        assert "data is missing" in reply.error.reason and str(tmp_path) not in reply.error.reason
+        assert str(missing) in caplog.text  # the site's own log has the path
 
 
-def test_malformed_data_reply_does_not_echo_values(tmp_path, data_dir):
+def test_malformed_data_reply_does_not_echo_values(tmp_path, data_dir, caplog):
     lines = heart_disease.centre_file(data_dir, "cleveland").read_text().splitlines()[:20]
     fields = lines[5].split(",")
     fields[3] = "XYZZY123"
@@ -201,23 +202,25 @@ def test_malformed_data_reply_does_not_echo_values(tmp_path, data_dir):
     reply = client_app.query(_incoming(RecordDict({}), MessageType.QUERY), _config_for(tmp_path, path))
     assert reply.has_error()
     assert reply.error.code == client_app.CODE_SITE_ERROR
-    assert "line 6" in reply.error.reason and "'trestbps'" in reply.error.reason
-    assert "XYZZY123" not in reply.error.reason
+    assert "malformed" in reply.error.reason and str(tmp_path) not in reply.error.reason
+    assert "line 6" in caplog.text and "'trestbps'" in caplog.text  # the details stay at the site
+    assert "XYZZY123" not in reply.error.reason and "XYZZY123" not in caplog.text
 
 
-def test_node_config_without_site_config_is_a_site_error_reply():
+def test_node_config_without_site_config_is_a_site_error_reply(caplog):
     reply = client_app.query(_incoming(RecordDict({}), MessageType.QUERY), _context({"site-id": "cleveland"}))
     assert reply.has_error()
     assert reply.error.code == client_app.CODE_SITE_ERROR
-    assert "site-config" in reply.error.reason
+    assert "site-config" in caplog.text
 
 
-def test_incomplete_site_config_is_a_site_error_reply(tmp_path):
+def test_incomplete_site_config_is_a_site_error_reply(tmp_path, caplog):
     path = tmp_path / "site.toml"
     path.write_text('[site]\nid = "cleveland"\n\n[datasets.heart-disease]\npath = "x.data"\n')
     reply = client_app.query(_incoming(RecordDict({}), MessageType.QUERY), _context({"site-config": str(path)}))
     assert reply.has_error() and reply.error.code == client_app.CODE_SITE_ERROR
-    assert str(path) in reply.error.reason and "epsilon_budget is required" in reply.error.reason
+    assert str(path) not in reply.error.reason
+    assert str(path) in caplog.text and "epsilon_budget is required" in caplog.text
 
 
 @pytest.mark.parametrize("handler", ["train", "evaluate"])
@@ -277,10 +280,10 @@ def test_simulation_partition_node_config(data_dir, tmp_path):
     assert m["tp"] + m["fp"] + m["tn"] + m["fn"] == 89  # the centre's whole test split
 
 
-def test_simulation_without_data_dir_is_a_site_error():
+def test_simulation_without_data_dir_is_a_site_error(caplog):
     reply = client_app.query(_incoming(RecordDict({}), MessageType.QUERY),
                              _context({"partition-id": 0, "num-partitions": 2},
                                       {"sim-data-dir": "", "out-dir": "/tmp"}))
     assert reply.has_error()
     assert reply.error.code == client_app.CODE_SITE_ERROR
-    assert "sim-data-dir" in reply.error.reason
+    assert "sim-data-dir" in caplog.text
