@@ -246,6 +246,91 @@ def site_budget(
     console.print(f"ledger: {site.ledger_path}")
 
 
+def _imaging_dataset(config: Path, dataset: str):
+    site = load_site_config(config)
+    ds = site.dataset(dataset)
+    if ds.manifest is None:
+        raise SiteError(f"dataset '{dataset}' of site '{site.site_id}' has no manifest (it is not an imaging dataset)")
+    return site, ds
+
+
+def _validation(config: Path, dataset: str):
+    from client.imaging.manifest import read_manifest, validate
+
+    site, ds = _imaging_dataset(config, dataset)
+    with console.status(f"validating {dataset} of site {site.site_id} …"):
+        report = validate(read_manifest(ds.manifest), set(ds.labels) or {0, 1}, ds.require_deidentified)
+    for problem in report.problems:
+        console.print(f"[red]excluded[/] {problem}", highlight=False)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning[/]  {warning}", highlight=False)
+    console.print(f"{dataset}: {report.summary()}, {len(report.warnings)} warning(s)")
+    return site, ds, report
+
+
+@site_app.command("validate")
+def site_validate(
+    config: Path = typer.Option(..., "--config", help="The site's config file (site.toml)."),
+    dataset: str = typer.Option("hippocampus", help="Imaging dataset of the site config."),
+) -> None:
+    """Read every case of an imaging manifest and list every problem at once (exit 1 if any)."""
+    _, _, report = _validation(config, dataset)
+    if report.problems:
+        raise typer.Exit(1)
+
+
+@site_app.command("ingest")
+def site_ingest(
+    config: Path = typer.Option(..., "--config", help="The site's config file (site.toml)."),
+    dataset: str = typer.Option("hippocampus", help="Imaging dataset of the site config."),
+) -> None:
+    """Validate, then preprocess the valid cases into the site's cache (training uses only those)."""
+    from rich.progress import track
+
+    from client.imaging.preprocess import PreprocessCache, PreprocessSpec
+
+    site, ds, report = _validation(config, dataset)
+    cache = PreprocessCache(site.cache_dir / dataset, PreprocessSpec(), set(ds.labels) or {0, 1})
+    for case in track(report.valid, description="preprocessing", console=console):
+        cache.load(case)
+    cache.save_memo()
+    console.print(f"cache {cache.folder}: {cache.misses} case(s) preprocessed, {cache.hits} already cached; "
+                  f"{report.excluded} case(s) excluded")
+
+
+@data_app.command("dicomize")
+def data_dicomize(
+    out: Path = typer.Option(..., "--out", help="Folder for the sites' DICOM data, manifests and site configs."),
+    sites: int = typer.Option(3, min=1, help="Synthetic sites to split the cases into."),
+    cases_per_site: int = typer.Option(0, min=0, help="Limit per site (0: all)."),
+    epsilon_budget: float = typer.Option(10.0, help="Lifetime ε written into each site's policy."),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """MSD hippocampus NIfTI → DICOM MR series + DICOM SEG per case (synthetic, clearly fake identifiers)."""
+    from rich.progress import Progress
+
+    from client.imaging import hippocampus
+    from client.imaging.dicomize import dicomize_case
+
+    root, _ = resolve_data_dir(data_dir)
+    split = hippocampus.split_sites(hippocampus.cases(root), sites)
+    names = {k: v for k, v in hippocampus.LABELS.items() if k}
+    total = sum(len(v[:cases_per_site or None]) for v in split.values())
+    with Progress(console=console) as progress:
+        task = progress.add_task("dicomizing", total=total)
+        for site_id, cases in split.items():
+            rows = []
+            for case in cases[:cases_per_site or None]:
+                series, seg = dicomize_case(case.image, case.label, out / site_id / "dicom", case.case_id, names)
+                rows.append((case.case_id, series, seg))
+                progress.advance(task)
+            manifest = hippocampus.write_manifest(out / site_id / "hippocampus.csv", rows)
+            write_site_config(out / site_id / "site.toml", site_id, manifest, dataset="hippocampus", manifest=True,
+                              labels=sorted(hippocampus.LABELS), require_deidentified=True,
+                              epsilon_budget=epsilon_budget, delta=1e-3)
+            console.print(f"{site_id}: {len(rows)} cases → {out / site_id} (site.toml, hippocampus.csv)")
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:

@@ -123,3 +123,31 @@ def test_preprocessing_cache_hits_on_unchanged_data_and_misses_on_change(tmp_pat
     data[0, 0, 0] = 1
     nib.save(nib.Nifti1Image(data, img.affine), copy)
     assert again.key(c2) != key_before
+
+
+def test_cli_dicomize_validate_ingest(tmp_path, cases):
+    import subprocess
+    import sys
+
+    carefl = [sys.executable, "-m", "deploy.cli"]
+    data = str(helpers.REPO.parent / "shared" / "data")
+
+    def run(*args):
+        return subprocess.run(carefl + list(args), capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, "COLUMNS": "200"})
+
+    done = run("data", "dicomize", "--out", str(tmp_path / "sites"), "--sites", "2", "--cases-per-site", "2",
+               "--data-dir", data)
+    assert done.returncode == 0, done.stdout + done.stderr
+    config = tmp_path / "sites" / "site-1" / "site.toml"
+    # break one case: delete a slice in the middle of its series → inconsistent spacing
+    series = sorted((tmp_path / "sites" / "site-1" / "dicom").glob("*/mr"))[0]
+    sorted(series.iterdir())[5].unlink()
+    validated = run("site", "validate", "--config", str(config))
+    assert validated.returncode == 1
+    assert "1 valid case(s), 1 excluded" in validated.stdout and "Traceback" not in validated.stderr
+    ingested = run("site", "ingest", "--config", str(config))
+    assert ingested.returncode == 0, ingested.stdout + ingested.stderr
+    assert "1 case(s) preprocessed, 0 already cached; 1 case(s) excluded" in ingested.stdout
+    again = run("site", "ingest", "--config", str(config))
+    assert "0 case(s) preprocessed, 1 already cached" in again.stdout
