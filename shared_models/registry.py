@@ -21,11 +21,28 @@ class ModelSpec:
     description: str
 
 
+# The U-Net builders are imported on use: MONAI takes ~1.6 s to import, which EHR-only ClientApp
+# processes should not pay. ``n_features`` is dropped: callers written for the EHR models pass it to
+# every model (server_app's model_kwargs, tests iterating all names); a U-Net has no use for it.
+def _seg_unet2d(n_features: int | None = None, **kwargs) -> nn.Module:
+    from shared_models.unet import unet2d
+    return unet2d(**kwargs)
+
+
+def _seg_unet3d(n_features: int | None = None, **kwargs) -> nn.Module:
+    from shared_models.unet import unet3d
+    return unet3d(**kwargs)
+
+
 _REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec("ehr-logreg", "ehr", LogisticRegression, "logistic regression (one linear layer)"),
         ModelSpec("ehr-mlp", "ehr", MLP, "MLP, 2 hidden layers of 64 with LayerNorm"),
+        ModelSpec("seg-unet2d", "seg", _seg_unet2d,
+                  "MONAI 2-D U-Net (16,32,64,128), instance norm, ReLU, 1×1-conv + pixel-shuffle up-sampling; DP-ready"),
+        ModelSpec("seg-unet3d", "seg", _seg_unet3d,
+                  "MONAI 3-D U-Net (16,32,64,128), instance norm, ReLU, 1×1-conv + pixel-shuffle up-sampling; DP-ready"),
     )
 }
 
