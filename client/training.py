@@ -8,11 +8,11 @@ applied as its own data-independent step after each optimizer step, so it works 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from privacy.dp_sgd import make_private
 from privacy.policy import DPRequest
@@ -20,7 +20,7 @@ from shared_models.ehr import binary_loss
 from shared_models.metrics import binary_report, score_histograms
 from shared_models.train_request import TrainSettings
 
-__all__ = ["TrainSettings", "pick_device", "planned_steps", "train", "predict", "evaluate"]
+__all__ = ["TrainSettings", "pick_device", "planned_steps", "train", "train_dataset", "predict", "evaluate"]
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -45,11 +45,28 @@ def _cycle(loader: DataLoader, steps: int) -> Iterator[tuple]:
                 return
 
 
+def binary_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-patient binary cross-entropy, shape [B] (empty for an empty batch)."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none")
+
+
 def train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainSettings,
           device: torch.device, dp: DPRequest | None = None, max_physical_batch: int = 256) -> dict[str, float]:
-    """Run one round of local training on ``model`` in place; return loss, steps and, under DP, q."""
-    model.to(device).train()
+    """One round on a tabular split (one row = one patient)."""
     data = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    return train_dataset(model, data, settings, device, binary_per_sample, dp, max_physical_batch)
+
+
+def train_dataset(model: torch.nn.Module, data: Dataset, settings: TrainSettings, device: torch.device,
+                  per_sample_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  dp: DPRequest | None = None, max_physical_batch: int = 256) -> dict[str, float]:
+    """Run one round of local training on ``model`` in place; one dataset item is one patient.
+
+    ``per_sample_loss`` returns one loss per patient ([B]); its mean is minimised without DP, its
+    sum under DP (where the learning rate is divided by the public batch size instead).
+    Returns the mean loss, the number of steps and, under DP, the sample rate Opacus used.
+    """
+    model.to(device).train()
     steps = planned_steps(settings, len(data))
     anchor = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu > 0 else None
     private = None
@@ -57,22 +74,19 @@ def train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
         private = make_private(model, data, settings.batch_size, settings.lr, settings.optimizer,
                                dp.noise_multiplier, dp.clip_norm, device, max_physical_batch)
         forward, optimizer, batches = private.module, private.optimizer, private.batches(steps)
-
-        def loss_fn(logits, labels):  # summed; the lr was divided by the public batch size
-            return binary_loss(logits, labels) * len(labels) if len(labels) else logits.sum() * 0.0
     else:
         generator = torch.Generator().manual_seed(settings.seed)
         loader = DataLoader(data, batch_size=settings.batch_size, shuffle=True, generator=generator)
         opt_cls = torch.optim.SGD if settings.optimizer == "sgd" else torch.optim.Adam
-        forward, optimizer, batches, loss_fn = model, opt_cls(model.parameters(), lr=settings.lr), \
-            _cycle(loader, steps), binary_loss
+        forward, optimizer, batches = model, opt_cls(model.parameters(), lr=settings.lr), _cycle(loader, steps)
 
     losses = []
     try:
         for xb, yb in batches:
             xb, yb = xb.to(device), yb.to(device)
             optimizer.zero_grad()
-            loss = loss_fn(forward(xb), yb)
+            per_patient = per_sample_loss(forward(xb), yb)
+            loss = per_patient.sum() if private is not None else per_patient.mean()
             loss.backward()
             optimizer.step()
             if anchor is not None:  # FedProx: w ← w − lr·μ·(w − w_global), touches no data
@@ -80,7 +94,7 @@ def train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
                     for p, g in zip(model.parameters(), anchor):
                         p.sub_(settings.lr * settings.proximal_mu * (p - g))
             if len(yb):
-                losses.append(loss.item() / (len(yb) if private else 1))
+                losses.append(per_patient.mean().item())
     finally:
         if private is not None:
             private.close()
