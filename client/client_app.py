@@ -15,7 +15,8 @@ from flwr.clientapp import ClientApp
 
 from client import training
 from client.errors import SiteError
-from client.site import HEART_DISEASE, DatasetConfig, site_from_configs
+from client.site import DatasetConfig, site_from_configs
+from client.tasks import device_for, load_task
 from privacy.accounting import plan_noise, sample_rate
 from privacy.ledger import AlreadyCharged, BudgetExceeded, LedgerError, PrivacyLedger
 from privacy.policy import DPRequest, RequestRefused, check_request
@@ -55,26 +56,31 @@ def replies_with_errors(handler):
     return wrapped
 
 
-def _model_from(msg: Message, n_features: int):
+def _model_from(msg: Message, model_kwargs: dict):
     config = msg.content["config"]
-    model = build_model(str(config["model"]), n_features=n_features)
+    model = build_model(str(config["model"]), **model_kwargs)
     try:
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     except RuntimeError:
-        raise ValueError(f"the arrays sent do not fit model '{config['model']}' with {n_features} features") from None
+        raise ValueError(f"the arrays sent do not fit model '{config['model']}'") from None
     return model
+
+
+def _site_task(context: Context):
+    site = site_from_configs(context.node_config, context.run_config)
+    return site, load_task(site, dict(context.run_config))
 
 
 @app.query()
 @replies_with_errors
 def query(msg: Message, context: Context) -> Message:
     """Identity and capabilities: site id, task, models; counts only, no data statistics."""
-    site = site_from_configs(context.node_config, context.run_config)
-    data = site.load_heart_disease()
-    info = ConfigRecord({"site-id": site.site_id, "task": "ehr", "dataset": "heart-disease",
-                         "models": model_names("ehr")})
-    counts = MetricRecord({"n-train": len(data.y_train), "n-test": len(data.y_test),
-                           "n-features": data.n_features})
+    site, task = _site_task(context)
+    task_name = str(context.run_config.get("task", "ehr"))
+    info = ConfigRecord({"site-id": site.site_id, "task": task_name, "dataset": task.dataset.name,
+                         "models": model_names(task_name)})
+    counts = MetricRecord({"n-train": task.n_train, "n-test": task.n_test,
+                           "n-features": int(task.model_kwargs.get("n_features", 0))})
     return Message(RecordDict({"site": info, "counts": counts}), reply_to=msg)
 
 
@@ -106,18 +112,17 @@ def train(msg: Message, context: Context) -> Message:
     The budget is charged before training, in one transaction with its check: a refused round
     trains nothing and sends nothing; a crash after the charge over-counts rather than under-counts.
     """
-    site = site_from_configs(context.node_config, context.run_config)
-    dataset = site.dataset(HEART_DISEASE)
-    data = site.load_heart_disease()
+    site, task = _site_task(context)
+    dataset = task.dataset
     config = msg.content["config"]
     settings = training.TrainSettings.from_config(config)
-    n = len(data.y_train)
+    n = task.n_train
     q = sample_rate(n, settings.batch_size)
     dp = DPRequest(enabled=bool(config.get("dp", True)),
                    noise_multiplier=_noise_multiplier(config, context, dataset, n),
                    clip_norm=float(config.get("clip-norm", 0.0)))
     check_request(dataset.policy, dp, q)
-    model = _model_from(msg, data.n_features)
+    model = _model_from(msg, task.model_kwargs)
     delta = dataset.policy.delta_for(n)
     charge = PrivacyLedger(site.ledger_path).charge(
         dataset.name, run_id=str(context.run_id), server_round=int(config["server-round"]),
@@ -126,8 +131,7 @@ def train(msg: Message, context: Context) -> Message:
         budget=dataset.policy.epsilon_budget if dp.enabled else math.inf, accountant=dataset.policy.accountant)
     if not dp.enabled:
         log.warning("NON-DP ROUND on dataset '%s' (allow_non_dp = true): its ε is now unbounded", dataset.name)
-    metrics = training.train(model, data.x_train, data.y_train, settings, training.pick_device(site.device),
-                             dp=dp, max_physical_batch=site.max_physical_batch)
+    metrics = task.train(model, settings, device_for(site), dp, site.max_physical_batch)
     if dp.enabled and metrics.pop("sample-rate") != q:  # the charged q must be the one Opacus sampled with
         raise RuntimeError("sample rate used in training differs from the one charged; weights withheld")
     privacy = {"dp": 1.0 if dp.enabled else 0.0, "epsilon": charge.epsilon_after, "delta": delta,
@@ -143,9 +147,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @replies_with_errors
 def evaluate(msg: Message, context: Context) -> Message:
-    site = site_from_configs(context.node_config, context.run_config)
-    data = site.load_heart_disease()
-    model = _model_from(msg, data.n_features)
-    report = training.evaluate(model, data.x_test, data.y_test, training.pick_device(site.device))
-    metrics = MetricRecord({"num-examples": len(data.y_test), **report})
+    site, task = _site_task(context)
+    model = _model_from(msg, task.model_kwargs)
+    report = task.evaluate(model, device_for(site))
+    metrics = MetricRecord({"num-examples": task.n_test, **report})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

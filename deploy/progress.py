@@ -20,6 +20,11 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def _quality(rec: dict):
+    """Accuracy for classification, mean foreground Dice for segmentation."""
+    return rec.get("accuracy", rec.get("dice"))
+
+
 def _epsilon(rec: dict) -> str:
     """ε with its δ; a non-DP round is shown loudly, never as a number."""
     if rec.get("dp") == 0.0:
@@ -39,17 +44,19 @@ def progress_table(run_dir: Path, total_rounds: int, status: str) -> Table:
     done = rounds[-1]["round"] if rounds else 0
     table = Table(title=f"carefl run — round {done}/{total_rounds} — {status}", title_justify="left")
     for col, justify in (("site", "left"), ("round", "right"), ("train loss", "right"),
-                         ("test accuracy", "right"), ("AUC", "right"), ("ε (δ)", "right"), ("note", "left")):
+                         ("test acc. / Dice", "right"), ("AUC", "right"), ("ε (δ)", "right"), ("note", "left")):
         table.add_column(col, justify=justify)
     for site, rec in sorted(latest.items()):
-        table.add_row(site, str(rec["round"]), _fmt(rec.get("train_loss")), _fmt(rec.get("accuracy")),
+        table.add_row(site, str(rec["round"]), _fmt(rec.get("train_loss")), _fmt(_quality(rec)),
                       _fmt(rec.get("auc")), _epsilon(rec), rec.get("error", ""))
     if rounds:
         last = rounds[-1]
         table.add_section()
-        table.add_row("mean over centres", str(last["round"]), "", _fmt(last.get("mean_centre_accuracy")),
+        table.add_row("mean over centres", str(last["round"]), "", _fmt(last.get("mean_centre_accuracy",
+                                                                                last.get("mean_dice"))),
                       _fmt(last.get("mean_centre_auc")), "", f"{last.get('seconds', 0):.1f}s this round")
-        table.add_row("pooled test sets", str(last["round"]), "", _fmt(last.get("pooled_accuracy")),
+        table.add_row("pooled test sets", str(last["round"]), "", _fmt(last.get("pooled_accuracy",
+                                                                               last.get("pooled_dice"))),
                       _fmt(last.get("pooled_auc")), "", "")
     return table
 
@@ -57,17 +64,18 @@ def progress_table(run_dir: Path, total_rounds: int, status: str) -> Table:
 def summary_table(summary: dict) -> Table:
     table = Table(title=f"carefl summary — {summary['strategy']} / {summary['model']}, "
                         f"{summary['rounds_completed']} rounds", title_justify="left")
-    for col in ("site", "train", "test", "accuracy", "AUC", "sensitivity", "specificity", "F1", "ε (δ)"):
+    for col in ("site", "train", "test", "acc. / Dice", "AUC", "sensitivity", "specificity", "F1", "ε (δ)"):
         table.add_column(col, justify="left" if col == "site" else "right")
     for site in summary["sites"]:
         m = summary["per_site"].get(site, {})
-        table.add_row(site, str(m.get("num_train", "")), str(m.get("num_test", "")), _fmt(m.get("accuracy")),
+        table.add_row(site, str(m.get("num_train", "")), str(m.get("num_test", "")), _fmt(_quality(m)),
                       _fmt(m.get("auc")), _fmt(m.get("sensitivity")), _fmt(m.get("specificity")), _fmt(m.get("f1")),
                       _epsilon(m))
     table.add_section()
-    table.add_row("mean over centres", "", "", _fmt(summary.get("mean_centre_accuracy")),
+    table.add_row("mean over centres", "", "", _fmt(summary.get("mean_centre_accuracy", summary.get("mean_dice"))),
                   _fmt(summary.get("mean_centre_auc")), "", "", "", "")
-    table.add_row("pooled test sets", "", "", _fmt(summary.get("pooled_accuracy")), _fmt(summary.get("pooled_auc")),
+    table.add_row("pooled test sets", "", "", _fmt(summary.get("pooled_accuracy", summary.get("pooled_dice"))),
+                  _fmt(summary.get("pooled_auc")),
                   _fmt(summary.get("pooled_sensitivity")), _fmt(summary.get("pooled_specificity")),
                   _fmt(summary.get("pooled_f1")), "")
     return table

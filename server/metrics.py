@@ -12,6 +12,7 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
 from shared_models.metrics import auc_from_histograms, metrics_from_counts
+from shared_models.seg_metrics import pooled_dice
 
 COUNT_KEYS = ("tp", "fp", "tn", "fn")
 
@@ -20,6 +21,8 @@ def pooled_metrics(site_reports: list[dict]) -> dict[str, float]:
     """Pooled (union of test sets) and mean-centre (each site weighs the same) metrics."""
     if not site_reports:
         return {}
+    if "dice-num-1" in site_reports[0]:
+        return pooled_segmentation(site_reports)
     totals = {k: sum(int(r[k]) for r in site_reports) for k in COUNT_KEYS}
     pooled = metrics_from_counts(**totals)
     pos = np.sum([r["score-hist-pos"] for r in site_reports], axis=0)
@@ -34,6 +37,18 @@ def pooled_metrics(site_reports: list[dict]) -> dict[str, float]:
         "pooled_specificity": pooled["specificity"],
         "pooled_f1": pooled["f1"],
     }
+
+
+def pooled_segmentation(site_reports: list[dict]) -> dict[str, float]:
+    """Mean over sites of each site's mean foreground Dice, and Dice of all test cases pooled."""
+    classes = sorted(int(k.rsplit("-", 1)[1]) for k in site_reports[0] if k.startswith("dice-num-"))
+    counts = [{"num": [r[f"dice-num-{c}"] for c in classes], "den": [r[f"dice-den-{c}"] for c in classes]}
+              for r in site_reports]
+    pooled = pooled_dice(counts)
+    result = {"mean_dice": float(np.mean([r["mean-dice"] for r in site_reports])),
+              "pooled_dice": float(np.mean(pooled[1:]))}
+    result.update({f"pooled_dice_{c}": pooled[i] for i, c in enumerate(classes) if c})
+    return result
 
 
 def pooled_evaluate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:

@@ -21,7 +21,8 @@ TRAIN_KEYS = {"num-examples": "num_train", "train-loss": "train_loss", "local-st
               "dp": "dp", "epsilon": "epsilon", "delta": "delta", "noise-multiplier": "noise_multiplier",
               "clip-norm": "clip_norm", "sample-rate": "sample_rate"}
 EVAL_KEYS = {"num-examples": "num_test", "test-loss": "test_loss", "accuracy": "accuracy", "auc": "auc",
-             "sensitivity": "sensitivity", "specificity": "specificity", "f1": "f1"}
+             "sensitivity": "sensitivity", "specificity": "specificity", "f1": "f1",
+             "mean-dice": "dice", "dice-1": "dice_1", "dice-2": "dice_2", "iou-1": "iou_1", "iou-2": "iou_2"}
 
 
 def _pick(record: MetricRecord, keys: dict[str, str]) -> dict:
@@ -72,9 +73,10 @@ class RoundRecorder:
         self.run_dir.append(ROUNDS_FILE, self.last_round)
         self.last_eval.update(self._eval)
         self.last_train.update(self._train)
-        log.info("round %d: %d/%d sites, mean-centre accuracy %.3f, pooled AUC %.3f (%.1fs)",
-                 server_round, len(self.last_round["sites_replied"]), len(self.site_ids),
-                 pooled.get("mean_centre_accuracy", float("nan")), pooled.get("pooled_auc", float("nan")), seconds)
+        headline = {k: v for k, v in pooled.items() if k in ("mean_centre_accuracy", "pooled_auc", "mean_dice",
+                                                               "pooled_dice")}
+        log.info("round %d: %d/%d sites, %s (%.1fs)", server_round, len(self.last_round["sites_replied"]),
+                 len(self.site_ids), ", ".join(f"{k} {v:.3f}" for k, v in headline.items()), seconds)
         self._train, self._eval, self._eval_raw, self._errors = {}, {}, {}, {}
         self._round_started = time.time()
         return None

@@ -8,7 +8,7 @@ from shared_models.registry import UnknownModelError, get_spec
 from shared_models.train_request import TrainSettings
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
-TASKS = ("ehr",)
+TASKS = ("ehr", "seg")
 
 
 class RunConfigError(ValueError):

@@ -49,14 +49,18 @@ def split_sites(all_cases: list[HippocampusCase], n_sites: int = 3) -> dict[str,
     return {f"site-{i + 1}": all_cases[i::n_sites] for i in range(n_sites)}
 
 
-def write_manifest(path: Path, rows: list[tuple[str, Path, Path]]) -> Path:
-    """A site manifest (``case_id,image,mask``) with paths relative to the manifest."""
+def write_manifest(path: Path, rows: list[tuple]) -> Path:
+    """A site manifest (``case_id,image,mask,split``) with paths relative to the manifest.
+
+    Rows are ``(case_id, image, mask)`` or ``(case_id, image, mask, split)``; no split means the
+    default assignment from the case id."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["case_id", "image", "mask"])
-        for case_id, image, mask in rows:
-            writer.writerow([case_id, _relative(image, path.parent), _relative(mask, path.parent)])
+        writer.writerow(["case_id", "image", "mask", "split"])
+        for case_id, image, mask, *split in rows:
+            writer.writerow([case_id, _relative(image, path.parent), _relative(mask, path.parent),
+                             split[0] if split else ""])
     return path
 
 
