@@ -103,7 +103,7 @@ def follow(fed: LocalFederation, run_config: dict, out: Path, poll: float = 2.0)
 
 @app.command()
 def demo(
-    task: str = typer.Option("ehr", help="ehr: UCI heart disease, 4 hospitals."),
+    task: str = typer.Option("ehr", help="ehr: UCI heart disease, 4 hospitals; seg: hippocampus MRI, 3 sites."),
     rounds: int = typer.Option(5, min=1, help="Federated rounds."),
     strategy: Optional[str] = typer.Option(None, help="fedavg | fedprox | fedadam | fedyogi"),
     model: Optional[str] = typer.Option(None, help="ehr-logreg | ehr-mlp"),
@@ -114,17 +114,26 @@ def demo(
     insecure: bool = typer.Option(False, help="Plain HTTP on loopback instead of TLS (debugging only)."),
     target_epsilon: Optional[float] = typer.Option(None, help="Study ε each site sizes its noise for (default 4)."),
     epsilon_budget: float = typer.Option(10.0, help="Lifetime ε budget written into each demo site's policy."),
+    seg_cases: int = typer.Option(30, min=4, help="seg: hippocampus cases per site (DICOM written per run)."),
 ) -> None:
     """A real deployment on 127.0.0.1: one SuperLink, one SuperNode per hospital, then one run."""
-    if task != "ehr":
-        raise SiteError(f"unknown task '{task}'; available: ehr")
-    files = _heart_disease_files(data_dir)
+    if task not in ("ehr", "seg"):
+        raise SiteError(f"unknown task '{task}'; available: ehr, seg")
     out = _out_dir(out, "demo")
-    # Each hospital's own config file: its data, its privacy policy, its ledger (kept per demo run).
-    sites = {c: {"site-config": str(write_site_config(out / "deployment" / "sites" / c / "site.toml", c, p,
-                                                      epsilon_budget=epsilon_budget, delta=1e-4))}
-             for c, p in files.items()}
-    extra = {"sites": ",".join(sites), "out-dir": str(out)}
+    if task == "ehr":
+        files = _heart_disease_files(data_dir)
+        # Each hospital's own config file: its data, its privacy policy, its ledger (kept per demo run).
+        sites = {c: {"site-config": str(write_site_config(out / "deployment" / "sites" / c / "site.toml", c, p,
+                                                          epsilon_budget=epsilon_budget, delta=1e-4))}
+                 for c, p in files.items()}
+        extra = {}
+    else:
+        console.print(f"writing synthetic DICOM (MR series + SEG) for 3 sites, {seg_cases} cases each …")
+        configs = _dicomize(out / "deployment" / "sites", 3, seg_cases, epsilon_budget, data_dir)
+        sites = {s: {"site-config": str(c)} for s, c in configs.items()}
+        extra = {"task": "seg", "model": model or "seg-unet3d", "batch-size": 4, "optimizer": "adam",
+                 "lr": lr or 2e-3}
+    extra.update({"sites": ",".join(sites), "out-dir": str(out)})
     if target_epsilon is not None:
         extra["target-epsilon"] = target_epsilon
     run_config = _run_config(rounds, strategy, model, lr, local_steps, extra)
@@ -307,28 +316,21 @@ def data_dicomize(
     data_dir: Optional[Path] = DataDir,
 ) -> None:
     """MSD hippocampus NIfTI → DICOM MR series + DICOM SEG per case (synthetic, clearly fake identifiers)."""
+    for site_id, config in _dicomize(out, sites, cases_per_site, epsilon_budget, data_dir).items():
+        console.print(f"{site_id}: {config.parent} (site.toml, hippocampus.csv, dicom/)")
+
+
+def _dicomize(out: Path, sites: int, cases_per_site: int, epsilon_budget: float, data_dir) -> dict[str, Path]:
     from rich.progress import Progress
 
     from client.imaging import hippocampus
-    from client.imaging.dicomize import dicomize_case
 
     root, _ = resolve_data_dir(data_dir)
-    split = hippocampus.split_sites(hippocampus.cases(root), sites)
-    names = {k: v for k, v in hippocampus.LABELS.items() if k}
-    total = sum(len(v[:cases_per_site or None]) for v in split.values())
-    with Progress(console=console) as progress:
-        task = progress.add_task("dicomizing", total=total)
-        for site_id, cases in split.items():
-            rows = []
-            for case in cases[:cases_per_site or None]:
-                series, seg = dicomize_case(case.image, case.label, out / site_id / "dicom", case.case_id, names)
-                rows.append((case.case_id, series, seg))
-                progress.advance(task)
-            manifest = hippocampus.write_manifest(out / site_id / "hippocampus.csv", rows)
-            write_site_config(out / site_id / "site.toml", site_id, manifest, dataset="hippocampus", manifest=True,
-                              labels=sorted(hippocampus.LABELS), require_deidentified=True,
-                              epsilon_budget=epsilon_budget, delta=1e-3)
-            console.print(f"{site_id}: {len(rows)} cases → {out / site_id} (site.toml, hippocampus.csv)")
+    total = sites * cases_per_site if cases_per_site else len(hippocampus.cases(root))
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("DICOM from NIfTI", total=total)
+        return hippocampus.dicomize_sites(root, out, sites, cases_per_site, epsilon_budget,
+                                          on_case=lambda *_: progress.advance(task))
 
 
 def main() -> None:

@@ -69,3 +69,26 @@ def _relative(target: Path, base: Path) -> str:
         return str(Path(target).resolve().relative_to(base.resolve()))
     except ValueError:
         return str(Path(target).resolve())
+
+
+def dicomize_sites(data_dir: Path, out: Path, n_sites: int = 3, cases_per_site: int = 0,
+                   epsilon_budget: float = 10.0, on_case=None) -> dict[str, Path]:
+    """Synthetic DICOM sites from the NIfTI data: per site its DICOM series + SEG files, a manifest
+    and a site config (require_deidentified, δ = 1e-3). Returns site id → site config path."""
+    from client.imaging.dicomize import dicomize_case
+    from client.site import write_site_config
+
+    names = {k: v for k, v in LABELS.items() if k}
+    configs = {}
+    for site_id, site_cases in split_sites(cases(data_dir), n_sites).items():
+        rows = []
+        for case in site_cases[:cases_per_site or None]:
+            series, seg = dicomize_case(case.image, case.label, out / site_id / "dicom", case.case_id, names)
+            rows.append((case.case_id, series, seg))
+            if on_case:
+                on_case(site_id, case.case_id)
+        manifest = write_manifest(out / site_id / "hippocampus.csv", rows)
+        configs[site_id] = write_site_config(out / site_id / "site.toml", site_id, manifest, dataset="hippocampus",
+                                             manifest=True, labels=sorted(LABELS), require_deidentified=True,
+                                             epsilon_budget=epsilon_budget, delta=1e-3)
+    return configs
