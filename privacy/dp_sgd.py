@@ -74,10 +74,12 @@ def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
 def make_private(model: torch.nn.Module, dataset: Dataset, batch_size: int, lr: float, optimizer: str,
                  noise_multiplier: float, clip_norm: float, device: torch.device | str = "cpu",
                  max_physical_batch: int = 256) -> PrivateTraining:
-    """Wrap ``model`` for DP-SGD; the optimizer's lr is divided by the public ``batch_size``."""
+    """Wrap ``model`` for DP-SGD; for SGD the lr is divided by the public ``batch_size``."""
     params = list(model.parameters())
-    opt_cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
-    base = opt_cls(params, lr=lr / batch_size)
+    if optimizer == "sgd":
+        base = torch.optim.SGD(params, lr=lr / batch_size)  # summed loss / public B = the usual mean
+    else:  # Adam is invariant to the gradient's scale: no division (it would shrink its steps B-fold)
+        base = torch.optim.Adam(params, lr=lr)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")  # known limitation, docs/PRIVACY.md
         engine = PrivacyEngine(accountant="prv")  # its own accountant is unused: the site's ledger counts
