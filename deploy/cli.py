@@ -132,7 +132,7 @@ def demo(
         configs = _dicomize(out / "deployment" / "sites", 3, seg_cases, epsilon_budget, data_dir)
         sites = {s: {"site-config": str(c)} for s, c in configs.items()}
         extra = {"task": "seg", "model": model or "seg-unet3d", "batch-size": 4, "optimizer": "adam",
-                 "lr": lr or 2e-3}
+                 "lr": lr or 2e-3, "local-epochs": 2}
     extra.update({"sites": ",".join(sites), "out-dir": str(out)})
     if target_epsilon is not None:
         extra["target-epsilon"] = target_epsilon
