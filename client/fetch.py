@@ -37,6 +37,7 @@ def heart_disease_files() -> list[RemoteFile]:
 
 
 DATASETS: dict[str, Callable[[], list[RemoteFile]]] = {"heart-disease": heart_disease_files}
+ARCHIVES = ("hippocampus",)  # fetched as one checksum-verified archive (MONAI's Decathlon download)
 
 
 def md5_of(path: Path) -> str:
@@ -56,8 +57,10 @@ def verify(path: Path, expected_md5: str) -> None:
 
 def fetch(dataset: str, data_dir: Path, opener=urllib.request.urlopen, timeout: float = 60) -> list[Path]:
     """Fetch ``dataset`` into ``data_dir``; files already present with the right checksum are kept."""
+    if dataset == "hippocampus":
+        return fetch_hippocampus(data_dir)
     if dataset not in DATASETS:
-        raise SiteError(f"unknown data set '{dataset}'; available: {', '.join(DATASETS)}")
+        raise SiteError(f"unknown data set '{dataset}'; available: {', '.join((*DATASETS, *ARCHIVES))}")
     written = []
     for remote in DATASETS[dataset]():
         target = data_dir / remote.relpath
@@ -80,3 +83,41 @@ def fetch(dataset: str, data_dir: Path, opener=urllib.request.urlopen, timeout: 
             tmp.unlink(missing_ok=True)
         written.append(target)
     return written
+
+
+def fetch_hippocampus(data_dir: Path, download_and_extract=None) -> list[Path]:
+    """MSD Task04 Hippocampus via MONAI's Decathlon download (md5-checked), into ``msd_hippocampus/``.
+
+    The archive is extracted beside the target and only then moved into place, so an interrupted
+    download never leaves a half-filled data folder.
+    """
+    from client.imaging import hippocampus
+
+    if download_and_extract is None:
+        from monai.apps import download_and_extract
+    target = data_dir / hippocampus.FOLDER
+    if (target / "imagesTr").is_dir() and (target / "labelsTr").is_dir():
+        return sorted((target / "imagesTr").glob("*.nii.gz"))
+    work = Path(tempfile.mkdtemp(dir=data_dir if data_dir.is_dir() else None, prefix=".hippocampus-"))
+    try:
+        try:
+            download_and_extract(hippocampus.SOURCE_URL, filepath=str(work / "Task04_Hippocampus.tar"),
+                                 output_dir=str(work), hash_val=hippocampus.SOURCE_MD5, hash_type="md5")
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise SiteError(f"could not fetch the hippocampus archive from {hippocampus.SOURCE_URL}: {exc}") from None
+        source = work / "Task04_Hippocampus"
+        staged = work / hippocampus.FOLDER
+        for part in ("imagesTr", "labelsTr"):
+            files = [p for p in (source / part).glob("*.nii.gz") if not p.name.startswith(".")]
+            if not files:
+                raise DataFormatError(f"the hippocampus archive has no {part}/*.nii.gz")
+            (staged / part).mkdir(parents=True)
+            for path in files:
+                os.replace(path, staged / part / path.name)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, target)
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return sorted((target / "imagesTr").glob("*.nii.gz"))

@@ -165,7 +165,8 @@ def simulate(
 
 
 @data_app.command("fetch")
-def data_fetch(dataset: str = typer.Argument(..., help="heart-disease"), data_dir: Optional[Path] = DataDir) -> None:
+def data_fetch(dataset: str = typer.Argument(..., help="heart-disease | hippocampus"),
+               data_dir: Optional[Path] = DataDir) -> None:
     """Download a public data set into the data directory, checksum-verified."""
     root, source = resolve_data_dir(data_dir)
     for path in fetch_mod.fetch(dataset, root):

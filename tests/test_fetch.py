@@ -133,3 +133,40 @@ def test_fetch_network_failure_names_the_url(tmp_path):
 def test_fetch_unknown_dataset(tmp_path):
     with pytest.raises(SiteError, match="unknown data set 'mnist'; available: heart-disease"):
         fetch.fetch("mnist", tmp_path, opener=FakeOpener({}))
+
+
+def test_hippocampus_archive_is_unpacked_into_the_layout_the_product_reads(tmp_path):
+    """The network is the only thing replaced: a local archive of two real cases stands in for MSD's."""
+    import tarfile
+
+    from client.fetch import fetch_hippocampus
+    from client.imaging import hippocampus
+
+    cases = hippocampus.cases(helpers.data_dir())[:2]
+    archive = tmp_path / "src.tar"
+    with tarfile.open(archive, "w") as tar:
+        for case in cases:
+            tar.add(case.image, f"Task04_Hippocampus/imagesTr/{case.image.name}")
+            tar.add(case.label, f"Task04_Hippocampus/labelsTr/{case.label.name}")
+            tar.add(case.image, f"Task04_Hippocampus/imagesTr/._{case.image.name}")  # macOS litter in MSD tars
+    seen = {}
+
+    def local_download(url, filepath, output_dir, hash_val, hash_type):
+        seen.update(url=url, hash_val=hash_val, hash_type=hash_type)
+        with tarfile.open(archive) as tar:
+            tar.extractall(output_dir, filter="data")
+
+    data = tmp_path / "data"
+    data.mkdir()
+    images = fetch_hippocampus(data, download_and_extract=local_download)
+    assert [p.name for p in images] == [c.image.name for c in cases]
+    assert seen == {"url": hippocampus.SOURCE_URL, "hash_val": hippocampus.SOURCE_MD5, "hash_type": "md5"}
+    assert [c.case_id for c in hippocampus.cases(data)] == [c.case_id for c in cases]
+    assert not [p for p in data.iterdir() if p.name.startswith(".hippocampus-")]  # no half-written leftovers
+
+    def broken_download(url, filepath, output_dir, hash_val, hash_type):
+        raise RuntimeError("md5 check failed")
+
+    with pytest.raises(SiteError, match="could not fetch"):
+        fetch_hippocampus(tmp_path / "other", download_and_extract=broken_download)
+    assert not (tmp_path / "other" / hippocampus.FOLDER).exists()
