@@ -30,6 +30,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.dp_overhead
+	$(BIN)/python -m benchmarks.seg_dp_overhead --no-stock
 	$(BIN)/python -m benchmarks.heart_disease_results $(or $(ARGS),--seeds 1)
 
 clean:

@@ -10,23 +10,12 @@ context only (shared 2-core machines are noisy).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import torch
 
+from benchmarks.timing import interleaved_medians
 from privacy.dp_sgd import GRAD_SAMPLE_MODE, make_private
 from shared_models.ehr import binary_loss
 from shared_models.registry import build_model, model_names
-
-
-def _time(step, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def measure(name: str, batch: int, repeats: int, n_features: int = 13) -> tuple[float, float]:
@@ -49,14 +38,9 @@ def measure(name: str, batch: int, repeats: int, n_features: int = 13) -> tuple[
         (binary_loss(private.module(x), y) * batch).backward()
         private.optimizer.step()
 
-    for step in (plain_step, dp_step):  # warm-up
-        _time(step, 20)
-    plain_t, dp_t = [], []
-    for _ in range(repeats // 10):  # interleave in blocks of 10
-        plain_t += _time(plain_step, 10)
-        dp_t += _time(dp_step, 10)
+    plain_s, dp_s = interleaved_medians(plain_step, dp_step, repeats, block=10, warmup=20)
     private.close()
-    return statistics.median(plain_t), statistics.median(dp_t)
+    return plain_s, dp_s
 
 
 def main() -> None:

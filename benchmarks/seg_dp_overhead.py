@@ -13,27 +13,17 @@ empty Poisson batch) is timed too.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from monai.networks.nets import UNet
 from torch import nn
 
+from benchmarks.timing import interleaved_medians
 from privacy.dp_sgd import GRAD_SAMPLE_MODE, make_private
 from shared_models.registry import build_model
 from shared_models.seg_losses import DiceCE
 from shared_models.unet import DEFAULT_CHANNELS, DEFAULT_STRIDES
-
-
-def _time(step, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def measure(build: Callable[[], nn.Module], shape: tuple[int, ...], batch: int, repeats: int,
@@ -60,14 +50,9 @@ def measure(build: Callable[[], nn.Module], shape: tuple[int, ...], batch: int, 
         loss.summed(private.module(x), y).backward()
         private.optimizer.step()
 
-    for step in (plain_step, dp_step):  # warm-up
-        _time(step, 3)
-    plain_t, dp_t = [], []
-    for _ in range(max(1, repeats // block)):  # interleave in blocks
-        plain_t += _time(plain_step, block)
-        dp_t += _time(dp_step, block)
+    plain_s, dp_s = interleaved_medians(plain_step, dp_step, repeats, block=block, warmup=3)
     private.close()
-    return statistics.median(plain_t), statistics.median(dp_t), sum(p.numel() for p in plain.parameters())
+    return plain_s, dp_s, sum(p.numel() for p in plain.parameters())
 
 
 def _stock(dims: int) -> Callable[[], nn.Module]:
