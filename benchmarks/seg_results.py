@@ -1,11 +1,14 @@
-"""Hippocampus segmentation baselines without federation: centralised and local-only training.
+"""Hippocampus segmentation: centralised, local-only and FedAvg (with or without DP) on the same data.
 
-Same model, loss, preprocessing and test cases as the federated runs (the 3 synthetic sites of
-client/imaging/hippocampus.py, each site's test split by case id), trained in-process for a fixed
-number of epochs; prints mean foreground Dice per site's test split after every few epochs.
+Same model, loss, preprocessing and test cases everywhere (the 3 synthetic sites of
+client/imaging/hippocampus.py, each site's test split by case id). Centralised and local runs train
+in-process; FedAvg runs the real ServerApp and ClientApps (site configs, policy, ledger, DP) over the
+in-process transport of deploy/inprocess.py. One epoch of centralised training and one FedAvg round
+of one local epoch take the same number of gradient steps in total.
 
     python -m benchmarks.seg_results --mode centralised --epochs 40
     python -m benchmarks.seg_results --mode local --epochs 40
+    python -m benchmarks.seg_results --mode fedavg --epochs 40 [--dp --target-epsilon 8]
 """
 
 from __future__ import annotations
@@ -56,9 +59,46 @@ def run(train: PatientVolumes, tests: dict[str, PatientVolumes], epochs: int, ev
     return dice
 
 
+def fedavg(data_dir: Path, out: Path, rounds: int, lr: float, batch: int, dp: bool, target_epsilon: float) -> None:
+    from client.site import write_site_config
+    from deploy.inprocess import run_in_process
+    from server.run_dir import read_jsonl
+
+    nodes = {}
+    for i, (site, cases) in enumerate(hippocampus.split_sites(hippocampus.cases(data_dir), 3).items()):
+        rows = [(c.case_id, c.image, c.label, default_split(c.case_id)) for c in cases]
+        manifest = hippocampus.write_manifest(out / "sites" / site / "hippocampus.csv", rows)
+        config = write_site_config(out / "sites" / site / "site.toml", site, manifest, device="auto",
+                                   dataset="hippocampus", manifest=True, labels=sorted(hippocampus.LABELS),
+                                   epsilon_budget=max(target_epsilon, 1.0) * 2, delta=1e-3, allow_non_dp=not dp)
+        nodes[10 + i] = {"site-config": str(config)}
+    config = _app_config(task="seg", model="seg-unet3d", **{
+        "num-server-rounds": rounds, "local-epochs": 1, "local-steps": 0, "batch-size": batch, "optimizer": "adam",
+        "lr": lr, "dp": dp, "target-epsilon": target_epsilon if dp else 0.0, "noise-multiplier": 0.0,
+        "out-dir": str(out / "run"), "round-timeout": 600})
+    start = time.time()
+    run_in_process(nodes, config)
+    for record in read_jsonl(out / "run" / "rounds.jsonl"):
+        print(f"fedavg{' DP' if dp else ''} round {record['round']}: mean Dice over sites {record['mean_dice']:.3f}, "
+              f"pooled {record['pooled_dice']:.3f}", flush=True)
+    print(f"{time.time() - start:.0f}s; summary: {out / 'run' / 'summary.json'}")
+
+
+def _app_config(**overrides) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    root = Path(__file__).resolve().parent.parent
+    return {**tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"], **overrides}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("centralised", "local"), default="centralised")
+    parser.add_argument("--mode", choices=("centralised", "local", "fedavg"), default="centralised")
+    parser.add_argument("--dp", action="store_true", help="fedavg: patient-level DP at every site")
+    parser.add_argument("--target-epsilon", type=float, default=8.0, help="fedavg --dp: study ε per site")
+    parser.add_argument("--out", type=Path, default=Path("runs/seg-results"))
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -67,6 +107,10 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("runs/seg-cache"))
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.mode == "fedavg":
+        fedavg(resolve_data_dir(args.data_dir)[0], args.out.resolve(), args.epochs, args.lr, args.batch, args.dp,
+               args.target_epsilon)
+        return
     sites = site_volumes(resolve_data_dir(args.data_dir)[0], args.cache)
     tests = {s: t for s, (_, t) in sites.items()}
     if args.mode == "centralised":

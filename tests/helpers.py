@@ -1,4 +1,4 @@
-"""Shared test helpers: the real data directory and an in-process transport for Flower messages."""
+"""Shared test helpers: the real data directory, real site configs, the app's run config."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ try:
     import tomllib
 except ImportError:  # Python 3.10
     import tomli as tomllib
-from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,29 +37,3 @@ def default_run_config(**overrides) -> dict:
     """The app's own run config from pyproject.toml, with overrides."""
     cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     return {**cfg, **overrides}
-
-
-class InProcessGrid:
-    """Delivers messages straight to the real ClientApp of each node, in this process.
-
-    Only the network transport is replaced: the ServerApp, strategies, ClientApp handlers,
-    data loading and training all run for real.
-    """
-
-    def __init__(self, client_app, node_configs: dict[int, dict], run_config: dict) -> None:
-        # Flower stamps new messages with the identity of the process's task (a ServerApp here).
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-        self.client_app = client_app
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config=cfg, state=RecordDict(), run_config=run_config)
-                         for n, cfg in node_configs.items()}
-        self.sent: list[Message] = []
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            self.sent.append(msg)
-            replies.append(self.client_app(msg, self.contexts[msg.metadata.dst_node_id]))
-        return replies

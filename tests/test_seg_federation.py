@@ -13,7 +13,8 @@ from client.site import write_site_config
 from privacy.ledger import PrivacyLedger
 from server.run_dir import read_jsonl
 from server.server_app import app as server_app
-from tests.helpers import REPO, InProcessGrid, default_run_config
+from deploy.inprocess import InProcessGrid
+from tests.helpers import REPO, default_run_config
 
 
 @pytest.fixture(scope="module")

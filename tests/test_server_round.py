@@ -13,7 +13,8 @@ from server.run_dir import read_jsonl
 from server.server_app import app as server_app
 from server.sites import SiteSelectionError
 from shared_models.registry import build_model
-from tests.helpers import InProcessGrid, default_run_config, site_config
+from deploy.inprocess import InProcessGrid
+from tests.helpers import default_run_config, site_config
 
 CENTRES = ("cleveland", "hungarian", "switzerland", "va")
 
