@@ -5,10 +5,14 @@ The file belongs to the hospital; the coordinator never sees or sets it::
 
     [site]
     id = "cleveland"
+    coordinator = "fl.example.org:443"    # where the site agent connects (deployment)
     device = "auto"                       # "cpu", "cuda", "cuda:1"; auto = cuda when present
     ledger = "privacy-ledger.sqlite"      # relative to this file
     max_physical_batch = 256              # larger DP batches are split in memory (BatchMemoryManager)
     cache = "cache"                       # preprocessed imaging cases, keyed by content hash
+
+    [approval]                            # app versions (FAB sha256) allowed to run here
+    apps = ["3f5c…"]                      # `carefl site approve`; enforced by deploy/gate.py
 
     [datasets.heart-disease]
     path = "/data/uci_heart_disease/processed.cleveland.data"
@@ -72,6 +76,7 @@ class SiteConfig:
     num_shards: int = 1
     device: str = "auto"
     max_physical_batch: int = 256
+    coordinator: str = ""  # host:port the site agent dials (deployment only)
 
     def dataset(self, name: str) -> DatasetConfig:
         if name not in self.datasets:
@@ -134,11 +139,13 @@ def load_site_config(path: Path) -> SiteConfig:
         cache_dir=(path.parent / str(site.get("cache", "cache"))).resolve(),
         device=str(site.get("device", "auto")),
         max_physical_batch=int(site.get("max_physical_batch", 256)),
+        coordinator=str(site.get("coordinator", "")),
     )
 
 
 def write_site_config(path: Path, site_id: str, data_path: Path, ledger: str = "privacy-ledger.sqlite",
-                      device: str = "auto", dataset: str = HEART_DISEASE, **settings) -> Path:
+                      device: str = "auto", dataset: str = HEART_DISEASE, coordinator: str = "",
+                      approved_apps: tuple[str, ...] = (), **settings) -> Path:
     """Write a one-dataset site config file (demo and provisioning).
 
     ``data_path`` is the tabular extract, or for imaging the manifest (pass ``manifest=True``);
@@ -155,8 +162,10 @@ def write_site_config(path: Path, site_id: str, data_path: Path, ledger: str = "
             return "[" + ", ".join(value(x) for x in v) + "]"
         return repr(v) if isinstance(v, (int, float)) else json.dumps(str(v))  # JSON strings are TOML strings
 
-    lines = ["[site]", f"id = {value(site_id)}", f"device = {value(device)}", f"ledger = {value(ledger)}", "",
-             f"[datasets.{dataset}]", f"{'manifest' if manifest else 'path'} = {value(Path(data_path).resolve())}"]
+    lines = ["[site]", f"id = {value(site_id)}", f"device = {value(device)}", f"ledger = {value(ledger)}"]
+    lines += [f"coordinator = {value(coordinator)}"] if coordinator else []
+    lines += ["", "[approval]", f"apps = {value(list(approved_apps))}"]
+    lines += ["", f"[datasets.{dataset}]", f"{'manifest' if manifest else 'path'} = {value(Path(data_path).resolve())}"]
     lines += [f"{k} = {value(v)}" for k, v in settings.items() if v is not None]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

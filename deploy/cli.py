@@ -12,14 +12,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
-
 import typer
-from rich.console import Console
-from rich.live import Live
 
 from client import fetch as fetch_mod
 from client import heart_disease
@@ -31,13 +24,15 @@ from privacy.ledger import LedgerError, PrivacyLedger
 from privacy.policy import PolicyError, default_delta
 from rich.table import Table
 from server.run_dir import json_safe
-from deploy.local import APP_DIR, DeploymentError, LocalFederation
-from deploy.progress import progress_table, summary_table
-from server.run_dir import SUMMARY_FILE
-from server.settings import RunConfigError, RunSettings
+from deploy import cli_deploy
+from deploy.approval import ApprovalError
+from deploy.coordinator import DeploymentError
+from deploy.provision import ProvisionError
+from deploy.local import LocalFederation
+from deploy.runs import check_run_config, console, follow
+from server.settings import RunConfigError
 from server.sites import SiteSelectionError
 
-console = Console()
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="carefl: federated learning for hospitals.")
 data_app = typer.Typer(no_args_is_help=True, help="Get and check the public data sets.")
 app.add_typer(data_app, name="data")
@@ -45,8 +40,14 @@ privacy_app = typer.Typer(no_args_is_help=True, help="Plan differential privacy 
 app.add_typer(privacy_app, name="privacy")
 site_app = typer.Typer(no_args_is_help=True, help="Commands for a hospital site.")
 app.add_typer(site_app, name="site")
+app.add_typer(cli_deploy.coordinator_app, name="coordinator")
+app.command("provision")(cli_deploy.provision_cmd)
+site_app.command("keygen")(cli_deploy.site_keygen)
+site_app.command("approve")(cli_deploy.site_approve)
+site_app.command("start")(cli_deploy.site_start)
 
-USER_ERRORS = (SiteError, DeploymentError, RunConfigError, SiteSelectionError, LedgerError, PolicyError)
+USER_ERRORS = (SiteError, DeploymentError, RunConfigError, SiteSelectionError, LedgerError, PolicyError,
+               ProvisionError, ApprovalError)
 
 DataDir = typer.Option(None, "--data-dir", help="Data directory (else $CAREFL_DATA, else ~/.cache/carefl).")
 
@@ -64,41 +65,8 @@ def _heart_disease_files(data_dir: Optional[Path]) -> dict[str, Path]:
     return files
 
 
-def _run_config(rounds, strategy, model, lr, local_steps, extra: dict) -> dict:
-    """Overrides for the app's run config, checked here so that mistakes fail before any process starts."""
-    given = {"num-server-rounds": rounds, "strategy": strategy, "model": model, "lr": lr, "local-steps": local_steps}
-    overrides = {**{k: v for k, v in given.items() if v is not None}, **extra}
-    defaults = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    RunSettings.from_run_config({**defaults, **overrides})
-    return overrides
-
-
 def _out_dir(out: Optional[Path], kind: str) -> Path:
     return (out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}").resolve()
-
-
-def follow(fed: LocalFederation, run_config: dict, out: Path, poll: float = 2.0) -> dict:
-    """Submit, show the live table until the run ends, and return its summary."""
-    rounds = int(run_config.get("num-server-rounds", 15))
-    run_id = fed.submit(run_config)
-    console.print(f"[bold]run {run_id}[/] submitted → {out}")
-    status = "starting"
-    with Live(progress_table(out, rounds, status), console=console, refresh_per_second=2) as live:
-        while not status.startswith("finished"):
-            time.sleep(poll)
-            dead = [name for name, ok in fed.alive().items() if not ok]
-            if dead:
-                raise DeploymentError(f"{', '.join(dead)} stopped unexpectedly; logs under {fed.workdir}")
-            status = fed.run_status(run_id)
-            live.update(progress_table(out, rounds, status))
-    summary_path = out / SUMMARY_FILE
-    if status != "finished:completed" or not summary_path.exists():
-        tail = "\n".join(fed.run_log(run_id).strip().splitlines()[-15:])
-        raise DeploymentError(f"run {run_id} ended with status '{status}'. Last coordinator log lines:\n{tail}")
-    summary = json.loads(summary_path.read_text())
-    console.print(summary_table(summary))
-    console.print(f"run directory: {out}  (summary.json, metrics.jsonl, final_model.pt)")
-    return summary
 
 
 @app.command()
@@ -111,35 +79,33 @@ def demo(
     local_steps: Optional[int] = typer.Option(None, help="Optimizer steps per site and round."),
     data_dir: Optional[Path] = DataDir,
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<time>-demo)."),
-    insecure: bool = typer.Option(False, help="Plain HTTP on loopback instead of TLS (debugging only)."),
     target_epsilon: Optional[float] = typer.Option(None, help="Study ε each site sizes its noise for (default 4)."),
     epsilon_budget: float = typer.Option(10.0, help="Lifetime ε budget written into each demo site's policy."),
     seg_cases: int = typer.Option(30, min=4, help="seg: hippocampus cases per site (DICOM written per run)."),
 ) -> None:
-    """A real deployment on 127.0.0.1: one SuperLink, one SuperNode per hospital, then one run."""
+    """A real consortium on 127.0.0.1: kits, TLS, authenticated sites that approved the app, then one run."""
     if task not in ("ehr", "seg"):
         raise SiteError(f"unknown task '{task}'; available: ehr, seg")
     out = _out_dir(out, "demo")
     if task == "ehr":
         files = _heart_disease_files(data_dir)
         # Each hospital's own config file: its data, its privacy policy, its ledger (kept per demo run).
-        sites = {c: {"site-config": str(write_site_config(out / "deployment" / "sites" / c / "site.toml", c, p,
-                                                          epsilon_budget=epsilon_budget, delta=1e-4))}
-                 for c, p in files.items()}
+        sites = {c: write_site_config(out / "deployment" / "sites" / c / "site.toml", c, p,
+                                      epsilon_budget=epsilon_budget, delta=1e-4) for c, p in files.items()}
         extra = {}
     else:
         console.print(f"writing synthetic DICOM (MR series + SEG) for 3 sites, {seg_cases} cases each …")
         configs = _dicomize(out / "deployment" / "sites", 3, seg_cases, epsilon_budget, data_dir)
-        sites = {s: {"site-config": str(c)} for s, c in configs.items()}
+        sites = dict(configs)
         extra = {"task": "seg", "model": model or "seg-unet3d", "batch-size": 4, "optimizer": "adam",
                  "lr": lr or 2e-3, "local-epochs": 2}
     extra.update({"sites": ",".join(sites), "out-dir": str(out)})
     if target_epsilon is not None:
         extra["target-epsilon"] = target_epsilon
-    run_config = _run_config(rounds, strategy, model, lr, local_steps, extra)
-    console.print(f"starting SuperLink and {len(sites)} SuperNodes on 127.0.0.1 "
-                  f"({'TLS' if not insecure else 'no TLS'}); logs in {out / 'deployment'}")
-    with LocalFederation(out / "deployment", sites, tls=not insecure) as fed:
+    run_config = check_run_config(rounds, strategy, model, lr, local_steps, extra)
+    console.print(f"provisioning kits, starting the coordinator (TLS, SuperNode authentication) and "
+                  f"{len(sites)} site agents on 127.0.0.1; logs in {out / 'deployment'}")
+    with LocalFederation(out / "deployment", sites) as fed:
         follow(fed, run_config, out)
 
 
@@ -158,7 +124,7 @@ def simulate(
     _heart_disease_files(data_dir)
     root, _ = resolve_data_dir(data_dir)
     out = _out_dir(out, "sim")
-    run_config = _run_config(rounds, strategy, model, lr, local_steps,
+    run_config = check_run_config(rounds, strategy, model, lr, local_steps,
                              {"sim-data-dir": str(root), "out-dir": str(out), "min-sites": sites})
     with LocalFederation(out / "deployment", {}, simulated_sites=sites) as fed:
         follow(fed, run_config, out)

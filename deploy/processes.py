@@ -58,6 +58,7 @@ class Managed:
     name: str
     popen: subprocess.Popen
     log_path: Path
+    own_group: bool = True
 
     @property
     def pid(self) -> int:
@@ -67,22 +68,24 @@ class Managed:
         return self.popen.poll() is None
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the whole process group, then SIGKILL whatever is left."""
+        """SIGTERM the whole process group (or just the process), then SIGKILL whatever is left."""
+        send = os.killpg if self.own_group else os.kill
+        alive = (lambda: group_alive(self.pid)) if self.own_group else (lambda: self.popen.poll() is None)
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
             try:
-                os.killpg(self.pid, sig)
+                send(self.pid, sig)
             except ProcessLookupError:
                 break
             deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _group_alive(self.pid):
+            while time.monotonic() < deadline and alive():
                 self.popen.poll()
                 time.sleep(0.1)
-            if not _group_alive(self.pid):
+            if not alive():
                 break
         self.popen.poll()
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -117,12 +120,14 @@ def _is_zombie(pid: int) -> bool:
     return not fields or fields[0] == "Z"
 
 
-def start(name: str, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None) -> Managed:
+def start(name: str, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None,
+          own_group: bool = True) -> Managed:
+    """Start a process logging to ``log_path``; ``own_group``: it leads a new process group (stopped as one)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_file = open(log_path, "ab")
     try:
         popen = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
+                                 stdin=subprocess.DEVNULL, start_new_session=own_group)
     finally:
         log_file.close()
-    return Managed(name, popen, log_path)
+    return Managed(name, popen, log_path, own_group)

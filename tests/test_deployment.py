@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from deploy.approval import app_hash, approved_apps
+from deploy.coordinator import APP_DIR
 from deploy.processes import NO_PHONE_HOME
 from tests.helpers import data_dir
 
 CAREFL = [sys.executable, "-m", "deploy.cli"]
 FLOWER_BINARIES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
-                   "flwr-clientapp", "flwr-simulation")
+                   "flwr-clientapp", "flwr-simulation", "deploy.gate", "bin/carefl")
 
 
 def _flower_pids_mentioning(marker: str) -> list[int]:
@@ -66,10 +68,14 @@ def test_demo_runs_a_tls_federation_of_four_hospitals(tmp_path):
     assert sorted(rounds) == [1] * 4 + [2] * 4
     # the live table and the summary table were shown
     assert "mean over centres" in done.stdout and "pooled test sets" in done.stdout
-    # TLS: the SuperLink served HTTPS with a certificate made for this run
-    assert (out / "deployment" / "coordinator" / "tls" / "ca.crt").exists()
-    link_log = (out / "deployment" / "coordinator" / "superlink.log").read_text()
-    assert "--insecure" not in link_log
+    # stood up the secure way: kits, a registered key per site, every site approved the app it ran
+    kits = out / "deployment" / "kits"
+    assert sorted(p.stem for p in (kits / "coordinator" / "sites").glob("*.pub")) == summary["sites"]
+    registered = json.loads((out / "deployment" / "coordinator" / "sites.json").read_text())
+    assert sorted(registered) == summary["sites"]
+    for site in summary["sites"]:
+        assert approved_apps(out / "deployment" / "sites" / site / "site.toml") == {app_hash(APP_DIR)}
+        assert "SuperNode ID" in (out / "deployment" / "sites" / site / "agent" / "supernode.log").read_text()
 
 
 def test_seg_demo_runs_a_dp_unet_federation_from_dicom(tmp_path):

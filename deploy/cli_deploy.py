@@ -1,0 +1,225 @@
+"""The deployment commands: provisioning kits, the coordinator's SuperLink, the site agent.
+
+    carefl provision consortium.toml --out kits/
+    carefl coordinator start|stop|status|run|add-site|app-hash
+    carefl site keygen|approve|start
+
+Registered on the main ``carefl`` command by deploy/cli.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from client.errors import SiteError
+from client.site import HEART_DISEASE, SiteConfig
+from deploy import site_agent
+from deploy.approval import app_hash, approve
+from deploy.coordinator import APP_DIR, Coordinator, DeploymentError, running_superlink, stop_background
+from deploy.provision import add_site, load_consortium, provision, write_keygen
+from deploy.runs import check_run_config, console, follow
+
+coordinator_app = typer.Typer(no_args_is_help=True, help="Commands for the consortium's coordinator.")
+
+Kit = typer.Option(..., "--kit", help="Your startup kit folder (from `carefl provision`).")
+StateDir = typer.Option(Path("state"), "--state-dir", help="Coordinator state: SuperLink database, runs, logs.")
+
+
+def provision_cmd(
+    consortium: Path = typer.Argument(..., help="consortium.toml: the coordinator's host names and the sites."),
+    out: Path = typer.Option(Path("kits"), "--out", help="Folder for the kits (one per participant)."),
+) -> None:
+    """Make the consortium CA, the coordinator's certificate, every site's keys, and one kit per participant."""
+    spec = load_consortium(consortium)
+    report = provision(spec, out)
+    console.print(f"{len(report.created)} file(s) written, {len(report.kept)} existing kept (never overwritten)")
+    console.print(f"  {out / 'coordinator'}  → the coordinator")
+    for site in spec.sites:
+        console.print(f"  {out / site.name}  → site {site.name}" + (" (its own key)" if site.public_key else ""))
+    console.print(f"[yellow]{out / 'ca' / 'ca.key'} signs the coordinator's certificate: keep it offline, "
+                  f"it belongs in no kit[/]")
+
+
+# -- coordinator ---------------------------------------------------------------------------------
+
+@coordinator_app.command("start")
+def coordinator_start(
+    kit: Path = Kit,
+    state_dir: Path = StateDir,
+    background: bool = typer.Option(False, "--background", help="Return once it is up (stop with `stop`)."),
+) -> None:
+    """Start the SuperLink (TLS, SuperNode authentication, persistent state) and register the kit's sites."""
+    if running_superlink(state_dir):
+        raise DeploymentError(f"a SuperLink started from {state_dir} is already running")
+    coord = Coordinator(state_dir, kit)
+    link = coord.start()
+    console.print(f"SuperLink up on {coord.listen_host}:{coord.port} (TLS, SuperNode authentication); "
+                  f"sites registered: {', '.join(coord.site_nodes()) or 'none'}; log {coord.state_dir / 'superlink.log'}")
+    if background:
+        coord.procs.clear()  # leave it running; `carefl coordinator stop` stops it by pid
+        return
+    try:
+        code = link.popen.wait()
+        raise DeploymentError(f"SuperLink exited with code {code}; see {coord.state_dir / 'superlink.log'}")
+    finally:
+        coord.stop()
+
+
+@coordinator_app.command("stop")
+def coordinator_stop(state_dir: Path = StateDir) -> None:
+    """Stop a SuperLink started with --background from this state directory."""
+    console.print("stopped" if stop_background(state_dir) else f"no SuperLink of {state_dir} is running")
+
+
+def _running(kit: Path, state_dir: Path) -> Coordinator:
+    info = running_superlink(state_dir)
+    if info is None:
+        raise DeploymentError(f"no SuperLink of {state_dir} is running; `carefl coordinator start --kit {kit} "
+                              f"--state-dir {state_dir} --background` first")
+    return Coordinator(state_dir, kit, port=int(info["port"]))
+
+
+@coordinator_app.command("status")
+def coordinator_status(kit: Path = Kit, state_dir: Path = StateDir) -> None:
+    """Which sites are online, as the SuperLink sees them."""
+    coord = _running(kit, state_dir)
+    by_id = {str(n["node-id"]): n for n in coord.nodes()}
+    table = Table(title="sites", title_justify="left")
+    for col in ("site", "node id", "status", "online since", "offline since"):
+        table.add_column(col)
+    for site, node_id in sorted(coord.site_nodes().items()):
+        node = by_id.get(node_id, {})
+        status = str(node.get("status", "unknown"))
+        colour = {"online": "green", "offline": "red"}.get(status, "yellow")
+        table.add_row(site, node_id, f"[{colour}]{status}[/]", str(node.get("online-at", "–")),
+                      str(node.get("offline-at", "–")))
+    console.print(table)
+
+
+@coordinator_app.command("run")
+def coordinator_run(
+    kit: Path = Kit,
+    state_dir: Path = StateDir,
+    task: str = typer.Option("ehr", help="ehr | seg"),
+    sites: str = typer.Option(..., help="Comma-separated site ids; only these receive work."),
+    rounds: int = typer.Option(5, min=1),
+    strategy: Optional[str] = typer.Option(None, help="fedavg | fedprox | fedadam | fedyogi"),
+    model: Optional[str] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    local_steps: Optional[int] = typer.Option(None),
+    target_epsilon: Optional[float] = typer.Option(None, help="Study ε each site sizes its noise for."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default <state-dir>/runs/<time>-<task>)."),
+) -> None:
+    """Submit a study to the named sites and follow it round by round."""
+    if task not in ("ehr", "seg"):
+        raise SiteError(f"unknown task '{task}'; available: ehr, seg")
+    names = [s.strip() for s in sites.split(",") if s.strip()]
+    coord = _running(kit, state_dir)
+    unknown = [s for s in names if s not in coord.site_nodes()]
+    if unknown:
+        raise DeploymentError(f"site(s) {', '.join(unknown)} are not registered at this coordinator "
+                              f"(known: {', '.join(coord.site_nodes()) or 'none'})")
+    out = (out or coord.state_dir / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{task}").resolve()
+    extra = {"task": task, "sites": ",".join(names), "out-dir": str(out), "min-sites": len(names)}
+    if task == "seg":
+        extra.update({"model": model or "seg-unet3d", "batch-size": 4, "optimizer": "adam", "lr": lr or 2e-3})
+    if target_epsilon is not None:
+        extra["target-epsilon"] = target_epsilon
+    run_config = check_run_config(rounds, strategy, model, lr, local_steps, extra)
+    console.print(f"app sha256:{app_hash(coord.app_dir)} (each site must have approved it)")
+    follow(coord, run_config, out)
+
+
+@coordinator_app.command("add-site")
+def coordinator_add_site(
+    name: str = typer.Argument(..., help="The site's id."),
+    public_key: Path = typer.Argument(..., help="The site's supernode.pub (from `carefl site keygen`)."),
+    kit: Path = Kit,
+    state_dir: Path = StateDir,
+    replace: bool = typer.Option(False, "--replace", help="Rotate: replace the site's existing key."),
+) -> None:
+    """Add a site that made its own key; registered now if the SuperLink runs, else at the next start."""
+    target = add_site(kit, name, public_key, replace)
+    console.print(f"site {name}: key stored in {target}")
+    if running_superlink(state_dir):
+        added = _running(kit, state_dir).register_sites()
+        console.print(f"registered with the running SuperLink: {', '.join(added) or 'already registered'}")
+
+
+@coordinator_app.command("app-hash")
+def coordinator_app_hash(app: Path = typer.Option(APP_DIR, "--app", help="The Flower app folder.")) -> None:
+    """The sha256 of the app the coordinator runs: what sites put in their approval list."""
+    print(app_hash(app))
+
+
+# -- site ----------------------------------------------------------------------------------------
+
+def site_keygen(out: Path = typer.Option(Path("."), "--out", help="Folder for the key files.")) -> None:
+    """Make this site's keys here; send only supernode.pub to the coordinator."""
+    pub = write_keygen(out)
+    console.print(f"keys in {out.resolve()} (private keys 0600; existing ones kept). "
+                  f"Send this public key to the coordinator:")
+    print(pub.decode().strip())
+
+
+def site_approve(
+    target: str = typer.Argument(..., help="A sha256, a .fab file, or a folder holding the app."),
+    config: Path = typer.Option(..., "--config", help="The site's config file (site.toml)."),
+) -> None:
+    """Allow an app version to run at this site (adds its sha256 to [approval] apps)."""
+    digest = app_hash(target)
+    added = approve(config, digest)
+    console.print(f"{'approved' if added else 'already approved'}: sha256:{digest}")
+
+
+def _check_data(site: SiteConfig) -> list[str]:
+    """Every dataset must be readable and have cases to train on; exclusions are reported, not fatal."""
+    from client.imaging.manifest import read_manifest, validate
+
+    problems = []
+    for name, ds in site.datasets.items():
+        try:
+            if ds.manifest is not None:
+                report = validate(read_manifest(ds.manifest), set(ds.labels) or {0, 1}, ds.require_deidentified)
+                if not report.valid:
+                    problems.append(f"dataset {name}: no valid case ({report.summary()}); "
+                                    f"see `carefl site validate --dataset {name}`")
+                elif report.problems:
+                    console.print(f"[yellow]dataset {name}: {report.summary()}[/] (excluded cases are not used)")
+            elif name == HEART_DISEASE:
+                site.load_heart_disease()
+            elif ds.path is not None and not ds.path.exists():
+                problems.append(f"dataset {name}: {ds.path} does not exist")
+        except SiteError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def site_start(
+    kit: Path = Kit,
+    config: Path = typer.Option(..., "--config", help="The site's config file (site.toml)."),
+    coordinator: Optional[str] = typer.Option(None, help="host:port of the coordinator (else [site] coordinator)."),
+    runtime_port: int = typer.Option(9094, help="Local port of the SuperNode's API for its ClientApps."),
+    log_dir: Optional[Path] = typer.Option(None, help="Agent logs and Flower home (default: beside site.toml)."),
+) -> None:
+    """Check config, keys and data, then run the authenticated SuperNode behind the code gate."""
+    with console.status("checking the site config, kit and data …"):
+        agent = site_agent.plan(kit, config, coordinator, runtime_port, check_data=_check_data)
+    if not agent.approved:
+        console.print("[yellow]no app approved yet: every run will be refused until `carefl site approve`[/]")
+    log_dir = (log_dir or agent.config_path.parent / "agent").resolve()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    site_agent.log.addHandler(handler)
+    site_agent.log.setLevel(logging.INFO)
+    site_agent.log.propagate = False
+    console.print(f"site {agent.site.site_id}: connecting to {agent.coordinator} (TLS, key "
+                  f"{agent.kit / 'supernode.key'}), {len(agent.approved)} approved app(s); log {log_dir / 'supernode.log'}")
+    code = site_agent.run(agent, log_dir)
+    raise typer.Exit(code or 1)

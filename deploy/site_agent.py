@@ -1,0 +1,117 @@
+"""The hospital's agent: check config and data, then keep an authenticated, gated SuperNode running.
+
+``carefl site start --kit DIR --config site.toml`` fails fast, before any network traffic, on a
+config, kit or dataset problem (exit 2, one message per problem). It then runs Flower's SuperNode
+behind the site's code gate (deploy/gate.py) with the consortium CA, the site's EC key and a node
+config that carries only the path of site.toml. When the coordinator is down or drops the
+connection, the agent restarts the SuperNode with exponential backoff; when the coordinator refuses
+the site's key, retrying cannot help, so it stops with exit 2 and says what to send to whom.
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from client.errors import SiteError
+from client.site import SiteConfig, load_site_config
+from deploy import processes
+from deploy.approval import ApprovalError, approved_apps
+
+# flower-supernode exits with 1 for every error; the SuperLink's refusal of an unknown key shows in its log
+# as Flower's FLEET_NODE_ACTIVATION_FAILED error.
+KEY_REFUSED_MARK = "Failed to activate SuperNode"
+CONFIG_EXIT = 2  # a problem the site must fix; restarting the agent will not help (systemd: RestartPreventExitStatus)
+log = logging.getLogger("carefl.site")
+
+
+@dataclass(frozen=True)
+class AgentPlan:
+    site: SiteConfig
+    config_path: Path
+    kit: Path
+    coordinator: str
+    approved: set[str]
+    runtime_port: int
+
+    def supernode_argv(self, max_wait: float = 60.0) -> list[str]:
+        node_config = f'site-config="{self.config_path}"'
+        return [sys.executable, "-m", "deploy.gate", str(self.config_path),
+                "--root-certificates", str(self.kit / "ca.crt"), "--superlink", self.coordinator,
+                "--auth-supernode-private-key", str(self.kit / "supernode.key"),
+                "--node-config", node_config, "--port", str(self.runtime_port),
+                "--max-retries", "5", "--max-wait-time", str(int(max_wait))]
+
+
+def plan(kit: Path, config_path: Path, coordinator: str | None = None, runtime_port: int = 9094,
+         check_data=None) -> AgentPlan:
+    """Everything the agent needs, checked; SiteError lists every problem found."""
+    kit, config_path = Path(kit).resolve(), Path(config_path).resolve()
+    problems = []
+    for name in ("ca.crt", "supernode.key"):
+        if not (kit / name).is_file():
+            problems.append(f"kit {kit} has no {name}")
+    key = kit / "supernode.key"
+    if key.is_file() and key.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        problems.append(f"{key} is readable by other users; `chmod 600 {key}`")
+    site = None
+    try:
+        site = load_site_config(config_path)
+    except SiteError as exc:
+        problems.append(str(exc))
+    approved: set[str] = set()
+    try:
+        approved = approved_apps(config_path)
+    except ApprovalError as exc:
+        problems.append(str(exc))
+    address = coordinator or (site.coordinator if site else "")
+    if site is not None and not address:
+        problems.append(f"site config {config_path}: [site] coordinator (host:port) is missing")
+    if site is not None and check_data is not None:
+        problems += check_data(site)
+    if problems:
+        raise SiteError("cannot start the site agent:\n  - " + "\n  - ".join(problems))
+    return AgentPlan(site, config_path, kit, address, approved, runtime_port)
+
+
+def _log_since(path: Path, offset: int) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def run(agent: AgentPlan, log_dir: Path, max_backoff: float = 300.0, attempts: int | None = None) -> int:
+    """Keep the gated SuperNode running; return an exit code when retrying cannot help."""
+    delay, tries = 5.0, 0
+    log_path = log_dir / "supernode.log"
+    while True:
+        tries += 1
+        started = time.monotonic()
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        node = processes.start("supernode", agent.supernode_argv(), processes.flower_env(log_dir / "flwr-home"),
+                               log_path, cwd=log_dir)  # its own group: stopping it stops its ClientApps
+        try:
+            code = node.popen.wait()
+        except BaseException:
+            node.stop()
+            raise
+        if KEY_REFUSED_MARK in _log_since(log_path, offset):
+            log.error("the coordinator at %s does not know this site's key; send %s to the coordinator "
+                      "(`carefl coordinator add-site %s supernode.pub`)", agent.coordinator,
+                      agent.kit / "supernode.pub", agent.site.site_id)
+            return CONFIG_EXIT
+        if time.monotonic() - started > 120:
+            delay = 5.0  # it ran for a while: a new outage, start the backoff again
+        if attempts is not None and tries >= attempts:
+            return code
+        log.warning("SuperNode exited with code %s (coordinator %s unreachable or connection lost; "
+                    "see %s); retrying in %.0f s", code, agent.coordinator, log_path, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, max_backoff)

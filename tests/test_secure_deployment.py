@@ -1,0 +1,224 @@
+"""A consortium stood up from kits on 127.0.0.1 with real processes: TLS, SuperNode authentication,
+site-side code approval, and what happens to whoever does not belong."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from client.heart_disease import centre_file
+from deploy import processes
+from deploy.approval import app_hash, approve
+from deploy.coordinator import Coordinator
+from deploy.provision import load_consortium, provision, write_keygen
+from server.run_dir import read_jsonl
+from tests.helpers import data_dir, default_run_config
+
+SITES = {"site-a": "cleveland", "site-b": "hungarian", "site-c": "va"}  # site-c will not approve the app
+
+
+def _consortium(folder: Path, sites, port: int) -> Path:
+    spec = folder / "consortium.toml"
+    spec.parent.mkdir(parents=True, exist_ok=True)
+    spec.write_text(f'[consortium]\nname = "t"\n[coordinator]\nhosts = ["127.0.0.1"]\nport = {port}\n'
+                    f'listen-host = "127.0.0.1"\n' + "".join(f"[sites.{s}]\n" for s in sites))
+    return spec
+
+
+def _add_dataset(site_toml: Path, centre: str) -> None:
+    """What the site's data scientist does to the kit's template: name the data and a budget."""
+    with site_toml.open("a") as fh:
+        fh.write(f'\n[datasets.heart-disease]\npath = "{centre_file(data_dir(), centre)}"\n'
+                 f'epsilon_budget = 10.0\ndelta = 1e-4\n')
+
+
+def _wait_online(coord: Coordinator, sites: list[str], timeout: float = 120.0) -> None:
+    ids = {coord.site_nodes()[s] for s in sites}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        online = {str(n["node-id"]) for n in coord.nodes() if n.get("status") == "online"}
+        if ids <= online:
+            return
+        time.sleep(1)
+    raise AssertionError(f"sites {sites} not online after {timeout:.0f}s: {coord.nodes()}")
+
+
+def _wait_run(coord: Coordinator, run_id: int, timeout: float = 300.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = coord.run_status(run_id)
+        if status.startswith("finished"):
+            return status
+        time.sleep(2)
+    raise AssertionError(f"run {run_id} still {status} after {timeout:.0f}s")
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory):
+    root = tmp_path_factory.mktemp("consortium")
+    data_dir()
+    kits = root / "kits"
+    provision(load_consortium(_consortium(root, SITES, processes.free_port())), kits)
+    coord = Coordinator(root / "state", kits / "coordinator")
+    agents = []
+    try:
+        coord.start()
+        digest = app_hash(coord.app_dir)
+        for site, centre in SITES.items():
+            _add_dataset(kits / site / "site.toml", centre)
+            if site != "site-c":
+                approve(kits / site / "site.toml", digest)
+            agents.append(processes.start(
+                site, [processes.tool("carefl"), "site", "start", "--kit", str(kits / site), "--config",
+                       str(kits / site / "site.toml"), "--runtime-port", str(processes.free_port())],
+                processes.flower_env(root / site), root / site / "agent.log"))
+        _wait_online(coord, list(SITES))
+        yield {"root": root, "kits": kits, "coord": coord, "digest": digest}
+    finally:
+        for agent in agents:
+            agent.stop()
+        coord.stop()
+
+
+def test_the_superlink_runs_with_tls_node_auth_persistent_state_and_no_runtime_installs(consortium):
+    argv = consortium["coord"].superlink_argv()
+    assert "--enable-supernode-auth" in argv and "--insecure" not in argv
+    assert "--disable-runtime-dependency-installation" in argv
+    assert argv[argv.index("--database") + 1].endswith("superlink.db")
+    assert (consortium["root"] / "state" / "superlink.db").exists()
+    assert set(consortium["coord"].site_nodes()) == set(SITES)
+
+
+def test_unapproved_site_refuses_and_the_round_goes_on_with_the_others(consortium):
+    coord, root = consortium["coord"], consortium["root"]
+    out = root / "run-open"
+    run_id = coord.submit(default_run_config(**{"num-server-rounds": 2, "local-steps": 10, "min-sites": 2,
+                                                "sites": "", "out-dir": str(out)}))
+    assert _wait_run(coord, run_id) == "finished:completed", coord.run_log(run_id)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sites"] == ["site-a", "site-b"] and summary["rounds_completed"] == 2
+    assert {r["site"] for r in read_jsonl(out / "metrics.jsonl")} == {"site-a", "site-b"}
+    # site-c computed nothing and spent nothing; its SuperNode said which app it refused
+    assert not (consortium["kits"] / "site-c" / "privacy-ledger.sqlite").exists()
+    assert not (consortium["kits"] / "site-c" / "cache").exists()
+    log = (consortium["kits"] / "site-c" / "agent" / "supernode.log").read_text()
+    assert f"app sha256:{consortium['digest']} is not approved" in log
+    assert (consortium["kits"] / "site-a" / "privacy-ledger.sqlite").exists()
+
+
+def test_a_run_naming_an_unapproved_site_fails_with_a_clear_message(consortium):
+    coord, root = consortium["coord"], consortium["root"]
+    run_id = coord.submit(default_run_config(**{"num-server-rounds": 1, "local-steps": 5, "round-timeout": 20,
+                                                "sites": "site-a,site-b,site-c", "out-dir": str(root / "run-named")}))
+    assert _wait_run(coord, run_id) == "finished:failed"
+    log = " ".join(coord.run_log(run_id).split())
+    assert "sites site-c did not answer" in log and "site site-c: app sha256:" in log and "not approved" in log
+
+
+def _supernode(root: Path, name: str, args: list[str]) -> tuple[int, str]:
+    """A bare flower-supernode with these connection arguments; its exit code and log."""
+    log = root / f"{name}.log"
+    proc = processes.start(name, [processes.tool("flower-supernode"), *args, "--port", str(processes.free_port()),
+                                  "--max-retries", "2", "--max-wait-time", "10"],
+                           processes.flower_env(root / name), log)
+    try:
+        code = proc.popen.wait(timeout=120)
+    finally:
+        proc.stop()
+    return code, log.read_text()
+
+
+def test_an_unregistered_key_is_refused_and_the_agent_says_what_to_do(consortium):
+    root, kits, coord = consortium["root"], consortium["kits"], consortium["coord"]
+    rogue = root / "rogue"
+    write_keygen(rogue)
+    (rogue / "ca.crt").write_bytes((kits / "site-a" / "ca.crt").read_bytes())
+    config = rogue / "site.toml"
+    config.write_text(f'[site]\nid = "rogue"\ncoordinator = "127.0.0.1:{coord.port}"\n')
+    _add_dataset(config, "switzerland")
+    done = subprocess.run([processes.tool("carefl"), "site", "start", "--kit", str(rogue), "--config", str(config),
+                           "--runtime-port", str(processes.free_port())], capture_output=True, text=True,
+                          env=processes.flower_env(rogue / "home"), timeout=180, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "does not know this site's key" in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert len(coord.nodes()) == len(SITES)  # nobody got in
+
+
+def test_a_site_trusting_another_ca_cannot_connect(consortium, tmp_path):
+    other = tmp_path / "other"
+    provision(load_consortium(_consortium(other, {"site-a": None}, 1)), other / "kits")
+    kits, coord = consortium["kits"], consortium["coord"]
+    code, log = _supernode(tmp_path, "wrong-ca", [
+        "--root-certificates", str(other / "kits" / "site-a" / "ca.crt"), "--superlink", f"127.0.0.1:{coord.port}",
+        "--auth-supernode-private-key", str(kits / "site-a" / "supernode.key")])
+    assert code != 0
+    assert re.search(r"CERTIFICATE_VERIFY_FAILED|certificate verify failed", log), log[-2000:]
+
+
+def test_a_plaintext_client_cannot_connect_to_the_tls_coordinator(consortium, tmp_path):
+    kits, coord = consortium["kits"], consortium["coord"]
+    code, log = _supernode(tmp_path, "plaintext", [
+        "--insecure", "--superlink", f"127.0.0.1:{coord.port}",
+        "--auth-supernode-private-key", str(kits / "site-a" / "supernode.key")])
+    assert code != 0
+    assert "SuperNode ID" not in log  # it never got a node id
+
+
+def _readme_commands(readme: Path) -> list[str]:
+    blocks = re.findall(r"```sh\n(.*?)```", readme.read_text(), flags=re.S)
+    return [line.split("#")[0].strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_a_fresh_user_can_follow_the_kit_readmes_on_two_shells(tmp_path):
+    """Every command of both READMEs, as written, run from the kit folders (one shell each)."""
+    data_dir()
+    kits = tmp_path / "kits"
+    provision(load_consortium(_consortium(tmp_path, ["st-mary"], processes.free_port())), kits)
+    coord_kit, site_kit = kits / "coordinator", kits / "st-mary"
+    env = processes.flower_env(tmp_path / "home")
+
+    def shell(cmd: str, cwd: Path, timeout: float = 300) -> str:
+        argv = shlex.split(cmd)
+        assert argv[0] == "carefl", cmd
+        done = subprocess.run([processes.tool("carefl"), *argv[1:]], cwd=cwd, env={**env, "COLUMNS": "200"},
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, f"{cmd}\n{done.stdout}{done.stderr}"
+        return done.stdout
+
+    coordinator_cmds = _readme_commands(coord_kit / "README.md")
+    site_cmds = _readme_commands(site_kit / "README.md")
+    assert [c.split()[:3] for c in coordinator_cmds] == [
+        ["carefl", "coordinator", "start"], ["carefl", "coordinator", "app-hash"], ["carefl", "coordinator", "status"],
+        ["carefl", "coordinator", "run"], ["carefl", "coordinator", "stop"]]
+    assert [c.split()[:3] for c in site_cmds] == [
+        ["carefl", "site", "validate"], ["carefl", "site", "approve"], ["carefl", "site", "start"]]
+    agent = None
+    try:
+        shell(coordinator_cmds[0], coord_kit)                              # shell 1: start the coordinator
+        digest = shell(coordinator_cmds[1], coord_kit).strip()
+        _add_dataset(site_kit / "site.toml", "cleveland")                  # shell 2: the site describes its data
+        shell(site_cmds[1].replace("HASH_OR_FAB_OR_PATH", digest), site_kit)
+        start = shlex.split(site_cmds[2])
+        agent = processes.start("st-mary", [processes.tool("carefl"), *start[1:]], env, tmp_path / "agent.log",
+                                cwd=site_kit)
+        coord = Coordinator(coord_kit / "state", coord_kit)
+        _wait_online(coord, ["st-mary"])
+        assert "online" in shell(coordinator_cmds[2], coord_kit)           # shell 1: status, then a run
+        out = shell(coordinator_cmds[3] + " --local-steps 5", coord_kit, timeout=400)
+        assert "mean over centres" in out and f"app sha256:{digest}" in out
+        summary = json.loads(next((coord_kit / "state" / "runs").glob("*/summary.json")).read_text())
+        assert summary["sites"] == ["st-mary"] and summary["rounds_completed"] == 3
+    finally:
+        if agent is not None:
+            agent.stop()
+        stop = subprocess.run([processes.tool("carefl"), *shlex.split(coordinator_cmds[4])[1:]], cwd=coord_kit,
+                              env=env, capture_output=True, text=True, timeout=60)
+    assert stop.returncode == 0 and "stopped" in stop.stdout
+    assert not (coord_kit / "state" / "superlink.json").exists()
