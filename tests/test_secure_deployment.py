@@ -222,3 +222,51 @@ def test_a_fresh_user_can_follow_the_kit_readmes_on_two_shells(tmp_path):
                               env=env, capture_output=True, text=True, timeout=60)
     assert stop.returncode == 0 and "stopped" in stop.stdout
     assert not (coord_kit / "state" / "superlink.json").exists()
+
+
+def test_a_self_keyed_site_is_added_and_its_agent_waits_out_a_coordinator_outage(tmp_path):
+    """keygen at the site → add-site at the running coordinator → coordinator down → agent started →
+    coordinator back (its database still knows the key) → the agent connects without help."""
+    data_dir()
+    kits = tmp_path / "kits"
+    provision(load_consortium(_consortium(tmp_path, ["st-a"], processes.free_port())), kits)
+    coord_kit, own = kits / "coordinator", tmp_path / "st-b"
+    env = processes.flower_env(tmp_path / "home")
+
+    def carefl(*args: str) -> str:
+        done = subprocess.run([processes.tool("carefl"), *args], env={**env, "COLUMNS": "200"}, capture_output=True,
+                              text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, f"{args}\n{done.stdout}{done.stderr}"
+        return done.stdout
+
+    state = ["--kit", str(coord_kit), "--state-dir", str(tmp_path / "state")]
+    agent = None
+    try:
+        pub = carefl("site", "keygen", "--out", str(own)).strip().splitlines()[-1]
+        assert pub.startswith("ecdsa-sha2-nistp384 ")
+        carefl("coordinator", "start", *state, "--background")
+        assert "registered with the running SuperLink: st-b" in " ".join(
+            carefl("coordinator", "add-site", "st-b", str(own / "supernode.pub"), *state).split())
+        carefl("coordinator", "stop", "--state-dir", str(tmp_path / "state"))
+
+        (own / "ca.crt").write_bytes((coord_kit / "ca.crt").read_bytes())
+        config = own / "site.toml"
+        coordinator = Coordinator(tmp_path / "state", coord_kit)
+        config.write_text(f'[site]\nid = "st-b"\ncoordinator = "127.0.0.1:{coordinator.port}"\n')
+        _add_dataset(config, "hungarian")
+        agent = processes.start("st-b", [processes.tool("carefl"), "site", "start", "--kit", str(own), "--config",
+                                         str(config), "--runtime-port", str(processes.free_port())],
+                                env, tmp_path / "agent.log")
+        # the coordinator is down: Flower's SuperNode retries, gives up, and the agent restarts it with backoff
+        deadline = time.monotonic() + 150
+        while "retrying in" not in (tmp_path / "agent.log").read_text() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert agent.alive() and "retrying in" in (tmp_path / "agent.log").read_text()
+        assert "Connection attempt failed" in (own / "agent" / "supernode.log").read_text()
+        carefl("coordinator", "start", *state, "--background")
+        _wait_online(coordinator, ["st-b"], timeout=240)
+    finally:
+        if agent is not None:
+            agent.stop()
+        subprocess.run([processes.tool("carefl"), "coordinator", "stop", "--state-dir", str(tmp_path / "state")],
+                       env=env, capture_output=True, timeout=60)
