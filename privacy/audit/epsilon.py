@@ -1,0 +1,358 @@
+"""The auditor's own ε: recomputed from the logged (σ, q, steps) with Google's dp-accounting.
+
+The site computes ε with Opacus (privacy/accounting.py); the auditor must not trust that code, so
+ε is recomputed here with an independent implementation and compared with what the site logged:
+
+- sites whose accountant is ``prv`` → dp-accounting's privacy-loss-distribution (PLD) accountant,
+  which, like PRV, is numerically tight. Opacus's PRV reports an *upper* bound, the estimate at
+  δ − δ/1000 plus its ε error of 0.01 (``PRVAccountant.get_epsilon`` defaults); the counterpart
+  compared with it is therefore PLD ε at δ·(1 − 1/1000) + 0.01. Without that margin every ε below
+  1 would differ by more than 1%.
+- sites whose accountant is ``rdp`` → dp-accounting's RDP accountant over the orders Opacus's RDP
+  accountant uses (1.1 … 10.9 and 12 … 63). At fractional orders dp-accounting 0.6 over-estimates
+  the RDP of the subsampled Gaussian (it adds the absolute values of an alternating series) or
+  drops the order, so its ε can be larger than Opacus's exact one; see docs/AUDIT.md.
+
+A logged ε more than 1% away from its counterpart is flagged. It is an error when it is below the
+tight PLD ε (the site claims less privacy loss than its own logged parameters give) or above the
+counterpart (the ledger charged more than the logged rounds explain: rounds missing from the log?);
+in between it is a warning: the logged ε is still a valid bound, and the gap comes from the
+looseness of one of the two accountants, which the finding names.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Iterable
+
+import numpy as np
+
+import dp_accounting
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
+from dp_accounting.rdp import RdpAccountant, compute_epsilon as rdp_to_epsilon
+
+TOLERANCE = 0.01                 # relative difference allowed between the logged and the recomputed ε
+PLD_DISCRETIZATION = 1e-3        # value discretization interval of the PLDs (measured in docs/AUDIT.md) …
+PLD_MAX_DISCRETIZATION = 1e-2    # … coarsened up to this for histories with ε far above 20 (discretization())
+PRV_EPS_ERROR = 0.01             # Opacus PRVAccountant.get_epsilon(eps_error=0.01) adds this to its estimate
+PRV_DELTA_ERROR = 1e-3           # … at δ − δ·1e-3 (its default delta_error = δ/1000)
+RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))  # the orders Opacus's RDP uses
+BUDGET_SLACK = 1e-9              # relative slack of the budget check (float noise only)
+
+Step = tuple[float, float, int]
+
+
+@lru_cache(maxsize=512)
+def _round_pld(sigma: float, q: float, steps: int, interval: float):
+    """PLD of ``steps`` Poisson-sampled Gaussian steps (add-or-remove-one, pessimistic)."""
+    return _step_pld(sigma, q, interval).self_compose(steps)
+
+
+@lru_cache(maxsize=128)
+def _step_pld(sigma: float, q: float, interval: float):
+    return pld_lib.from_gaussian_mechanism(standard_deviation=sigma, sampling_prob=q,
+                                           value_discretization_interval=interval, pessimistic_estimate=True)
+
+
+def discretization(history: Iterable[Step], delta: float) -> float:
+    """PLD_DISCRETIZATION, coarsened for histories whose total ε is far beyond any budget.
+
+    The PLD's cost grows with ε / interval and its error is roughly a constant times the interval,
+    so above ε = 20 (estimated by RDP, an upper bound) the interval grows with ε: the relative
+    error stays as small while a 50-round, ε ≈ 90 history still takes well under a second.
+    """
+    rdp = np.zeros(len(RDP_ORDERS))
+    for sigma, q, steps in history:
+        if sigma <= 0:
+            continue
+        rdp = rdp + steps * _step_rdp(sigma, q)
+    if not rdp.any():
+        return PLD_DISCRETIZATION
+    eps = float(rdp_to_epsilon(list(RDP_ORDERS), list(rdp), delta)[0])
+    return float(min(PLD_MAX_DISCRETIZATION, max(PLD_DISCRETIZATION, PLD_DISCRETIZATION * eps / 20.0)))
+
+
+@lru_cache(maxsize=128)
+def _step_rdp(sigma: float, q: float) -> np.ndarray:
+    """RDP at RDP_ORDERS of one step, by dp-accounting's RdpAccountant (composition is a sum)."""
+    acc = RdpAccountant(list(RDP_ORDERS))
+    logger = logging.getLogger("absl")  # dp-accounting logs through absl
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # "failed to converge … excluding this order": expected, documented
+    try:
+        acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)))
+    finally:
+        logger.setLevel(level)
+    rdp = getattr(acc, "_rdp", None)
+    if rdp is None:  # pragma: no cover - dp-accounting moved its state; pinned <0.7 in pyproject
+        raise RuntimeError("dp_accounting.rdp.RdpAccountant has no _rdp; pin dp-accounting 0.6")
+    out = np.array(rdp, dtype=np.float64)
+    out.setflags(write=False)
+    return out
+
+
+def _valid(sigma: float, q: float, steps: int) -> bool:
+    return sigma > 0 and 0 < q <= 1 and steps >= 0
+
+
+class Composition:
+    """One dataset's history, composed incrementally by both dp-accounting accountants (lazily)."""
+
+    def __init__(self, interval: float = PLD_DISCRETIZATION) -> None:
+        self.interval = interval
+        self.history: list[Step] = []
+        self.unbounded = False          # a step without noise: ε = ∞ from then on (as the ledger)
+        self._pld = None
+        self._pld_len = 0
+        self._rdp = np.zeros(len(RDP_ORDERS))
+        self._rdp_len = 0
+        self._memo: dict[tuple, float] = {}
+
+    def add(self, sigma: float, q: float, steps: int) -> None:
+        if sigma <= 0:
+            self.unbounded = True
+        elif steps > 0:
+            self.history.append((float(sigma), float(q), int(steps)))
+
+    @property
+    def empty(self) -> bool:
+        return not self.history and not self.unbounded
+
+    def pld_epsilon(self, delta: float) -> float:
+        """Tight ε at ``delta`` (PLD, pessimistic discretisation)."""
+        if self.unbounded:
+            return math.inf
+        if not self.history:
+            return 0.0
+        key = ("pld", len(self.history), delta)
+        if key in self._memo:
+            return self._memo[key]
+        for sigma, q, steps in self.history[self._pld_len:]:
+            step = _round_pld(sigma, q, steps, self.interval)
+            self._pld = step if self._pld is None else self._pld.compose(step)
+        self._pld_len = len(self.history)
+        self._memo[key] = max(float(self._pld.get_epsilon_for_delta(delta)), 0.0)
+        return self._memo[key]
+
+    def rdp_epsilon(self, delta: float) -> float:
+        if self.unbounded:
+            return math.inf
+        if not self.history:
+            return 0.0
+        for sigma, q, steps in self.history[self._rdp_len:]:
+            self._rdp = self._rdp + steps * _step_rdp(sigma, q)
+        self._rdp_len = len(self.history)
+        return float(rdp_to_epsilon(list(RDP_ORDERS), list(self._rdp), delta)[0])
+
+    def counterpart(self, accountant: str, delta: float) -> float:
+        """The number the site's Opacus accountant should have reported, computed by dp-accounting."""
+        if self.unbounded:
+            return math.inf
+        if not self.history:
+            return 0.0
+        if accountant == "prv":
+            return self.pld_epsilon(delta * (1 - PRV_DELTA_ERROR)) + PRV_EPS_ERROR
+        if accountant == "rdp":
+            return self.rdp_epsilon(delta)
+        raise ValueError(f"unknown accountant {accountant!r} (prv or rdp)")
+
+
+def epsilon(history: Iterable[Step], delta: float, accountant: str = "pld") -> float:
+    """ε of a (σ, q, steps) history at ``delta``: "pld" (tight), "rdp", or the counterpart of the
+    site's "prv"/"rdp" as compared by the verifier ("prv" = PLD at δ(1−1e-3) + 0.01)."""
+    history = list(history)
+    for sigma, q, steps in history:
+        if not _valid(sigma, q, steps) and sigma > 0:
+            raise ValueError(f"invalid step (σ={sigma}, q={q}, steps={steps})")
+    comp = Composition(discretization(history, delta))
+    for sigma, q, steps in history:
+        comp.add(sigma, q, steps)
+    if accountant == "pld":
+        return comp.pld_epsilon(delta)
+    return comp.counterpart(accountant, delta)
+
+
+@dataclass
+class RoundEpsilon:
+    """One ``dp-round`` record, what it logged and what the auditor recomputes."""
+    seq: int
+    time: str
+    run_id: str
+    round: int | None
+    dataset: str
+    dp: bool
+    accountant: str
+    delta: float | None
+    sigma: float | None
+    sample_rate: float | None
+    steps: int | None
+    budget: float | None
+    logged_before: float | None
+    logged_after: float | None
+    recomputed_before: float | None = None
+    recomputed_after: float | None = None   # the dp-accounting counterpart (see module doc)
+    tight_after: float | None = None        # PLD ε, when it was needed to judge a difference
+    rel_diff: float | None = None           # (logged − recomputed) / recomputed
+    charged: bool = True                    # False: a repeat of a (run, round) already charged
+    status: str = "ok"                      # ok | warning | error | n/a (non-DP round)
+    message: str = ""
+
+    def to_dict(self) -> dict:
+        return {k: _num(v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class DatasetEpsilon:
+    dataset: str
+    rounds: list[RoundEpsilon] = field(default_factory=list)
+
+    @property
+    def dp_rounds(self) -> list[RoundEpsilon]:
+        return [r for r in self.rounds if r.dp]
+
+    @property
+    def non_dp_rounds(self) -> int:
+        return sum(1 for r in self.rounds if not r.dp)
+
+    @property
+    def max_rel_diff(self) -> float | None:
+        diffs = [abs(r.rel_diff) for r in self.rounds if r.rel_diff is not None and math.isfinite(r.rel_diff)]
+        return max(diffs) if diffs else None
+
+    @property
+    def last(self) -> RoundEpsilon | None:
+        return self.rounds[-1] if self.rounds else None
+
+    @property
+    def runs(self) -> list[str]:
+        return list(dict.fromkeys(r.run_id for r in self.rounds))
+
+    def to_dict(self) -> dict:
+        last = self.last
+        return {"dataset": self.dataset, "rounds": len(self.rounds), "dp_rounds": len(self.dp_rounds),
+                "non_dp_rounds": self.non_dp_rounds, "runs": self.runs,
+                "accountant": last.accountant if last else None, "delta": _num(last.delta) if last else None,
+                "budget": _num(last.budget) if last else None,
+                "logged_epsilon": _num(last.logged_after) if last else None,
+                "recomputed_epsilon": _num(last.recomputed_after) if last else None,
+                "max_rel_diff": _num(self.max_rel_diff),
+                "per_round": [r.to_dict() for r in self.rounds]}
+
+
+def _num(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def _float(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def recompute(records: Iterable[dict]) -> dict[str, DatasetEpsilon]:
+    """Per dataset, every ``dp-round`` with the logged and the recomputed cumulative ε."""
+    rounds = [rec for rec in records if rec.get("event") == "dp-round"]
+    plans: dict[str, tuple[list[Step], float]] = {}
+    for rec in rounds:  # first pass: each dataset's PLD interval, from an RDP estimate of its total ε
+        p = rec["payload"]
+        sigma, q, steps, delta = (_float(p.get("noise_multiplier")), _float(p.get("sample_rate")),
+                                  p.get("steps"), _float(p.get("delta")))
+        if p.get("dp") is True and sigma is not None and q is not None and type(steps) is int \
+                and _valid(sigma, q, steps) and delta is not None and 0 < delta < 1:
+            history, smallest = plans.setdefault(str(p.get("dataset")), ([], delta))
+            history.append((sigma, q, steps))
+            plans[str(p.get("dataset"))] = (history, min(smallest, delta))
+    tables: dict[str, DatasetEpsilon] = {}
+    state: dict[str, Composition] = {}
+    charged: dict[str, set] = {}
+    for rec in rounds:
+        p = rec["payload"]
+        dataset = str(p.get("dataset"))
+        table = tables.setdefault(dataset, DatasetEpsilon(dataset))
+        if dataset not in state:
+            state[dataset] = Composition(discretization(*plans[dataset]) if dataset in plans else PLD_DISCRETIZATION)
+        comp = state[dataset]
+        row = RoundEpsilon(
+            seq=rec["seq"], time=rec["time"], run_id=str(p.get("run_id")), round=p.get("round"), dataset=dataset,
+            dp=p.get("dp") is True, accountant=str(p.get("accountant")), delta=_float(p.get("delta")),
+            sigma=_float(p.get("noise_multiplier")), sample_rate=_float(p.get("sample_rate")),
+            steps=p.get("steps") if type(p.get("steps")) is int else None, budget=_float(p.get("epsilon_budget")),
+            logged_before=_float(p.get("epsilon_before")), logged_after=_float(p.get("epsilon_after")))
+        table.rounds.append(row)
+        if not row.dp:
+            comp.unbounded = True  # the ledger records a non-DP round with σ = 0: ε is unbounded after it
+            row.status, row.message = "n/a", "non-DP round (dp = false): the dataset's ε is unbounded from here"
+            continue
+        problem = _check_parameters(row)
+        if problem:
+            row.status, row.message = "error", problem
+            continue
+        row.recomputed_before = comp.counterpart(row.accountant, row.delta)
+        key = (row.run_id, row.round)
+        if key in charged.setdefault(dataset, set()):
+            row.charged = False  # the ledger never charges a (run, round) twice; neither do we
+        else:
+            charged[dataset].add(key)
+            comp.add(row.sigma, row.sample_rate, row.steps)
+        _judge(row, comp)
+    return tables
+
+
+def _check_parameters(row: RoundEpsilon) -> str:
+    if row.accountant not in ("prv", "rdp"):
+        return f"unknown accountant {row.accountant!r}: ε cannot be recomputed"
+    if row.delta is None or not 0 < row.delta < 1:
+        return f"δ={row.delta} is not in (0, 1): ε cannot be recomputed"
+    if row.sigma is None or row.sample_rate is None or row.steps is None:
+        return "noise_multiplier, sample_rate or steps missing: ε cannot be recomputed"
+    if not _valid(row.sigma, row.sample_rate, row.steps):
+        return (f"invalid DP parameters for a DP round (σ={row.sigma:g}, q={row.sample_rate:g}, "
+                f"steps={row.steps})")
+    return ""
+
+
+def _judge(row: RoundEpsilon, comp: Composition) -> None:
+    expected = comp.counterpart(row.accountant, row.delta)
+    row.recomputed_after = expected
+    logged = row.logged_after
+    name = {"prv": "PLD (+ PRV's 0.01 margin)", "rdp": "RDP"}[row.accountant]
+    at = f"at δ={row.delta:g}"
+    if math.isinf(expected):
+        if logged is None or math.isinf(logged):
+            return
+        row.status, row.message = "error", (f"logged ε={logged:.6g} {at} but an earlier round of this dataset "
+                                            f"had no noise: its ε is unbounded")
+        return
+    if logged is None:
+        row.status, row.message = "error", f"ε after the round is missing (recomputed {expected:.6g} {at})"
+        return
+    row.rel_diff = (logged - expected) / expected if expected > 0 else (0.0 if abs(logged) < 1e-12 else math.inf)
+    if abs(row.rel_diff) <= TOLERANCE:
+        return
+    tight = comp.pld_epsilon(row.delta)
+    row.tight_after = tight
+    diff = f"logged ε={logged:.6g} {at} differs by {100 * row.rel_diff:+.2f}% from dp-accounting's {name} {expected:.6g}"
+    if logged < tight * (1 - TOLERANCE):
+        row.status = "error"
+        row.message = (f"{diff}; it is below even the tight PLD ε {tight:.6g}: the logged ε does not bound the "
+                       f"privacy loss of the logged σ, q and steps")
+    elif logged > expected * (1 + TOLERANCE):
+        row.status = "error"
+        before = ""
+        if row.logged_before is not None and row.recomputed_before is not None \
+                and row.logged_before > row.recomputed_before * (1 + TOLERANCE) + 1e-12:
+            before = (f" (already before this round it logged ε={row.logged_before:.6g} where the earlier rounds "
+                      f"in this log add up to {row.recomputed_before:.6g})")
+        row.message = (f"{diff}; it is more than the logged rounds of this dataset add up to{before}: the ledger "
+                       f"charged rounds (or parameters) that are not in this log")
+    else:
+        row.status = "warning"
+        loose = ("dp-accounting 0.6's RDP is looser than Opacus's at fractional orders (it sums the absolute "
+                 "values of an alternating series)" if row.accountant == "rdp" else
+                 "the site's PRV number is below its own reporting margin")
+        row.message = (f"{diff}, but it is above the tight PLD ε {tight:.6g}, so it is still a valid bound: {loose}")
