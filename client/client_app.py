@@ -13,6 +13,7 @@ import math
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import audit as audit_mod
 from client import training
 from client.errors import SiteError
 from client.site import DatasetConfig, site_from_configs
@@ -33,25 +34,34 @@ CODE_INTERNAL = 4003       # unexpected failure; details stay in the site's own 
 CODE_PRIVACY = 4004        # refused by the site's privacy policy or budget
 
 
+def _error(msg: Message, audit, code: int, reason: str) -> Message:
+    audit_mod.log_refusal(audit, msg, code, reason)
+    return Message(Error(code, reason), reply_to=msg)
+
+
 def replies_with_errors(handler):
-    """Turn failures into error replies whose reason is safe to send to the coordinator."""
+    """Turn failures into error replies whose reason is safe to send to the coordinator, and log
+    every reply and refusal to the site's audit log (the reply then carries the log's signed head)."""
 
     @functools.wraps(handler)
     def wrapped(msg: Message, context: Context) -> Message:
         try:
-            return handler(msg, context)
+            audit = audit_mod.open_log(site_from_configs(context.node_config, context.run_config), context.node_config)
+        except SiteError:
+            audit = None  # the handler meets the same problem and replies with it
+        try:
+            return audit_mod.log_reply(audit, msg, handler(msg, context, audit))
         except (RequestRefused, BudgetExceeded, AlreadyCharged, LedgerError) as exc:
             log.warning("refused %s: %s", msg.metadata.message_type, exc)
-            return Message(Error(CODE_PRIVACY, f"refused by site privacy policy: {exc}"), reply_to=msg)
+            return _error(msg, audit, CODE_PRIVACY, f"refused by site privacy policy: {exc}")
         except SiteError as exc:  # details (paths, lines) stay in the site's log: a path can identify
             log.warning("site error handling %s: %s", msg.metadata.message_type, exc)
-            return Message(Error(CODE_SITE_ERROR, f"site error: {exc.public}; details are in the site's log"),
-                           reply_to=msg)
+            return _error(msg, audit, CODE_SITE_ERROR, f"site error: {exc.public}; details are in the site's log")
         except (ValueError, KeyError, TypeError) as exc:
-            return Message(Error(CODE_BAD_REQUEST, f"refused: {exc}"), reply_to=msg)
+            return _error(msg, audit, CODE_BAD_REQUEST, f"refused: {exc}")
         except Exception:  # noqa: BLE001 - the details may carry data; keep them local
             log.exception("unexpected failure handling %s", msg.metadata.message_type)
-            return Message(Error(CODE_INTERNAL, "internal error at the site; see the site's log"), reply_to=msg)
+            return _error(msg, audit, CODE_INTERNAL, "internal error at the site; see the site's log")
 
     return wrapped
 
@@ -73,9 +83,12 @@ def _site_task(context: Context):
 
 @app.query()
 @replies_with_errors
-def query(msg: Message, context: Context) -> Message:
+def query(msg: Message, context: Context, audit) -> Message:
     """Identity and capabilities: site id, task, models; counts only, no data statistics."""
     site, task = _site_task(context)
+    if audit is not None and task.excluded:
+        audit.append("data-exclusions", {"run_id": str(context.run_id), "dataset": task.dataset.name,
+                                         "excluded": int(task.excluded), "reasons": task.exclusion_reasons()})
     task_name = str(context.run_config.get("task", "ehr"))
     info = ConfigRecord({"site-id": site.site_id, "task": task_name, "dataset": task.dataset.name,
                          "models": model_names(task_name)})
@@ -106,7 +119,7 @@ def _noise_multiplier(config, context: Context, dataset: DatasetConfig, n: int) 
 
 @app.train()
 @replies_with_errors
-def train(msg: Message, context: Context) -> Message:
+def train(msg: Message, context: Context, audit) -> Message:
     """Check the request against the site's policy, charge the ledger, then train (DP-SGD by default).
 
     The budget is charged before training, in one transaction with its check: a refused round
@@ -129,6 +142,15 @@ def train(msg: Message, context: Context) -> Message:
         noise_multiplier=dp.noise_multiplier if dp.enabled else 0.0, clip_norm=dp.clip_norm, sample_rate=q,
         steps=training.planned_steps(settings, n), delta=delta,
         budget=dataset.policy.epsilon_budget if dp.enabled else math.inf, accountant=dataset.policy.accountant)
+    if audit is not None:
+        budget = dataset.policy.epsilon_budget if dp.enabled else math.inf
+        audit.append("dp-round", {
+            "run_id": str(context.run_id), "round": int(config["server-round"]), "dataset": dataset.name,
+            "dataset_fingerprint": task.fingerprint(), "dp": dp.enabled,
+            "noise_multiplier": dp.noise_multiplier if dp.enabled else 0.0, "clip_norm": dp.clip_norm,
+            "sample_rate": q, "steps": training.planned_steps(settings, n), "accountant": dataset.policy.accountant,
+            "delta": delta, "epsilon_before": charge.epsilon_before, "epsilon_after": charge.epsilon_after,
+            "epsilon_budget": budget, "budget_left": budget - charge.epsilon_after, "n": n})
     if not dp.enabled:
         log.warning("NON-DP ROUND on dataset '%s' (allow_non_dp = true): its ε is now unbounded", dataset.name)
     metrics = task.train(model, settings, device_for(site), dp, site.max_physical_batch)
@@ -146,7 +168,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 @replies_with_errors
-def evaluate(msg: Message, context: Context) -> Message:
+def evaluate(msg: Message, context: Context, audit) -> Message:
     site, task = _site_task(context)
     model = _model_from(msg, task.model_kwargs)
     report = task.evaluate(model, device_for(site))

@@ -8,6 +8,7 @@ The file belongs to the hospital; the coordinator never sees or sets it::
     coordinator = "fl.example.org:443"    # where the site agent connects (deployment)
     device = "auto"                       # "cpu", "cuda", "cuda:1"; auto = cuda when present
     ledger = "privacy-ledger.sqlite"      # relative to this file
+    audit_log = "audit.jsonl"             # signed, hash-chained audit log (docs/AUDIT.md)
     max_physical_batch = 256              # larger DP batches are split in memory (BatchMemoryManager)
     cache = "cache"                       # preprocessed imaging cases, keyed by content hash
 
@@ -77,6 +78,7 @@ class SiteConfig:
     device: str = "auto"
     max_physical_batch: int = 256
     coordinator: str = ""  # host:port the site agent dials (deployment only)
+    audit_log: Path | None = None  # the site's signed audit log (docs/AUDIT.md); None in simulation
 
     def dataset(self, name: str) -> DatasetConfig:
         if name not in self.datasets:
@@ -140,6 +142,7 @@ def load_site_config(path: Path) -> SiteConfig:
         device=str(site.get("device", "auto")),
         max_physical_batch=int(site.get("max_physical_batch", 256)),
         coordinator=str(site.get("coordinator", "")),
+        audit_log=(path.parent / str(site.get("audit_log", "audit.jsonl"))).resolve(),
     )
 
 

@@ -20,11 +20,12 @@ from client.data_dir import resolve_data_dir
 from client.errors import SiteError
 from client.site import load_site_config, write_site_config
 from privacy.accounting import ACCOUNTANTS, epsilon, plan_noise, sample_rate
+from privacy.audit.verify import AuditError
 from privacy.ledger import LedgerError, PrivacyLedger
 from privacy.policy import PolicyError, default_delta
 from rich.table import Table
 from server.run_dir import json_safe
-from deploy import cli_deploy
+from deploy import cli_audit, cli_deploy
 from deploy.approval import ApprovalError
 from deploy.coordinator import DeploymentError
 from deploy.provision import ProvisionError
@@ -41,13 +42,14 @@ app.add_typer(privacy_app, name="privacy")
 site_app = typer.Typer(no_args_is_help=True, help="Commands for a hospital site.")
 app.add_typer(site_app, name="site")
 app.add_typer(cli_deploy.coordinator_app, name="coordinator")
+app.add_typer(cli_audit.audit_app, name="audit")
 app.command("provision")(cli_deploy.provision_cmd)
 site_app.command("keygen")(cli_deploy.site_keygen)
 site_app.command("approve")(cli_deploy.site_approve)
 site_app.command("start")(cli_deploy.site_start)
 
 USER_ERRORS = (SiteError, DeploymentError, RunConfigError, SiteSelectionError, LedgerError, PolicyError,
-               ProvisionError, ApprovalError)
+               ProvisionError, ApprovalError, AuditError)
 
 DataDir = typer.Option(None, "--data-dir", help="Data directory (else $CAREFL_DATA, else ~/.cache/carefl).")
 

@@ -107,8 +107,10 @@ def coordinator_run(
     kit: Path = Kit,
     state_dir: Path = StateDir,
     task: str = typer.Option("ehr", help="ehr | seg"),
-    sites: str = typer.Option(..., help="Comma-separated site ids; only these receive work."),
+    sites: Optional[str] = typer.Option(None, help="Comma-separated site ids; only these receive work."),
     rounds: int = typer.Option(5, min=1),
+    min_sites: Optional[int] = typer.Option(None, min=1, help="Sites a round needs (default: all named)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its checkpoint."),
     strategy: Optional[str] = typer.Option(None, help="fedavg | fedprox | fedadam | fedyogi"),
     model: Optional[str] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),
@@ -116,17 +118,29 @@ def coordinator_run(
     target_epsilon: Optional[float] = typer.Option(None, help="Study ε each site sizes its noise for."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default <state-dir>/runs/<time>-<task>)."),
 ) -> None:
-    """Submit a study to the named sites and follow it round by round."""
+    """Submit a study to the named sites and follow it round by round (or resume one after a crash)."""
+    coord = _running(kit, state_dir)
+    if resume is not None:
+        from server.checkpoint import CheckpointError, load
+        try:
+            saved = load(resume.resolve()).run_config
+        except CheckpointError as exc:
+            raise DeploymentError(str(exc)) from None
+        console.print(f"resuming {resume} (app sha256:{app_hash(coord.app_dir)})")
+        follow(coord, {**saved, "resume-from": str(resume.resolve()), "out-dir": str(resume.resolve())},
+               resume.resolve())
+        return
     if task not in ("ehr", "seg"):
         raise SiteError(f"unknown task '{task}'; available: ehr, seg")
+    if not sites:
+        raise SiteError("name the sites of the study with --sites a,b,c")
     names = [s.strip() for s in sites.split(",") if s.strip()]
-    coord = _running(kit, state_dir)
     unknown = [s for s in names if s not in coord.site_nodes()]
     if unknown:
         raise DeploymentError(f"site(s) {', '.join(unknown)} are not registered at this coordinator "
                               f"(known: {', '.join(coord.site_nodes()) or 'none'})")
     out = (out or coord.state_dir / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{task}").resolve()
-    extra = {"task": task, "sites": ",".join(names), "out-dir": str(out), "min-sites": len(names)}
+    extra = {"task": task, "sites": ",".join(names), "out-dir": str(out), "min-sites": min_sites or len(names)}
     if task == "seg":
         extra.update({"model": model or "seg-unet3d", "batch-size": 4, "optimizer": "adam", "lr": lr or 2e-3})
     if target_epsilon is not None:
@@ -207,10 +221,13 @@ def site_start(
     coordinator: Optional[str] = typer.Option(None, help="host:port of the coordinator (else [site] coordinator)."),
     runtime_port: int = typer.Option(9094, help="Local port of the SuperNode's API for its ClientApps."),
     log_dir: Optional[Path] = typer.Option(None, help="Agent logs and Flower home (default: beside site.toml)."),
+    refusal_patience: float = typer.Option(150.0, min=0, help="Seconds of refused activation before giving up "
+                                           "(a restarted site is refused until the coordinator sees it offline)."),
 ) -> None:
     """Check config, keys and data, then run the authenticated SuperNode behind the code gate."""
     with console.status("checking the site config, kit and data …"):
-        agent = site_agent.plan(kit, config, coordinator, runtime_port, check_data=_check_data)
+        agent = site_agent.plan(kit, config, coordinator, runtime_port, check_data=_check_data,
+                                refusal_patience=refusal_patience)
     if not agent.approved:
         console.print("[yellow]no app approved yet: every run will be refused until `carefl site approve`[/]")
     log_dir = (log_dir or agent.config_path.parent / "agent").resolve()

@@ -179,6 +179,9 @@ class Coordinator:
 
     def submit(self, run_config: dict, simulated_sites: int = 0) -> int:
         """``flwr run`` the app with these run-config overrides; return the run id."""
+        if not self.simulation:  # one signed audit log per coordinator, across runs (docs/AUDIT.md)
+            run_config = {"audit-log": str(self.state_dir / "audit.jsonl"),
+                          "audit-key": str(self.kit / "audit-signing.key"), **run_config}
         overrides = self.state_dir / f"run-config-{time.time_ns()}.toml"
         overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
         args = ["run", str(self.app_dir), CONNECTION, "--run-config", str(overrides)]

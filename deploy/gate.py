@@ -69,10 +69,15 @@ def _site_id(site_config: Path) -> str:
         return "?"
 
 
-def install(site_config: Path) -> None:
-    """Wrap Flower's message intake in the approval check (in this process only)."""
+def install(site_config: Path, audit=None) -> None:
+    """Wrap Flower's message intake in the approval check (in this process only).
+
+    ``audit``: the site's AuditLog; every message is logged with the app hash and the decision.
+    """
     sci, original = check_seam()
     from flwr.app import Error, Message
+
+    from client.audit import log_refusal, message_fields
 
     def gated(state, object_store, node_config, receive, get_run, get_fab, pull_object,
               confirm_message_received, trusted_entities):
@@ -83,6 +88,9 @@ def install(site_config: Path) -> None:
         run_id = message.metadata.run_id
         run = state.get_run(run_id) or get_run(run_id)
         reason = refusal_reason(site_config, run.fab_hash)
+        if audit is not None:
+            audit.append("message", {**message_fields(message), "app_sha256": run.fab_hash,
+                                     "approved": reason is None})
         if reason is None:
             def get_checked_fab(fab_hash: str, rid: int):
                 fab = get_fab(fab_hash, rid)
@@ -95,6 +103,7 @@ def install(site_config: Path) -> None:
             except FabMismatch:
                 reason = f"the FAB served for app sha256:{run.fab_hash} does not have that hash"
         log.warning("refused %s message of run %s: %s", message.metadata.message_type, run_id, reason)
+        log_refusal(audit, message, NOT_APPROVED, reason)
         sci._insert_message(Message(Error(NOT_APPROVED, reason), reply_to=message), state, object_store)
         return run_id
 
@@ -104,13 +113,20 @@ def install(site_config: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        sys.exit("usage: python -m deploy.gate SITE_TOML [flower-supernode arguments]")
+        sys.exit("usage: python -m deploy.gate SITE_TOML [--audit-key KEY] [flower-supernode arguments]")
     site_config = Path(argv.pop(0)).resolve()
+    audit_key = None
+    if argv[:1] == ["--audit-key"]:
+        audit_key = Path(argv[1])
+        del argv[:2]
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s carefl-gate: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    install(site_config)
+    from client.site import load_site_config
+    from privacy.audit import AuditLog
+    site = load_site_config(site_config)
+    install(site_config, AuditLog(site.audit_log, site.site_id, audit_key) if site.audit_log else None)
     from flwr.supernode.cli import flower_supernode
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()

@@ -267,6 +267,7 @@ coordinator = {_toml_str(c.address)}
 device = "auto"                      # "cpu", "cuda", "cuda:1"; auto = cuda when present
 ledger = "privacy-ledger.sqlite"     # this site's privacy ledger: lifetime ε per dataset
 cache = "cache"                      # preprocessed imaging cases
+audit_log = "audit.jsonl"            # this site's signed audit log (key: audit-signing.key of the kit)
 
 [approval]
 # sha256 of every app version (FAB) this site lets run: `carefl site approve PATH_OR_FAB_OR_HASH`

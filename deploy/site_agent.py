@@ -4,17 +4,19 @@
 config, kit or dataset problem (exit 2, one message per problem). It then runs Flower's SuperNode
 behind the site's code gate (deploy/gate.py) with the consortium CA, the site's EC key and a node
 config that carries only the path of site.toml. When the coordinator is down or drops the
-connection, the agent restarts the SuperNode with exponential backoff; when the coordinator refuses
-the site's key, retrying cannot help, so it stops with exit 2 and says what to send to whom.
+connection, the agent restarts the SuperNode with exponential backoff; when the coordinator keeps
+refusing the site's key (longer than a restarted node takes to be seen as offline), retrying cannot
+help, so it stops with exit 2 and says what to send to whom.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import stat
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from client.errors import SiteError
@@ -37,10 +39,19 @@ class AgentPlan:
     coordinator: str
     approved: set[str]
     runtime_port: int
+    refusal_patience: float = 150.0  # seconds of refused activations before concluding the key is unknown
+
+    @property
+    def audit_key(self) -> Path | None:
+        key = self.kit / "audit-signing.key"
+        return key if key.is_file() else None
 
     def supernode_argv(self, max_wait: float = 60.0) -> list[str]:
         node_config = f'site-config="{self.config_path}"'
-        return [sys.executable, "-m", "deploy.gate", str(self.config_path),
+        audit = ["--audit-key", str(self.audit_key)] if self.audit_key else []
+        if self.audit_key:
+            node_config += f' audit-key="{self.audit_key}"'
+        return [sys.executable, "-m", "deploy.gate", str(self.config_path), *audit,
                 "--root-certificates", str(self.kit / "ca.crt"), "--superlink", self.coordinator,
                 "--auth-supernode-private-key", str(self.kit / "supernode.key"),
                 "--node-config", node_config, "--port", str(self.runtime_port),
@@ -48,7 +59,7 @@ class AgentPlan:
 
 
 def plan(kit: Path, config_path: Path, coordinator: str | None = None, runtime_port: int = 9094,
-         check_data=None) -> AgentPlan:
+         check_data=None, refusal_patience: float = 150.0) -> AgentPlan:
     """Everything the agent needs, checked; SiteError lists every problem found."""
     kit, config_path = Path(kit).resolve(), Path(config_path).resolve()
     problems = []
@@ -75,7 +86,7 @@ def plan(kit: Path, config_path: Path, coordinator: str | None = None, runtime_p
         problems += check_data(site)
     if problems:
         raise SiteError("cannot start the site agent:\n  - " + "\n  - ".join(problems))
-    return AgentPlan(site, config_path, kit, address, approved, runtime_port)
+    return AgentPlan(site, config_path, kit, address, approved, runtime_port, refusal_patience)
 
 
 def _log_since(path: Path, offset: int) -> str:
@@ -87,9 +98,31 @@ def _log_since(path: Path, offset: int) -> str:
         return ""
 
 
+def _audit(agent: AgentPlan):
+    from privacy.audit import AuditLog
+    return AuditLog(agent.site.audit_log, agent.site.site_id, agent.audit_key) if agent.site.audit_log else None
+
+
 def run(agent: AgentPlan, log_dir: Path, max_backoff: float = 300.0, attempts: int | None = None) -> int:
-    """Keep the gated SuperNode running; return an exit code when retrying cannot help."""
-    delay, tries = 5.0, 0
+    """Keep the gated SuperNode running (logging start and stop); return an exit code when retrying cannot help."""
+    audit = _audit(agent)
+    if audit is not None:
+        audit.append("agent-start", {
+            "config_sha256": hashlib.sha256(agent.config_path.read_bytes()).hexdigest(),
+            "approved_apps": sorted(agent.approved),
+            "policies": {name: asdict(ds.policy) for name, ds in agent.site.datasets.items()}})
+    reason = "stopped"
+    try:
+        code = _supervise(agent, log_dir, max_backoff, attempts)
+        reason = f"exit {code}"
+        return code
+    finally:
+        if audit is not None:
+            audit.append("agent-stop", {"reason": reason})
+
+
+def _supervise(agent: AgentPlan, log_dir: Path, max_backoff: float, attempts: int | None) -> int:
+    delay, tries, refused_since = 5.0, 0, None
     log_path = log_dir / "supernode.log"
     while True:
         tries += 1
@@ -102,15 +135,24 @@ def run(agent: AgentPlan, log_dir: Path, max_backoff: float = 300.0, attempts: i
         except BaseException:
             node.stop()
             raise
-        if KEY_REFUSED_MARK in _log_since(log_path, offset):
-            log.error("the coordinator at %s does not know this site's key; send %s to the coordinator "
-                      "(`carefl coordinator add-site %s supernode.pub`)", agent.coordinator,
-                      agent.kit / "supernode.pub", agent.site.site_id)
-            return CONFIG_EXIT
-        if time.monotonic() - started > 120:
-            delay = 5.0  # it ran for a while: a new outage, start the backoff again
         if attempts is not None and tries >= attempts:
             return code
+        if KEY_REFUSED_MARK in _log_since(log_path, offset):
+            # Flower answers an unknown key and a node it still thinks is online (restarted before its
+            # heartbeat expired, ≈ 60 s) with the same error: retry for a while, then give up.
+            refused_since = refused_since or time.monotonic()
+            if time.monotonic() - refused_since >= agent.refusal_patience:
+                log.error("the coordinator at %s does not know this site's key; send %s to the coordinator "
+                          "(`carefl coordinator add-site %s supernode.pub`)", agent.coordinator,
+                          agent.kit / "supernode.pub", agent.site.site_id)
+                return CONFIG_EXIT
+            log.warning("the coordinator refused to activate this site (unknown key, or it still sees the site "
+                        "online after a restart); retrying in 10 s")
+            time.sleep(10)
+            continue
+        refused_since = None
+        if time.monotonic() - started > 120:
+            delay = 5.0  # it ran for a while: a new outage, start the backoff again
         log.warning("SuperNode exited with code %s (coordinator %s unreachable or connection lost; "
                     "see %s); retrying in %.0f s", code, agent.coordinator, log_path, delay)
         time.sleep(delay)

@@ -10,11 +10,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from server import checkpoint
+from server.audit import CoordinatorAudit
 from server.rounds import RoundRecorder
 from server.run_dir import RunDirectory
 from server.settings import RunSettings
 from server.sites import SiteGrid, SiteSelectionError, discover_sites
 from server.strategies import build_strategy
+from server.validation import UpdateValidator
 from shared_models.metrics import SCORE_BINS
 from shared_models.registry import build_model
 
@@ -24,6 +27,8 @@ app = ServerApp()
 
 
 def run_directory_for(settings: RunSettings, run_id: int) -> Path:
+    if settings.resume_from:
+        return Path(settings.resume_from).expanduser().resolve()
     if settings.out_dir:
         return Path(settings.out_dir).expanduser().resolve()
     return Path("runs", time.strftime("%Y%m%d-%H%M%S") + f"-run{run_id}").resolve()
@@ -46,22 +51,73 @@ def main(grid: Grid, context: Context) -> None:
     log.info("sites: %s", ", ".join(f"{s.site_id} (node {s.node_id})" for s in sites))
 
     site_ids = [s.site_id for s in sites]
+    audit = CoordinatorAudit(Path(settings.audit_log) if settings.audit_log else run_dir.path / "audit.jsonl",
+                             Path(settings.audit_key) if settings.audit_key else None, context.run_id)
+    audit.run_start(_app_hash(grid), dict(context.run_config), site_ids)
+    try:
+        _run(grid, context, settings, run_dir, sites, model_kwargs, audit)
+    except BaseException as exc:
+        audit.run_end(f"failed: {type(exc).__name__}")
+        raise
+    audit.run_end("completed")
+
+
+def _app_hash(grid: Grid) -> str:
+    try:
+        return str(grid.run.fab_hash)
+    except (AttributeError, NotImplementedError, TypeError):  # a Grid without run information (in-process)
+        return ""
+
+
+def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirectory, sites, model_kwargs: dict,
+         audit: CoordinatorAudit) -> None:
+    site_ids = [s.site_id for s in sites]
     recorder = RoundRecorder(run_dir, site_ids)
-    site_grid = SiteGrid(grid, sites, recorder.on_replies)
     strategy = build_strategy(settings, n_sites=len(sites))
     initial = ArrayRecord(build_model(settings.model, **model_kwargs).state_dict())
+    done = 0
+    if settings.resume_from:
+        resumed = checkpoint.load(run_dir.path)  # the run directory of the run being resumed
+        if resumed.run_config.get("model") != settings.model:
+            raise checkpoint.CheckpointError(f"checkpoint is for model '{resumed.run_config.get('model')}', "
+                                             f"this run asks for '{settings.model}'")
+        done, initial = resumed.round, resumed.array_record()
+        checkpoint.restore_strategy(strategy, resumed)
+        checkpoint.number_rounds_from(strategy, done)
+        checkpoint.drop_rounds_after(run_dir.path, done)
+        log.info("resuming %s after round %d of %d", run_dir.path, done, settings.num_rounds)
 
-    result = strategy.start(
-        grid=site_grid,
-        initial_arrays=initial,
-        num_rounds=settings.num_rounds,
-        timeout=settings.round_timeout,
-        train_config=ConfigRecord(settings.train_config()),
-        evaluate_config=ConfigRecord({"model": settings.model}),
-        evaluate_fn=recorder.end_round,
-    )
+    def on_replies(*args) -> None:
+        recorder.on_replies(*args)
+        audit.on_replies(*args)
 
-    run_dir.save_model(result.arrays.to_torch_state_dict(), settings.model, model_kwargs)
+    def end_round(server_round: int, arrays: ArrayRecord):
+        if server_round == 0:
+            return recorder.end_round(0, arrays)
+        absolute = done + server_round
+        audit.aggregate(absolute, arrays)
+        result = recorder.end_round(absolute, arrays)
+        path = checkpoint.save(run_dir.path, absolute, arrays, strategy, dict(context.run_config))
+        audit.checkpoint(absolute, path)
+        return result
+
+    site_grid = SiteGrid(grid, sites, on_replies, UpdateValidator(max_norm=settings.max_update_norm),
+                         quorum=max(1, min(settings.min_sites, len(sites))), retries=settings.round_retries)
+    remaining = settings.num_rounds - done
+    if remaining > 0:
+        result_arrays = strategy.start(
+            grid=site_grid,
+            initial_arrays=initial,
+            num_rounds=remaining,
+            timeout=settings.round_timeout,
+            train_config=ConfigRecord(settings.train_config()),
+            evaluate_config=ConfigRecord({"model": settings.model}),
+            evaluate_fn=end_round,
+        ).arrays
+    else:
+        result_arrays = initial
+
+    run_dir.save_model(result_arrays.to_torch_state_dict(), settings.model, model_kwargs)
     per_site = {}
     for s in sites:
         train = recorder.last_train.get(s.site_id, {})

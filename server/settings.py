@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from shared_models.registry import UnknownModelError, get_spec
 from shared_models.train_request import TrainSettings
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 TASKS = ("ehr", "seg")
 
 
@@ -38,6 +38,13 @@ class RunSettings:
     round_timeout: float
     seed: int
     out_dir: str
+    trim_beta: float = 0.2       # fedtrimmedavg: fraction cut at each end, per coordinate
+    byzantine_sites: int = 1     # krum / multikrum: sites that may be faulty
+    max_update_norm: float = 0.0  # > 0: reject a site update whose L2 distance to the global model exceeds it
+    round_retries: int = 1       # a round with fewer than min-sites valid updates is re-sent this often
+    resume_from: str = ""  # a run directory with a checkpoint: continue that run from its last complete round
+    audit_log: str = ""   # the coordinator's audit log ("" → <run dir>/audit.jsonl)
+    audit_key: str = ""   # its Ed25519 signing key ("" → unsigned)
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> "RunSettings":
@@ -67,6 +74,10 @@ class RunSettings:
             min_sites=get("min-sites", int),
             sites=tuple(x.strip() for x in get("sites", str).split(",") if x.strip()),
             round_timeout=get("round-timeout", float), seed=get("seed", int), out_dir=get("out-dir", str),
+            trim_beta=float(cfg.get("trim-beta", 0.2)), byzantine_sites=int(cfg.get("byzantine-sites", 1)),
+            max_update_norm=float(cfg.get("max-update-norm", 0.0)), round_retries=int(cfg.get("round-retries", 1)),
+            resume_from=str(cfg.get("resume-from", "")),
+            audit_log=str(cfg.get("audit-log", "")), audit_key=str(cfg.get("audit-key", "")),
         )
         if s.task not in TASKS:
             problems.append(f"task '{s.task}' is not one of {', '.join(TASKS)}")
@@ -93,6 +104,10 @@ class RunSettings:
             problems.append("with dp = true set exactly one of 'noise-multiplier' (> 0) or 'target-epsilon' (> 0)")
         if s.dp and not s.clip_norm > 0:
             problems.append("'clip-norm' must be > 0 when dp = true")
+        if not 0 <= s.trim_beta < 0.5:
+            problems.append("'trim-beta' must be in [0, 0.5)")
+        if s.byzantine_sites < 0 or s.round_retries < 0 or s.max_update_norm < 0:
+            problems.append("'byzantine-sites', 'round-retries' and 'max-update-norm' must be >= 0")
         if len(set(s.sites)) != len(s.sites):
             problems.append("'sites' names a site twice")
         if problems:

@@ -12,11 +12,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+
+from server.validation import UpdateValidator
 
 log = logging.getLogger("flwr")
 
+CODE_REJECTED = 4100  # an update the coordinator refused to aggregate
 QUERY_TIMEOUT = 120.0  # one query round trip; a ClientApp process has to start at the site
 
 
@@ -82,16 +85,24 @@ RepliesHook = Callable[[str, int, list[tuple[str, Message]]], None]
 
 
 class SiteGrid:
-    """A Grid restricted to the selected sites that reports every reply to ``on_replies``.
+    """A Grid restricted to the selected sites that checks and reports every reply.
 
     Flower's strategies sample from ``get_node_ids()``; giving them only our sites' nodes is
-    what keeps work away from nodes that are connected but not part of this run.
+    what keeps work away from nodes that are connected but not part of this run. Train replies are
+    validated (``server/validation.py``) and an invalid update never reaches the strategy; a round
+    with fewer than ``quorum`` valid updates is re-sent to the sites that failed, at most
+    ``retries`` times, and then the run stops with the reasons.
     """
 
-    def __init__(self, grid: Grid, sites: list[SiteInfo], on_replies: RepliesHook) -> None:
+    def __init__(self, grid: Grid, sites: list[SiteInfo], on_replies: RepliesHook,
+                 validator: UpdateValidator | None = None, quorum: int = 1, retries: int = 0) -> None:
         self._grid = grid
         self._site_of = {s.node_id: s.site_id for s in sites}
+        self._n_train = {s.site_id: s.n_train for s in sites}
         self._on_replies = on_replies
+        self._validator = validator
+        self._quorum = quorum
+        self._retries = retries
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
@@ -108,12 +119,85 @@ class SiteGrid:
         stray = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self._site_of]
         if stray:
             raise SiteSelectionError(f"refusing to send to nodes outside this run: {stray}")
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        if messages:
-            first = messages[0]
-            config = first.content.config_records.get("config", {})
-            server_round = int(config.get("server-round", 0))
-            self._on_replies(first.metadata.message_type,
-                             server_round,
-                             [(self._site_of.get(r.metadata.src_node_id, "?"), r) for r in replies])
-        return replies
+        if not messages:
+            return []
+        first = messages[0]
+        message_type = first.metadata.message_type
+        server_round = int(first.content.config_records.get("config", {}).get("server-round", 0))
+        for m in messages:  # Flower leaves group_id empty; sites log (and gate) messages by round
+            m.metadata.group_id = str(server_round)
+        if message_type != MessageType.TRAIN or self._validator is None:
+            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+            self._on_replies(message_type, server_round, [(self._site(r), r) for r in replies])
+            return replies
+
+        global_arrays = next(iter(first.content.array_records.values()))
+        accepted: dict[str, Message] = {}
+        norms: dict[str, float] = {}  # accepted updates' distances to the global model
+        failures: dict[str, str] = {}
+        pending = messages
+        for attempt in range(self._retries + 1):
+            replies = list(self._grid.send_and_receive(pending, timeout=timeout))
+            answered = {self._site(r) for r in replies}
+            checked = self._check(replies, global_arrays, norms)
+            self._on_replies(message_type, server_round, checked)
+            for site, reply in checked:
+                if reply.has_error():
+                    failures[site] = reply.error.reason
+                else:
+                    accepted[site] = reply
+                    failures.pop(site, None)
+            for m in pending:
+                site = self._site_of[m.metadata.dst_node_id]
+                if site not in answered:
+                    failures[site] = "no reply before the round deadline"
+            if len(accepted) >= self._quorum or attempt == self._retries:
+                break
+            pending = [_resend(m) for m in messages if self._site_of[m.metadata.dst_node_id] not in accepted]
+            log.warning("round %d: %d valid update(s), %d needed; re-sending to %s", server_round, len(accepted),
+                        self._quorum, ", ".join(sorted(failures)))
+        if len(accepted) < self._quorum:
+            raise SiteSelectionError(
+                f"round {server_round}: only {len(accepted)} valid update(s), min-sites is {self._quorum} "
+                f"(after {self._retries} retr{'y' if self._retries == 1 else 'ies'}): "
+                + "; ".join(f"{s}: {r}" for s, r in sorted(failures.items())))
+        return list(accepted.values())
+
+    def _site(self, reply: Message) -> str:
+        return self._site_of.get(reply.metadata.src_node_id, "?")
+
+    def _check(self, replies: list[Message], global_arrays, norms: dict[str, float]) -> list[tuple[str, Message]]:
+        """Each reply with its site; an invalid update is replaced by an error reply saying why.
+        ``norms`` (accepted updates' distances, this round) gains the newly accepted ones."""
+        out, new = [], {}
+        for reply in replies:
+            site = self._site(reply)
+            if not reply.has_error():
+                reason, norm = self._validator.check(reply.content, global_arrays, self._n_train.get(site, 0))
+                if reason is None:
+                    new[site] = norm
+                else:
+                    reply = _rejected(reply, reason)
+            out.append((site, reply))
+        outliers = self._validator.outliers({**norms, **new})
+        checked = []
+        for site, reply in out:
+            if site in outliers and site in new:
+                reply = _rejected(reply, outliers[site])
+            elif site in new:
+                norms[site] = new[site]
+            checked.append((site, reply))
+        return checked
+
+
+def _rejected(reply: Message, reason: str) -> Message:
+    """The reply with its content replaced by an error: it is reported and logged, never aggregated."""
+    log.warning("rejected update from node %s: %s", reply.metadata.src_node_id, reason)
+    reply.__dict__["_content"] = None  # Flower allows content or error, not both
+    reply.error = Error(CODE_REJECTED, f"update rejected by the coordinator: {reason}")
+    return reply
+
+
+def _resend(message: Message) -> Message:
+    return Message(message.content, dst_node_id=message.metadata.dst_node_id,
+                   message_type=message.metadata.message_type, group_id=message.metadata.group_id)

@@ -90,8 +90,9 @@ def test_query_reports_identity_and_counts_only(cleveland_ctx):
     assert not reply.has_error()
     _assert_reply_to(reply, msg)
     content = reply.content
-    assert set(content.keys()) == {"site", "counts"}
+    assert set(content.keys()) == {"site", "counts", "audit-head"}  # the head of the site's signed log
     assert content.array_records == {}
+    assert set(content.config_records["audit-head"]) == {"seq", "hash", "sig"}
     site = content.config_records["site"]
     assert dict(site) == {"site-id": "cleveland", "task": "ehr", "dataset": "heart-disease",
                           "models": model_names("ehr")}

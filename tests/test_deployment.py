@@ -77,6 +77,25 @@ def test_demo_runs_a_tls_federation_of_four_hospitals(tmp_path):
         assert approved_apps(out / "deployment" / "sites" / site / "site.toml") == {app_hash(APP_DIR)}
         assert "SuperNode ID" in (out / "deployment" / "sites" / site / "agent" / "supernode.log").read_text()
 
+    # one signed audit log per site and one for the coordinator; an auditor's verification passes,
+    # recomputes every site's ε (dp-accounting PLD, not the site's Opacus PRV) within 1% of its ledger
+    verified = _carefl(["audit", "verify", "--run-dir", str(out), "--json"], tmp_path, timeout=120)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    report = json.loads(verified.stdout)
+    actors = {a["actor"]: a for a in report["actors"]}
+    assert report["ok"] and set(actors) == {"coordinator", *summary["sites"]}
+    for site in summary["sites"]:
+        recomputed = actors[site]["epsilon"]["heart-disease"]["recomputed_epsilon"]
+        assert recomputed == pytest.approx(summary["per_site"][site]["epsilon"], rel=0.01), site
+    # any single-byte edit of any log is caught
+    for log in (out / "deployment" / "sites" / "va" / "audit.jsonl", out / "deployment" / "coordinator" / "audit.jsonl"):
+        original = log.read_bytes()
+        position = len(original) // 2
+        log.write_bytes(original[:position] + bytes([original[position] ^ 0x01]) + original[position + 1:])
+        tampered = _carefl(["audit", "verify", "--run-dir", str(out)], tmp_path, timeout=120)
+        assert tampered.returncode == 1 and "FAIL" in tampered.stdout, tampered.stdout
+        log.write_bytes(original)
+
 
 def test_seg_demo_runs_a_dp_unet_federation_from_dicom(tmp_path):
     out = tmp_path / "seg"

@@ -143,7 +143,8 @@ def test_an_unregistered_key_is_refused_and_the_agent_says_what_to_do(consortium
     config.write_text(f'[site]\nid = "rogue"\ncoordinator = "127.0.0.1:{coord.port}"\n')
     _add_dataset(config, "switzerland")
     done = subprocess.run([processes.tool("carefl"), "site", "start", "--kit", str(rogue), "--config", str(config),
-                           "--runtime-port", str(processes.free_port())], capture_output=True, text=True,
+                           "--runtime-port", str(processes.free_port()), "--refusal-patience", "0"],
+                          capture_output=True, text=True,
                           env=processes.flower_env(rogue / "home"), timeout=180, stdin=subprocess.DEVNULL)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "does not know this site's key" in done.stdout + done.stderr

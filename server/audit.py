@@ -1,0 +1,59 @@
+"""The coordinator's signed audit log: runs, every update received (by hash), refusals, aggregates,
+and the signed heads of the sites' own logs that arrive with their replies (format: docs/AUDIT.md).
+
+With those heads an auditor can prove a site's log was not truncated after the fact, and with the
+update hashes that every update aggregated here was sent, as logged, by that site.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Message, MessageType
+
+from privacy.audit import AuditLog
+
+HEAD_RECORD = "audit-head"  # as written by client/audit.py
+
+
+class CoordinatorAudit:
+    def __init__(self, path: Path, key: Path | None, run_id: int) -> None:
+        self.log = AuditLog(path, "coordinator", key)
+        self.run_id = str(run_id)
+
+    def run_start(self, app_sha256: str, config: dict, sites: list[str]) -> None:
+        self.log.append("run-start", {"run_id": self.run_id, "app_sha256": app_sha256, "config": config,
+                                      "sites": sites})
+
+    def on_replies(self, message_type: str, server_round: int, replies: list[tuple[str, Message]]) -> None:
+        for site, reply in replies:
+            if reply.has_error():
+                self.log.append("rejection", {"run_id": self.run_id, "round": server_round, "site": site,
+                                              "reason": f"{message_type}: {reply.error.reason}"})
+                continue
+            content = reply.content
+            arrays = next(iter(content.array_records.values()), None)
+            if message_type == MessageType.TRAIN and arrays is not None:
+                metrics = {k: v for record in content.metric_records.values() for k, v in record.items()}
+                self.log.append("update", {"run_id": self.run_id, "round": server_round, "site": site,
+                                           "arrays_sha256": arrays.object_id,
+                                           "arrays_bytes": sum(len(a.data) for a in arrays.values()),
+                                           "metrics": metrics})
+            head = content.config_records.get(HEAD_RECORD)
+            if head is not None:
+                self.log.append("site-head", {"site": site, "seq": int(head["seq"]), "hash": str(head["hash"]),
+                                              "sig": str(head["sig"])})
+
+    def aggregate(self, server_round: int, arrays: ArrayRecord) -> None:
+        if server_round > 0:  # round 0 is the initial model, before any site contributed
+            self.log.append("aggregate", {"run_id": self.run_id, "round": server_round,
+                                          "arrays_sha256": arrays.object_id})
+
+    def checkpoint(self, server_round: int, path: Path) -> None:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        self.log.append("checkpoint", {"run_id": self.run_id, "round": server_round, "path": Path(path).name,
+                                       "sha256": digest})
+
+    def run_end(self, status: str) -> None:
+        self.log.append("run-end", {"run_id": self.run_id, "status": status})
