@@ -35,8 +35,8 @@ from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import RdpAccountant, compute_epsilon as rdp_to_epsilon
 
 TOLERANCE = 0.01                 # relative difference allowed between the logged and the recomputed ε
-PLD_DISCRETIZATION = 1e-3        # value discretization interval of the PLDs (measured in docs/AUDIT.md) …
-PLD_MAX_DISCRETIZATION = 1e-2    # … coarsened up to this for histories with ε far above 20 (discretization())
+PLD_DISCRETIZATION = 1e-3        # value discretization interval of the PLDs (measured in docs/AUDIT.md),
+                                 # coarsened in proportion for histories with ε far above 20 (discretization())
 PRV_EPS_ERROR = 0.01             # Opacus PRVAccountant.get_epsilon(eps_error=0.01) adds this to its estimate
 PRV_DELTA_ERROR = 1e-3           # … at δ − δ·1e-3 (its default delta_error = δ/1000)
 RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))  # the orders Opacus's RDP uses
@@ -60,9 +60,9 @@ def _step_pld(sigma: float, q: float, interval: float):
 def discretization(history: Iterable[Step], delta: float) -> float:
     """PLD_DISCRETIZATION, coarsened for histories whose total ε is far beyond any budget.
 
-    The PLD's cost grows with ε / interval and its error is roughly a constant times the interval,
-    so above ε = 20 (estimated by RDP, an upper bound) the interval grows with ε: the relative
-    error stays as small while a 50-round, ε ≈ 90 history still takes well under a second.
+    The PLD's size grows with ε / interval and its error is roughly a constant times the interval,
+    so above ε = 20 (estimated by RDP, an upper bound) the interval grows in proportion to ε: the
+    relative error stays as small, and time and memory stay bounded whatever a log claims.
     """
     rdp = np.zeros(len(RDP_ORDERS))
     for sigma, q, steps in history:
@@ -72,7 +72,9 @@ def discretization(history: Iterable[Step], delta: float) -> float:
     if not rdp.any():
         return PLD_DISCRETIZATION
     eps = float(rdp_to_epsilon(list(RDP_ORDERS), list(rdp), delta)[0])
-    return float(min(PLD_MAX_DISCRETIZATION, max(PLD_DISCRETIZATION, PLD_DISCRETIZATION * eps / 20.0)))
+    if not math.isfinite(eps):
+        return PLD_DISCRETIZATION
+    return float(max(PLD_DISCRETIZATION, PLD_DISCRETIZATION * eps / 20.0))
 
 
 @lru_cache(maxsize=128)
