@@ -156,3 +156,14 @@ def test_a_site_that_crashes_after_charging_continues_with_a_correct_ledger(tmp_
     history = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in rounds]
     assert spent == pytest.approx(epsilon(history, 1e-4, "prv"), rel=1e-9)
     assert first[1]["epsilon"] == pytest.approx(spent, rel=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg", "krum", "multikrum"])
+def test_robust_aggregators_train_a_sane_model_with_dp(tmp_path, strategy):
+    out = tmp_path / "run"
+    _serve(client_app, _nodes(tmp_path), _config(out, strategy=strategy, **{"trim-beta": 0.25}))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["strategy"] == strategy and summary["rounds_completed"] == 2
+    assert summary["mean_centre_accuracy"] > 0.55
+    model = torch.load(out / "final_model.pt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in model.values())
