@@ -51,9 +51,8 @@ def log_reply(audit: AuditLog | None, msg: Message, reply: Message) -> Message:
     arrays = next(iter(content.array_records.values()), None)
     digest, size = arrays_digest(arrays) if arrays is not None else (None, 0)
     metrics = {k: v for record in content.metric_records.values() for k, v in record.items()}
-    audit.append("reply", {**message_fields(msg), "arrays_sha256": digest, "arrays_bytes": size,
-                           "metrics": metrics})
-    head = audit.head()
+    head = audit.append("reply", {**message_fields(msg), "arrays_sha256": digest, "arrays_bytes": size,
+                                  "metrics": metrics})  # this very record (another process may append next)
     content[HEAD_RECORD] = ConfigRecord({"seq": int(head["seq"]), "hash": str(head["hash"]),
                                          "sig": str(head.get("sig") or "")})
     return reply

@@ -17,7 +17,14 @@ import typer
 from rich.table import Table
 
 from deploy.runs import console
-from privacy.audit.verify import COORDINATOR, AuditError, AuditSummary, audit_logs, audit_run_dir, discover
+from privacy.audit.verify import (
+    COORDINATOR,
+    AuditError,
+    AuditSummary,
+    audit_logs,
+    audit_run_dir,
+    discover,
+)
 
 audit_app = typer.Typer(no_args_is_help=True, help="Verify signed audit logs and report on them (auditors).")
 
@@ -69,7 +76,7 @@ def _print(summary: AuditSummary) -> None:
             chain = "[yellow]chain ok, signatures not checked[/]"
         else:
             chain = "[green]ok[/]"
-        if actor.role == COORDINATOR:
+        if actor.role == COORDINATOR or not (log.entries or log.ok):
             eps = "—"
         elif not actor.epsilon:
             eps = "no DP rounds"
@@ -77,8 +84,11 @@ def _print(summary: AuditSummary) -> None:
             diff = actor.max_rel_diff
             bad = any(f.check == "epsilon" and f.level == "error" for f in actor.findings)
             warn = any(f.check == "epsilon" and f.level == "warning" for f in actor.findings)
-            text = "—" if diff is None else f"{100 * diff:.2f}%"
-            eps = f"[red]{text} FAIL[/]" if bad else f"[yellow]{text} (see warnings)[/]" if warn else f"[green]{text}[/]"
+            text = "—" if diff is None else f"{100 * diff:.3f}%"
+            if bad:
+                eps = f"[red]{text} FAIL[/]"
+            else:
+                eps = f"[yellow]{text} (see warnings)[/]" if warn else f"[green]{text}[/]"
         against = {None: "—", True: "[green]ok[/]", False: "[red]FAIL[/]"}[actor.against]
         result = "[green]PASS[/]" if actor.ok else "[red]FAIL[/]"
         table.add_row(actor.actor, str(log.records), chain, eps, against, result)

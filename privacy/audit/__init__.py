@@ -19,7 +19,12 @@ _LAZY = {
     "write_report": "report",
 }
 
-__all__ = ["GENESIS", "AuditLog", "AuditLogError", "canonical", "record_hash", *_LAZY]
+__all__ = [  # the writer, then (lazily) the auditor's side
+    "GENESIS", "AuditLog", "AuditLogError", "canonical", "record_hash",
+    "AuditError", "ActorAudit", "AuditSummary", "Failure", "Finding", "LogReport", "audit_logs", "audit_run_dir",
+    "check_against", "check_site", "load_public_key", "verify_log", "DatasetEpsilon", "RoundEpsilon", "recompute",
+    "write_report",
+]
 
 
 def __getattr__(name: str):

@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Iterable
-
-import numpy as np
 
 import dp_accounting
+import numpy as np
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
-from dp_accounting.rdp import RdpAccountant, compute_epsilon as rdp_to_epsilon
+from dp_accounting.rdp import RdpAccountant
+from dp_accounting.rdp import compute_epsilon as rdp_to_epsilon
 
 TOLERANCE = 0.01                 # relative difference allowed between the logged and the recomputed ε
 PLD_DISCRETIZATION = 1e-3        # value discretization interval of the PLDs (measured in docs/AUDIT.md),
@@ -41,6 +42,9 @@ PRV_EPS_ERROR = 0.01             # Opacus PRVAccountant.get_epsilon(eps_error=0.
 PRV_DELTA_ERROR = 1e-3           # … at δ − δ·1e-3 (its default delta_error = δ/1000)
 RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))  # the orders Opacus's RDP uses
 BUDGET_SLACK = 1e-9              # relative slack of the budget check (float noise only)
+EPSILON_CEILING = 1e4            # beyond this (RDP bound of a dataset's history) nothing is recomputed …
+MAX_STEPS = 10**7                # … nor for more steps than this in one round: no privacy is left to
+                                 # check, and a log must not be able to make the auditor's tool hang
 
 Step = tuple[float, float, int]
 
@@ -57,6 +61,18 @@ def _step_pld(sigma: float, q: float, interval: float):
                                            value_discretization_interval=interval, pessimistic_estimate=True)
 
 
+def rdp_bound(history: Iterable[Step], delta: float) -> float:
+    """ε of ``history`` by RDP: cheap, an upper bound of the tight ε."""
+    rdp = np.zeros(len(RDP_ORDERS))
+    for sigma, q, steps in history:
+        if sigma <= 0:
+            return math.inf
+        rdp = rdp + steps * _step_rdp(sigma, q)
+    if not rdp.any():
+        return 0.0
+    return _rdp_epsilon(rdp, delta)
+
+
 def discretization(history: Iterable[Step], delta: float) -> float:
     """PLD_DISCRETIZATION, coarsened for histories whose total ε is far beyond any budget.
 
@@ -64,30 +80,37 @@ def discretization(history: Iterable[Step], delta: float) -> float:
     so above ε = 20 (estimated by RDP, an upper bound) the interval grows in proportion to ε: the
     relative error stays as small, and time and memory stay bounded whatever a log claims.
     """
-    rdp = np.zeros(len(RDP_ORDERS))
-    for sigma, q, steps in history:
-        if sigma <= 0:
-            continue
-        rdp = rdp + steps * _step_rdp(sigma, q)
-    if not rdp.any():
-        return PLD_DISCRETIZATION
-    eps = float(rdp_to_epsilon(list(RDP_ORDERS), list(rdp), delta)[0])
+    eps = rdp_bound([h for h in history if h[0] > 0], delta)
     if not math.isfinite(eps):
         return PLD_DISCRETIZATION
     return float(max(PLD_DISCRETIZATION, PLD_DISCRETIZATION * eps / 20.0))
+
+
+@contextmanager
+def _quiet():
+    """dp-accounting warns through absl about orders it drops ("failed to converge") and numerical
+    noise at extreme parameters; both are expected here and documented (docs/AUDIT.md)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with np.errstate(all="ignore"):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _rdp_epsilon(rdp, delta: float) -> float:
+    with _quiet():
+        return float(rdp_to_epsilon(list(RDP_ORDERS), list(rdp), delta)[0])
 
 
 @lru_cache(maxsize=128)
 def _step_rdp(sigma: float, q: float) -> np.ndarray:
     """RDP at RDP_ORDERS of one step, by dp-accounting's RdpAccountant (composition is a sum)."""
     acc = RdpAccountant(list(RDP_ORDERS))
-    logger = logging.getLogger("absl")  # dp-accounting logs through absl
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # "failed to converge … excluding this order": expected, documented
-    try:
+    with _quiet():
         acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)))
-    finally:
-        logger.setLevel(level)
     rdp = getattr(acc, "_rdp", None)
     if rdp is None:  # pragma: no cover - dp-accounting moved its state; pinned <0.7 in pyproject
         raise RuntimeError("dp_accounting.rdp.RdpAccountant has no _rdp; pin dp-accounting 0.6")
@@ -112,6 +135,7 @@ class Composition:
         self._rdp = np.zeros(len(RDP_ORDERS))
         self._rdp_len = 0
         self._memo: dict[tuple, float] = {}
+        self.beyond: float | None = None  # set by recompute(): the RDP bound when above EPSILON_CEILING
 
     def add(self, sigma: float, q: float, steps: int) -> None:
         if sigma <= 0:
@@ -147,7 +171,7 @@ class Composition:
         for sigma, q, steps in self.history[self._rdp_len:]:
             self._rdp = self._rdp + steps * _step_rdp(sigma, q)
         self._rdp_len = len(self.history)
-        return float(rdp_to_epsilon(list(RDP_ORDERS), list(self._rdp), delta)[0])
+        return _rdp_epsilon(self._rdp, delta)
 
     def counterpart(self, accountant: str, delta: float) -> float:
         """The number the site's Opacus accountant should have reported, computed by dp-accounting."""
@@ -277,7 +301,16 @@ def recompute(records: Iterable[dict]) -> dict[str, DatasetEpsilon]:
         dataset = str(p.get("dataset"))
         table = tables.setdefault(dataset, DatasetEpsilon(dataset))
         if dataset not in state:
-            state[dataset] = Composition(discretization(*plans[dataset]) if dataset in plans else PLD_DISCRETIZATION)
+            try:
+                interval = discretization(*plans[dataset]) if dataset in plans else PLD_DISCRETIZATION
+            except (ArithmeticError, ValueError):
+                interval = PLD_DISCRETIZATION
+            state[dataset] = Composition(interval)
+            try:
+                bound = rdp_bound(*plans[dataset]) if dataset in plans else 0.0
+            except (ArithmeticError, ValueError):
+                bound = math.inf
+            state[dataset].beyond = bound if bound > EPSILON_CEILING else None
         comp = state[dataset]
         row = RoundEpsilon(
             seq=rec["seq"], time=rec["time"], run_id=str(p.get("run_id")), round=p.get("round"), dataset=dataset,
@@ -291,6 +324,9 @@ def recompute(records: Iterable[dict]) -> dict[str, DatasetEpsilon]:
             row.status, row.message = "n/a", "non-DP round (dp = false): the dataset's ε is unbounded from here"
             continue
         problem = _check_parameters(row)
+        if not problem and comp.beyond is not None:
+            problem = (f"the logged parameters of this dataset are out of the verifier's range (their RDP bound "
+                       f"is ε={comp.beyond:.3g}, above {EPSILON_CEILING:g}): ε is not recomputed")
         if problem:
             row.status, row.message = "error", problem
             continue
@@ -301,7 +337,10 @@ def recompute(records: Iterable[dict]) -> dict[str, DatasetEpsilon]:
         else:
             charged[dataset].add(key)
             comp.add(row.sigma, row.sample_rate, row.steps)
-        _judge(row, comp)
+        try:
+            _judge(row, comp)
+        except (ArithmeticError, MemoryError, ValueError) as exc:  # numerically out of reach
+            row.status, row.message = "error", f"ε cannot be recomputed for these parameters ({exc!r})"
     return tables
 
 
@@ -315,6 +354,8 @@ def _check_parameters(row: RoundEpsilon) -> str:
     if not _valid(row.sigma, row.sample_rate, row.steps):
         return (f"invalid DP parameters for a DP round (σ={row.sigma:g}, q={row.sample_rate:g}, "
                 f"steps={row.steps})")
+    if row.steps > MAX_STEPS:
+        return f"{row.steps} steps in one round is beyond what the verifier recomputes ({MAX_STEPS:g})"
     return ""
 
 
@@ -338,7 +379,8 @@ def _judge(row: RoundEpsilon, comp: Composition) -> None:
         return
     tight = comp.pld_epsilon(row.delta)
     row.tight_after = tight
-    diff = f"logged ε={logged:.6g} {at} differs by {100 * row.rel_diff:+.2f}% from dp-accounting's {name} {expected:.6g}"
+    diff = (f"logged ε={logged:.6g} {at} differs by {100 * row.rel_diff:+.2f}% from dp-accounting's {name} "
+            f"{expected:.6g}")
     if logged < tight * (1 - TOLERANCE):
         row.status = "error"
         row.message = (f"{diff}; it is below even the tight PLD ε {tight:.6g}: the logged ε does not bound the "

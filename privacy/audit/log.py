@@ -20,8 +20,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 GENESIS = "0" * 64
 HASHED = ("seq", "time", "actor", "event", "payload", "prev")
@@ -67,9 +68,8 @@ def clean(value: Any, where: str = "payload") -> Any:
         return out
     if isinstance(value, (list, tuple)):
         return [clean(item, f"{where}[{i}]") for i, item in enumerate(value)]
-    if type(value).__module__ == "numpy":  # numpy scalars and arrays, without importing numpy here
-        if hasattr(value, "tolist"):
-            return clean(value.tolist(), where)
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):  # numpy scalars and arrays
+        return clean(value.tolist(), where)
     raise TypeError(f"{where}: {type(value).__name__} is not a JSON value")
 
 

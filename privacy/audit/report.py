@@ -17,7 +17,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from privacy.audit.epsilon import DatasetEpsilon
-from privacy.audit.verify import COORDINATOR, ActorAudit, _compare, audit_actor, verify_log
+from privacy.audit.verify import (
+    COORDINATOR,
+    ActorAudit,
+    audit_actor,
+    compare_with_coordinator,
+    verify_log,
+)
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:70em;
@@ -70,6 +76,7 @@ def _plot(table: DatasetEpsilon) -> str:
     """ε over time for one dataset, with the budget, as an <img> with a base64 PNG."""
     import matplotlib
     matplotlib.use("Agg")
+    from matplotlib import dates as mdates
     from matplotlib import pyplot as plt
 
     rows = [r for r in table.rounds if r.dp and r.logged_after is not None and math.isfinite(r.logged_after)]
@@ -91,9 +98,13 @@ def _plot(table: DatasetEpsilon) -> str:
     ax.set_title(f"{table.dataset}: cumulative ε at δ={', '.join(f'{d:g}' for d in deltas)} "
                  f"({', '.join(accountants)})", fontsize=10)
     ax.set_ylabel("ε")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.autofmt_xdate()
+    top = max([r.logged_after for r in rows] + list(budgets))
+    ax.set_ylim(0, top * 1.15 if top > 0 else 1)
+    locator = mdates.AutoDateLocator()
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    ax.set_xlabel("time (UTC)")
+    ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -227,8 +238,9 @@ def _coordinator_section(audit: ActorAudit) -> str:
     runs.pop("None", None)  # site-head records carry no run id
     if runs:
         rows = "".join(
-            f"<tr><td>{e(rid)}</td><td><code>{e(str(r['app'])[:16])}…</code></td><td>{e(', '.join(map(str, r['sites'])))}"
-            f"</td><td>{e(', '.join(f'{s}: {n}' for s, n in sorted(r['updates'].items())))}</td>"
+            f"<tr><td>{e(rid)}</td><td><code>{e(str(r['app'])[:16])}…</code></td>"
+            f"<td>{e(', '.join(map(str, r['sites'])))}</td>"
+            f"<td>{e(', '.join(f'{s}: {n}' for s, n in sorted(r['updates'].items())))}</td>"
             f"<td class=num>{r['rejections']}</td><td class=num>{r['aggregates']}</td>"
             f"<td class=num>{r['checkpoints']}</td><td>{e(r['status'])}</td></tr>" for rid, r in runs.items())
         out.append("<table><tr><th>run</th><th>app sha256</th><th>sites</th><th>updates received</th>"
@@ -251,7 +263,7 @@ def build_audits(log_paths: list[Path], public_keys: dict[str, Path] | None = No
     if coordinator is not None:
         for audit in audits:
             if audit.role != COORDINATOR and audit.log.public_key is not None:
-                _compare(audit, coordinator.log)
+                compare_with_coordinator(audit, coordinator.log)
     return audits
 
 
@@ -262,11 +274,12 @@ def write_report(log_paths: list[Path], out: Path, public_keys: dict[str, Path] 
     generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     overview = "".join(f"<tr><td>{e(a.actor)}</td><td>{e(a.role)}</td><td class=num>{a.log.records}</td>"
                        f"<td>{_status(a)}</td></tr>" for a in audits)
-    body = [f"<h1>carefl privacy audit report</h1><p class=muted>generated {e(generated)} from "
-            f"{len(audits)} log(s). Every ε is stated with its δ; ε is per patient (one patient = one DP "
-            f"sample) and per dataset, over the dataset's lifetime.</p>",
-            "<table><tr><th>participant</th><th>role</th><th>records</th><th>verification</th></tr>"
-            f"{overview}</table>"]
+    intro = (f"<h1>carefl privacy audit report</h1><p class=muted>generated {e(generated)} from {len(audits)} "
+             f"log(s). Every ε is stated with its δ; ε is per patient (one patient = one DP sample) and per "
+             f"dataset, over the dataset's lifetime.</p>")
+    table = ("<table><tr><th>participant</th><th>role</th><th>records</th><th>verification</th></tr>"
+             f"{overview}</table>")
+    body = [intro, table]
     if not public_keys:
         body.append("<p class=warn>No public keys were given: the logs' signatures were not checked, so this "
                     "report shows what the files say, not that they are authentic.</p>")

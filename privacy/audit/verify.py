@@ -14,9 +14,9 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -309,7 +309,7 @@ def check_against(site_report: LogReport, coordinator_report: LogReport, site_id
         if p.get("site") != site_id:
             continue
 
-        def add(message: str) -> None:
+        def add(message: str, rec: dict = rec) -> None:
             findings.append(Finding("error", "against", COORDINATOR, rec["seq"] + 1, rec["seq"], message))
 
         if rec["event"] == "update":
@@ -424,7 +424,7 @@ def audit_actor(log: LogReport, expected_actor: str | None = None) -> ActorAudit
     return audit
 
 
-def _compare(site: ActorAudit, coordinator: LogReport) -> None:
+def compare_with_coordinator(site: ActorAudit, coordinator: LogReport) -> None:
     found = check_against(site.log, coordinator, site.actor)
     site.findings += found
     site.against = not any(f.level == "error" for f in found)
@@ -443,7 +443,7 @@ def audit_logs(log: Path, key, coordinator_log: Path | None = None, coordinator_
         summary.actors.append(coordinator)
         if actor.role == COORDINATOR:
             raise AuditError(f"{log} is the coordinator's own log; --against compares a site's log with it")
-        _compare(actor, coordinator.log)
+        compare_with_coordinator(actor, coordinator.log)
     return summary
 
 
@@ -492,6 +492,6 @@ def audit_run_dir(run_dir: Path) -> AuditSummary:
                                                 f"directory"))
     for actor, audit in audits.items():
         if actor != COORDINATOR:
-            _compare(audit, coordinator.log)
+            compare_with_coordinator(audit, coordinator.log)
     summary.actors = [coordinator] + [a for name, a in audits.items() if name != COORDINATOR]
     return summary
