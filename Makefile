@@ -28,7 +28,7 @@ demo: $(STAMP)
 # Two workers, one test module each at a time: the deployment tests spend most of their time
 # waiting on real processes (rounds, heartbeats, restarts), so two of them share 2 cores well.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=12 tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.dp_overhead

@@ -350,7 +350,7 @@ Run every command from this folder.
 
    ```sh
    carefl coordinator status --kit . --state-dir state
-   carefl coordinator run --kit . --state-dir state --task ehr --sites {first} --rounds 3
+   carefl coordinator run --kit . --state-dir state --task ehr --sites {first} --rounds 2
    ```
 
 4. Stop the SuperLink:
