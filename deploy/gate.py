@@ -76,6 +76,7 @@ def install(site_config: Path, audit=None) -> None:
     """
     sci, original = check_seam()
     from flwr.app import Error, Message
+    from flwr.supercore.run import RunNotRunningException
 
     from client.audit import log_refusal, message_fields
 
@@ -86,7 +87,12 @@ def install(site_config: Path, audit=None) -> None:
             return None
         message = received[0]
         run_id = message.metadata.run_id
-        run = state.get_run(run_id) or get_run(run_id)
+        try:
+            run = state.get_run(run_id) or get_run(run_id)
+        except RunNotRunningException:  # the run ended meanwhile (e.g. coordinator restarted): as Flower does
+            log.info("ignoring a %s message of run %s, which is no longer running",
+                     message.metadata.message_type, run_id)
+            return None
         reason = refusal_reason(site_config, run.fab_hash)
         if audit is not None:
             audit.append("message", {**message_fields(message), "app_sha256": run.fab_hash,

@@ -79,7 +79,7 @@ def test_a_site_dies_mid_round_then_the_coordinator_crashes_and_the_study_resume
     out = root / "run"
     va_log = kits / "va" / "agent" / "supernode.log"
     seen = va_log.read_text().count("Receiving: train message")
-    config = default_run_config(**{"num-server-rounds": 3, "local-steps": 20, "min-sites": 3, "round-timeout": 20,
+    config = default_run_config(**{"num-server-rounds": 3, "local-steps": 20, "min-sites": 3, "round-timeout": 60,
                                    "sites": "", "out-dir": str(out)})
     coord.submit(config)
     _wait_for(lambda: va_log.read_text().count("Receiving: train message") > seen, 120, "va's first train message")
