@@ -12,14 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from deploy import processes
-from deploy.approval import app_hash, approve
-from deploy.coordinator import Coordinator
-from deploy.provision import load_consortium, provision
 from server.checkpoint import load
 from server.run_dir import read_jsonl
-from tests.helpers import data_dir, default_run_config
-from tests.test_secure_deployment import _add_dataset, _consortium, _wait_online, _wait_run
+from tests.helpers import default_run_config
+from tests.test_secure_deployment import _wait_online, _wait_run, running_consortium
 
 SITES = {"cleveland": "cleveland", "hungarian": "hungarian", "switzerland": "switzerland", "va": "va"}
 
@@ -47,28 +43,8 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def consortium(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    data_dir()
-    kits = root / "kits"
-    provision(load_consortium(_consortium(root, SITES, processes.free_port())), kits)
-    coord = Coordinator(root / "state", kits / "coordinator")
-    agents = []
-    try:
-        coord.start()
-        digest = app_hash(coord.app_dir)
-        for site, centre in SITES.items():
-            _add_dataset(kits / site / "site.toml", centre)
-            approve(kits / site / "site.toml", digest)
-            agents.append(processes.start(
-                site, [processes.tool("carefl"), "site", "start", "--kit", str(kits / site), "--config",
-                       str(kits / site / "site.toml"), "--runtime-port", str(processes.free_port())],
-                processes.flower_env(root / site), root / site / "agent.log"))
-        _wait_online(coord, list(SITES))
-        yield {"root": root, "kits": kits, "coord": coord}
-    finally:
-        for agent in agents:
-            agent.stop()
-        coord.stop()
+    with running_consortium(tmp_path_factory.mktemp("faults"), SITES) as c:
+        yield c
 
 
 def test_a_site_dies_mid_round_then_the_coordinator_crashes_and_the_study_resumes(consortium):

@@ -8,6 +8,7 @@ import re
 import shlex
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -59,31 +60,38 @@ def _wait_run(coord: Coordinator, run_id: int, timeout: float = 300.0) -> str:
     raise AssertionError(f"run {run_id} still {status} after {timeout:.0f}s")
 
 
-@pytest.fixture(scope="module")
-def consortium(tmp_path_factory):
-    root = tmp_path_factory.mktemp("consortium")
+@contextmanager
+def running_consortium(root: Path, sites: dict[str, str], unapproved: tuple[str, ...] = ()):
+    """Kits, a coordinator and one `carefl site start` agent per site (site → heart-disease centre),
+    every site approving the app except ``unapproved``; all stopped by pid on the way out."""
     data_dir()
     kits = root / "kits"
-    provision(load_consortium(_consortium(root, SITES, processes.free_port())), kits)
+    provision(load_consortium(_consortium(root, sites, processes.free_port())), kits)
     coord = Coordinator(root / "state", kits / "coordinator")
     agents = []
     try:
         coord.start()
         digest = app_hash(coord.app_dir)
-        for site, centre in SITES.items():
+        for site, centre in sites.items():
             _add_dataset(kits / site / "site.toml", centre)
-            if site != "site-c":
+            if site not in unapproved:
                 approve(kits / site / "site.toml", digest)
             agents.append(processes.start(
                 site, [processes.tool("carefl"), "site", "start", "--kit", str(kits / site), "--config",
                        str(kits / site / "site.toml"), "--runtime-port", str(processes.free_port())],
                 processes.flower_env(root / site), root / site / "agent.log"))
-        _wait_online(coord, list(SITES))
+        _wait_online(coord, list(sites))
         yield {"root": root, "kits": kits, "coord": coord, "digest": digest}
     finally:
         for agent in agents:
             agent.stop()
         coord.stop()
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory):
+    with running_consortium(tmp_path_factory.mktemp("consortium"), SITES, unapproved=("site-c",)) as c:
+        yield c
 
 
 def test_the_superlink_runs_with_tls_node_auth_persistent_state_and_no_runtime_installs(consortium):
