@@ -62,6 +62,7 @@ def run(train: PatientVolumes, tests: dict[str, PatientVolumes], epochs: int, ev
 def fedavg(data_dir: Path, out: Path, rounds: int, lr: float, batch: int, dp: bool, target_epsilon: float) -> None:
     from client.site import write_site_config
     from deploy.inprocess import run_in_process
+    from deploy.runs import app_run_config
     from server.run_dir import read_jsonl
 
     nodes = {}
@@ -72,7 +73,7 @@ def fedavg(data_dir: Path, out: Path, rounds: int, lr: float, batch: int, dp: bo
                                    dataset="hippocampus", manifest=True, labels=sorted(hippocampus.LABELS),
                                    epsilon_budget=max(target_epsilon, 1.0) * 2, delta=1e-3, allow_non_dp=not dp)
         nodes[10 + i] = {"site-config": str(config)}
-    config = _app_config(task="seg", model="seg-unet3d", **{
+    config = app_run_config(task="seg", model="seg-unet3d", **{
         "num-server-rounds": rounds, "local-epochs": 1, "local-steps": 0, "batch-size": batch, "optimizer": "adam",
         "lr": lr, "dp": dp, "target-epsilon": target_epsilon if dp else 0.0, "noise-multiplier": 0.0,
         "out-dir": str(out / "run"), "round-timeout": 600})
@@ -82,15 +83,6 @@ def fedavg(data_dir: Path, out: Path, rounds: int, lr: float, batch: int, dp: bo
         print(f"fedavg{' DP' if dp else ''} round {record['round']}: mean Dice over sites {record['mean_dice']:.3f}, "
               f"pooled {record['pooled_dice']:.3f}", flush=True)
     print(f"{time.time() - start:.0f}s; summary: {out / 'run' / 'summary.json'}")
-
-
-def _app_config(**overrides) -> dict:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
-    root = Path(__file__).resolve().parent.parent
-    return {**tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"], **overrides}
 
 
 def main() -> None:

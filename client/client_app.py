@@ -21,6 +21,7 @@ from client.tasks import device_for, load_task
 from privacy.accounting import plan_noise, sample_rate
 from privacy.ledger import AlreadyCharged, BudgetExceeded, LedgerError, PrivacyLedger
 from privacy.policy import DPRequest, RequestRefused, check_request
+from shared_models.metrics import PERSONAL_PREFIX
 from shared_models.registry import build_model, model_names
 
 log = logging.getLogger("carefl.site")
@@ -172,5 +173,25 @@ def evaluate(msg: Message, context: Context, audit) -> Message:
     site, task = _site_task(context)
     model = _model_from(msg, task.model_kwargs)
     report = task.evaluate(model, device_for(site))
+    if str(msg.content["config"].get("personalise", "none")) == "finetune":
+        report.update(_personalised_report(msg, context, audit, site, task, model))
     metrics = MetricRecord({"num-examples": task.n_test, **report})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _personalised_report(msg: Message, context: Context, audit, site, task, model) -> dict:
+    """Fine-tune a copy of the global model on this site's training split and evaluate it.
+
+    The fine-tuned model never leaves the site; only its test metrics do, under ``personal-*`` keys.
+    Those metrics are a non-private function of the training data, so the site treats the request
+    like a non-DP round: its policy must allow non-DP use of the dataset.
+    """
+    check_request(task.dataset.policy, DPRequest(enabled=False, noise_multiplier=0.0, clip_norm=0.0), 0.0)
+    settings = training.TrainSettings.from_config(msg.content["config"])
+    task.train(model, settings, device_for(site), DPRequest(enabled=False, noise_multiplier=0.0, clip_norm=0.0),
+               site.max_physical_batch)
+    if audit is not None:
+        audit.append("finetune", {"run_id": str(context.run_id), "dataset": task.dataset.name,
+                                  "round": int(msg.content["config"].get("server-round", 0)),
+                                  "steps": settings.local_steps, "dp": False, "sent": "test metrics only"})
+    return {PERSONAL_PREFIX + k: v for k, v in task.evaluate(model, device_for(site)).items()}

@@ -26,12 +26,16 @@ from server.settings import RunSettings
 console = Console()
 
 
+def app_run_config(**overrides) -> dict:
+    """The app's run config (pyproject.toml's ``[tool.flwr.app.config]``) with ``overrides``."""
+    return {**tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"], **overrides}
+
+
 def check_run_config(rounds, strategy, model, lr, local_steps, extra: dict) -> dict:
     """Overrides for the app's run config, checked here so that mistakes fail before any process starts."""
     given = {"num-server-rounds": rounds, "strategy": strategy, "model": model, "lr": lr, "local-steps": local_steps}
     overrides = {**{k: v for k, v in given.items() if v is not None}, **extra}
-    defaults = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    RunSettings.from_run_config({**defaults, **overrides})
+    RunSettings.from_run_config(app_run_config(**overrides))
     return overrides
 
 

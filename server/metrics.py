@@ -11,16 +11,26 @@ import math
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
-from shared_models.metrics import auc_from_histograms, metrics_from_counts
+from shared_models.metrics import PERSONAL_PREFIX, auc_from_histograms, metrics_from_counts
 from shared_models.seg_metrics import pooled_dice
 
 COUNT_KEYS = ("tp", "fp", "tn", "fn")
 
 
 def pooled_metrics(site_reports: list[dict]) -> dict[str, float]:
-    """Pooled (union of test sets) and mean-centre (each site weighs the same) metrics."""
+    """Pooled (union of test sets) and mean-centre (each site weighs the same) metrics; with
+    personalisation also the same figures over each site's fine-tuned model (``personalised_*``)."""
     if not site_reports:
         return {}
+    result = _pooled(site_reports)
+    if all(f"{PERSONAL_PREFIX}accuracy" in r or f"{PERSONAL_PREFIX}mean-dice" in r for r in site_reports):
+        personal = [{k[len(PERSONAL_PREFIX):]: v for k, v in r.items() if k.startswith(PERSONAL_PREFIX)}
+                    for r in site_reports]
+        result.update({f"personalised_{k}": v for k, v in _pooled(personal).items()})
+    return result
+
+
+def _pooled(site_reports: list[dict]) -> dict[str, float]:
     if "dice-num-1" in site_reports[0]:
         return pooled_segmentation(site_reports)
     totals = {k: sum(int(r[k]) for r in site_reports) for k in COUNT_KEYS}

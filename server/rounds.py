@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, Message, MessageType, MetricRecord
 
 from server.metrics import pooled_metrics
 from server.run_dir import METRICS_FILE, ROUNDS_FILE, RunDirectory
+from shared_models.metrics import PERSONAL_PREFIX
 
 log = logging.getLogger("flwr")
 
@@ -23,6 +24,8 @@ TRAIN_KEYS = {"num-examples": "num_train", "train-loss": "train_loss", "local-st
 EVAL_KEYS = {"num-examples": "num_test", "test-loss": "test_loss", "accuracy": "accuracy", "auc": "auc",
              "sensitivity": "sensitivity", "specificity": "specificity", "f1": "f1",
              "mean-dice": "dice", "dice-1": "dice_1", "dice-2": "dice_2", "iou-1": "iou_1", "iou-2": "iou_2"}
+# With personalisation, the site's fine-tuned model's figures under the same names, prefixed.
+EVAL_KEYS.update({PERSONAL_PREFIX + k: "personal_" + v for k, v in EVAL_KEYS.items() if k != "num-examples"})
 
 
 def _pick(record: MetricRecord, keys: dict[str, str]) -> dict:

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server import checkpoint
 from server.audit import CoordinatorAudit
+from server.live_report import RunReporter
 from server.rounds import RoundRecorder
 from server.run_dir import RunDirectory
 from server.settings import RunSettings
@@ -54,12 +55,16 @@ def main(grid: Grid, context: Context) -> None:
     audit = CoordinatorAudit(Path(settings.audit_log) if settings.audit_log else run_dir.path / "audit.jsonl",
                              Path(settings.audit_key) if settings.audit_key else None, context.run_id)
     audit.run_start(_app_hash(grid), dict(context.run_config), site_ids)
+    reporter = RunReporter(run_dir.path, tensorboard=settings.tensorboard)
     try:
-        _run(grid, context, settings, run_dir, sites, model_kwargs, audit)
+        _run(grid, context, settings, run_dir, sites, model_kwargs, audit, reporter)
     except BaseException as exc:
         audit.run_end(f"failed: {type(exc).__name__}")
         raise
-    audit.run_end("completed")
+    else:
+        audit.run_end("completed")
+    finally:
+        reporter.close()  # report.html of the run as it ended (a failed run too); never raises
 
 
 def _app_hash(grid: Grid) -> str:
@@ -70,7 +75,7 @@ def _app_hash(grid: Grid) -> str:
 
 
 def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirectory, sites, model_kwargs: dict,
-         audit: CoordinatorAudit) -> None:
+         audit: CoordinatorAudit, reporter: RunReporter) -> None:
     site_ids = [s.site_id for s in sites]
     recorder = RoundRecorder(run_dir, site_ids)
     strategy = build_strategy(settings, n_sites=len(sites))
@@ -99,6 +104,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
         result = recorder.end_round(absolute, arrays)
         path = checkpoint.save(run_dir.path, absolute, arrays, strategy, dict(context.run_config))
         audit.checkpoint(absolute, path)
+        reporter.round_done(absolute)
         return result
 
     site_grid = SiteGrid(grid, sites, on_replies, UpdateValidator(max_norm=settings.max_update_norm),
@@ -111,7 +117,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
             num_rounds=remaining,
             timeout=settings.round_timeout,
             train_config=ConfigRecord(settings.train_config()),
-            evaluate_config=ConfigRecord({"model": settings.model}),
+            evaluate_config=ConfigRecord(settings.evaluate_config()),
             evaluate_fn=end_round,
         ).arrays
     else:

@@ -9,6 +9,7 @@ from shared_models.train_request import TrainSettings
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 TASKS = ("ehr", "seg")
+PERSONALISATION = ("none", "finetune")
 
 
 class RunConfigError(ValueError):
@@ -45,6 +46,9 @@ class RunSettings:
     resume_from: str = ""  # a run directory with a checkpoint: continue that run from its last complete round
     audit_log: str = ""   # the coordinator's audit log ("" → <run dir>/audit.jsonl)
     audit_key: str = ""   # its Ed25519 signing key ("" → unsigned)
+    tensorboard: bool = False  # also log each round's metrics to <run dir>/tensorboard (needs the tensorboard package)
+    personalise: str = "none"  # finetune: each site also reports the global model fine-tuned on its own data
+    finetune_steps: int = 100  # local steps of that fine-tuning (same optimizer, lr and batch as training)
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> "RunSettings":
@@ -78,6 +82,8 @@ class RunSettings:
             max_update_norm=float(cfg.get("max-update-norm", 0.0)), round_retries=int(cfg.get("round-retries", 1)),
             resume_from=str(cfg.get("resume-from", "")),
             audit_log=str(cfg.get("audit-log", "")), audit_key=str(cfg.get("audit-key", "")),
+            tensorboard=cfg.get("tensorboard", False) is True,
+            personalise=str(cfg.get("personalise", "none")).lower(), finetune_steps=int(cfg.get("finetune-steps", 100)),
         )
         if s.task not in TASKS:
             problems.append(f"task '{s.task}' is not one of {', '.join(TASKS)}")
@@ -108,6 +114,15 @@ class RunSettings:
             problems.append("'trim-beta' must be in [0, 0.5)")
         if s.byzantine_sites < 0 or s.round_retries < 0 or s.max_update_norm < 0:
             problems.append("'byzantine-sites', 'round-retries' and 'max-update-norm' must be >= 0")
+        if s.personalise not in PERSONALISATION:
+            problems.append(f"'personalise' must be one of {', '.join(PERSONALISATION)}")
+        if s.personalise == "finetune" and s.finetune_steps < 1:
+            problems.append("'finetune-steps' must be >= 1")
+        if s.personalise == "finetune" and s.dp:
+            problems.append("personalise = \"finetune\" needs dp = false: the fine-tuned model's test metrics "
+                            "would release a non-private function of each site's training data")
+        if not isinstance(cfg.get("tensorboard", False), bool):
+            problems.append("'tensorboard' must be true or false")
         if len(set(s.sites)) != len(s.sites):
             problems.append("'sites' names a site twice")
         if problems:
@@ -120,3 +135,9 @@ class RunSettings:
                 "batch-size": self.batch_size, "optimizer": self.optimizer, "lr": self.lr, "seed": self.seed,
                 "dp": self.dp, "noise-multiplier": self.noise_multiplier, "target-epsilon": self.target_epsilon,
                 "clip-norm": self.clip_norm, "num-server-rounds": self.num_rounds}
+
+    def evaluate_config(self) -> dict:
+        """What every site receives with an evaluate message (with fine-tuning: how to fine-tune)."""
+        if self.personalise == "none":
+            return {"model": self.model}
+        return {**self.train_config(), "local-steps": self.finetune_steps, "personalise": self.personalise}

@@ -14,6 +14,8 @@ from sklearn.metrics import roc_auc_score
 
 # Score histogram resolution for pooled AUC: pairs whose scores fall in the same bin count 1/2.
 SCORE_BINS = 50
+# Metric keys of a site's locally fine-tuned model (personalisation) carry this prefix.
+PERSONAL_PREFIX = "personal-"
 
 
 def confusion_counts(scores: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict[str, int]:

@@ -7,11 +7,6 @@ from pathlib import Path
 
 import pytest
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -35,5 +30,6 @@ def site_config(folder: Path, centre: str, **policy) -> Path:
 
 def default_run_config(**overrides) -> dict:
     """The app's own run config from pyproject.toml, with overrides."""
-    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    return {**cfg, **overrides}
+    from deploy.runs import app_run_config
+
+    return app_run_config(**overrides)

@@ -91,3 +91,27 @@ def test_a_site_that_cannot_load_its_data_is_left_out(tmp_path):
     # The broken site cannot even answer the query, so it is not part of the run ...
     _, out = _run(tmp_path, nodes, **{"min-sites": 4})
     assert "broken" not in json.loads((out / "summary.json").read_text())["sites"]
+
+
+def test_finetune_personalisation_reports_each_sites_own_model_beside_the_global_one(tmp_path):
+    grid, out = _run(tmp_path, _nodes(tmp_path, allow_non_dp=True), dp=False, personalise="finetune",
+                     **{"finetune-steps": 30, "local-steps": 10, "lr": 0.05})
+    summary = json.loads((out / "summary.json").read_text())
+    personal = [summary["per_site"][s]["personal_accuracy"] for s in CENTRES]
+    assert summary["personalised_mean_centre_accuracy"] == pytest.approx(sum(personal) / 4)
+    assert 0.5 < summary["personalised_pooled_auc"] <= 1.0
+    # The global model's own figures are still there and differ: each site fine-tuned its own copy.
+    assert personal != [summary["per_site"][s]["accuracy"] for s in CENTRES]
+    site_log = (tmp_path / "sites" / "va").rglob("*.jsonl")
+    assert any('"finetune"' in p.read_text() for p in site_log)
+
+
+def test_a_site_that_forbids_non_dp_use_refuses_to_fine_tune(tmp_path):
+    nodes = _nodes(tmp_path, allow_non_dp=True)
+    nodes[13] = {"site-config": str(site_config(tmp_path / "strict", "va"))}  # allow_non_dp = false
+    cfg = default_run_config(**{"num-server-rounds": 1, "local-steps": 5, "out-dir": str(tmp_path / "run"),
+                                "round-timeout": 5, "dp": False, "personalise": "finetune", "min-sites": 3})
+    grid = InProcessGrid(client_app, nodes, cfg)
+    server_app(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
+    errors = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["site"] == "va"]
+    assert errors and all("forbids training without differential privacy" in r["error"] for r in errors)

@@ -76,6 +76,8 @@ def test_missing_and_mistyped_keys_are_listed(defaults):
     ("server-lr", -1.0, "'server-lr' must be > 0"),
     ("round-timeout", 0, "'round-timeout' must be > 0"),
     ("sites", "va,va", "names a site twice"),
+    ("personalise", "fedbn", "'personalise' must be one of none, finetune"),
+    ("personalise", "finetune", "needs dp = false"),
 ])
 def test_single_problems(defaults, key, value, expected):
     with pytest.raises(RunConfigError, match=expected.replace("(", r"\(")):
