@@ -30,10 +30,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=12 tests $(PYTEST_ARGS)
 
+# Quick pass (< 10 min on 2 cores): prints every table and refreshes docs/BENCHMARKS.md.
+# `make bench ARGS=--full` for the full-size figures (hours); `ARGS="--only scale"` for one module.
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.dp_overhead
-	$(BIN)/python -m benchmarks.seg_dp_overhead --no-stock
-	$(BIN)/python -m benchmarks.heart_disease_results $(or $(ARGS),--seeds 1)
+	$(BIN)/python -m benchmarks $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
