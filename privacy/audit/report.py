@@ -7,10 +7,7 @@ accountant), budget left, refusals and their reasons, data exclusions; per log, 
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import html
-import io
 import json
 import math
 from collections import Counter, defaultdict
@@ -24,20 +21,7 @@ from privacy.audit.verify import (
     compare_with_coordinator,
     verify_log,
 )
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:70em;
-color:#222;line-height:1.4}
-h1{font-size:1.6em}h2{border-bottom:2px solid #ccc;padding-bottom:.2em;margin-top:2em}h3{margin-top:1.5em}
-table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;
-vertical-align:top}th{background:#f3f3f3}.num{text-align:right;font-variant-numeric:tabular-nums}
-.ok{color:#0a7a26;font-weight:600}.bad{color:#b00020;font-weight:600}.warn{color:#a66300;font-weight:600}
-.muted{color:#666}code{font-size:.9em}img{max-width:100%}
-"""
-
-
-def e(value) -> str:
-    return html.escape(str(value), quote=True)
+from shared_models.report_html import e, figure_img, new_figure, page
 
 
 def fmt_eps(value, delta=None) -> str:
@@ -74,16 +58,14 @@ def _status(audit: ActorAudit) -> str:
 
 def _plot(table: DatasetEpsilon) -> str:
     """ε over time for one dataset, with the budget, as an <img> with a base64 PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
     from matplotlib import dates as mdates
-    from matplotlib import pyplot as plt
 
     rows = [r for r in table.rounds if r.dp and r.logged_after is not None and math.isfinite(r.logged_after)]
     if not rows:
         return '<p class="muted">no DP round with a finite ε to plot</p>'
     times = [dt.datetime.strptime(r.time, "%Y-%m-%dT%H:%M:%S.%fZ") for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
+    fig = new_figure(8, 3.6)
+    ax = fig.subplots()
     ax.step(times, [r.logged_after for r in rows], where="post", marker="o", label="ε logged by the site")
     recomputed = [(t, r.recomputed_after) for t, r in zip(times, rows)
                   if r.recomputed_after is not None and math.isfinite(r.recomputed_after)]
@@ -106,11 +88,7 @@ def _plot(table: DatasetEpsilon) -> str:
     ax.set_xlabel("time (UTC)")
     ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img alt="ε over time for {e(table.dataset)}" src="data:image/png;base64,{data}">'
+    return figure_img(fig, f"ε over time for {table.dataset}")
 
 
 def _site_section(audit: ActorAudit) -> str:
@@ -285,9 +263,8 @@ def write_report(log_paths: list[Path], out: Path, public_keys: dict[str, Path] 
                     "report shows what the files say, not that they are authentic.</p>")
     for audit in audits:
         body.append(_coordinator_section(audit) if audit.role == COORDINATOR else _site_section(audit))
-    page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>carefl privacy audit</title>"
-            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+    text = page("carefl privacy audit", "".join(body))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    out.write_text(text, encoding="utf-8")
     return out

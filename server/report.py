@@ -1,0 +1,514 @@
+"""The run report: one self-contained ``report.html`` made from a run directory alone.
+
+It shows what the coordinator already holds and nothing else: the per-site metrics per round
+(``metrics.jsonl``), the federation's pooled and mean-centre metrics (``rounds.jsonl``), each site's
+cumulative ε as the site reported it, the final table (``summary.json``), the errors, and baselines
+when the run directory has them. Plots are PNG inline (``shared_models/report_html.py``); the page
+fetches nothing. A partial run (no ``summary.json`` yet), a run with errors and a run without DP all
+give a report; ``carefl report RUN_DIR`` writes it again at any time.
+
+Baselines (``<run dir>/baselines.json``, or a ``baselines`` entry of ``summary.json``): reference
+figures to compare the federation with, e.g. from a benchmark script::
+
+    {"centralised": {"pooled_auc": 0.86, "pooled_accuracy": 0.80},
+     "local only":  {"mean_centre_accuracy": 0.74}}
+
+label → {metric → value}, with the metric names of ``rounds.jsonl`` / ``metrics.jsonl``; a bare
+number instead of the inner object means the task's headline metric (pooled AUC, or mean Dice).
+Each baseline is a dashed line on every plot of its metric and a row of the final table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.run_dir import METRICS_FILE, ROUNDS_FILE, SUMMARY_FILE, atomic_write_bytes, read_jsonl
+from shared_models.report_html import PALETTE, e, figure_img, new_figure, page
+
+REPORT_FILE = "report.html"
+BASELINES_FILE = "baselines.json"
+AUDIT_FILE = "audit.jsonl"
+
+# Per task: the per-site test metrics plotted and tabled (key, label), the federation metrics of
+# rounds.jsonl, and which federation metric is the mean over sites of a site metric.
+SITE_METRICS = {
+    "ehr": (("accuracy", "accuracy"), ("auc", "AUC"), ("sensitivity", "sensitivity"),
+            ("specificity", "specificity"), ("f1", "F1")),
+    "seg": (("dice", "mean foreground Dice"), ("dice_1", "Dice, label 1"), ("dice_2", "Dice, label 2"),
+            ("iou_1", "IoU, label 1"), ("iou_2", "IoU, label 2")),
+}
+PLOTTED_SITE_METRICS = {"ehr": ("accuracy", "auc", "f1", "test_loss"), "seg": ("dice", "dice_1", "dice_2", "test_loss")}
+FEDERATION_METRICS = {
+    "ehr": (("pooled_auc", "pooled AUC"), ("pooled_accuracy", "pooled accuracy"),
+            ("mean_centre_auc", "mean-centre AUC"), ("mean_centre_accuracy", "mean-centre accuracy"),
+            ("pooled_sensitivity", "pooled sensitivity"), ("pooled_specificity", "pooled specificity"),
+            ("pooled_f1", "pooled F1")),
+    "seg": (("mean_dice", "mean Dice over sites"), ("pooled_dice", "pooled Dice"),
+            ("pooled_dice_1", "pooled Dice, label 1"), ("pooled_dice_2", "pooled Dice, label 2")),
+}
+HEADLINE = {"ehr": "pooled_auc", "seg": "mean_dice"}
+MEAN_OVER_SITES = {"accuracy": "mean_centre_accuracy", "auc": "mean_centre_auc", "dice": "mean_dice"}
+LABELS = {"test_loss": "test loss", "train_loss": "training loss", "epsilon": "ε"}
+FEDERATION_ROWS = {"ehr": (("pooled (all test patients)", "pooled_"), ("mean over sites", "mean_centre_")),
+                   "seg": (("pooled (all test cases)", "pooled_"), ("mean over sites", "mean_"))}
+
+
+class ReportError(ValueError):
+    """The folder is not a run directory; the message says why."""
+
+
+@dataclass
+class RunData:
+    path: Path
+    summary: dict | None
+    metrics: list[dict]
+    rounds: list[dict]
+    baselines: dict[str, dict[str, float]]
+    notes: list[str] = field(default_factory=list)  # problems met while reading, shown in the report
+    run_end: str | None = None  # the coordinator audit log's last run-end status, when the log is here
+
+    @property
+    def config(self) -> dict:
+        return (self.summary or {}).get("config") or {}
+
+    @property
+    def task(self) -> str:
+        task = (self.summary or {}).get("task") or self.config.get("task")
+        if task in SITE_METRICS:
+            return task
+        return "seg" if any("dice" in r for r in self.metrics) else "ehr"
+
+    @property
+    def sites(self) -> list[str]:
+        named = (self.summary or {}).get("sites") or []
+        return list(dict.fromkeys([*named, *(str(r["site"]) for r in self.metrics if "site" in r)]))
+
+    @property
+    def rounds_done(self) -> int:
+        return max([int(r.get("round", 0)) for r in self.rounds + self.metrics] or [0])
+
+    @property
+    def rounds_planned(self) -> int | None:
+        value = (self.summary or {}).get("rounds") or self.config.get("num-server-rounds")
+        return int(value) if isinstance(value, (int, float)) else None
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _read_baselines(path: Path, summary: dict | None, task: str | None, notes: list[str]) -> dict:
+    raw: dict = {}
+    sources = [(f"{SUMMARY_FILE} baselines", (summary or {}).get("baselines"))]
+    if (path / BASELINES_FILE).is_file():
+        try:
+            sources.append((BASELINES_FILE, json.loads((path / BASELINES_FILE).read_text(encoding="utf-8"))))
+        except (OSError, ValueError) as exc:
+            notes.append(f"{BASELINES_FILE} is not readable JSON ({exc}); no baseline shown from it")
+    for where, value in sources:
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            notes.append(f"{where}: expected an object label → {{metric: value}}; ignored")
+            continue
+        for label, metrics in value.items():
+            if _number(metrics) is not None:
+                metrics = {HEADLINE.get(task or "ehr", "pooled_auc"): metrics}
+            if not isinstance(metrics, dict):
+                notes.append(f"{where}: baseline '{label}' is neither a number nor an object; ignored")
+                continue
+            good = {str(k): float(v) for k, v in metrics.items() if _number(v) is not None and math.isfinite(v)}
+            if len(good) < len(metrics):
+                notes.append(f"{where}: baseline '{label}' has non-numeric values; those are ignored")
+            if good:
+                raw[str(label)] = good
+    return raw
+
+
+def _read_run_end(path: Path) -> str | None:
+    """The status of the last run-end record in the run directory's coordinator audit log, if any."""
+    log = path / AUDIT_FILE
+    try:
+        with open(log, "rb") as fh:
+            fh.seek(max(0, log.stat().st_size - 16384))
+            tail = fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(tail):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == "run-end":
+            return str((record.get("payload") or {}).get("status"))
+        if isinstance(record, dict) and record.get("event") == "run-start":
+            return None
+    return None
+
+
+def load_run(path: Path) -> RunData:
+    """Read a run directory; ReportError when there is no run there at all."""
+    path = Path(path)
+    if not path.exists():
+        raise ReportError(f"{path} does not exist")
+    if not path.is_dir():
+        raise ReportError(f"{path} is not a directory (give the run directory that holds {SUMMARY_FILE})")
+    files = [path / name for name in (SUMMARY_FILE, METRICS_FILE, ROUNDS_FILE)]
+    if not any(f.exists() for f in files):
+        raise ReportError(f"{path} is not a carefl run directory: it has none of {SUMMARY_FILE}, {METRICS_FILE}, "
+                          f"{ROUNDS_FILE}")
+    notes: list[str] = []
+    summary = None
+    if files[0].exists():
+        try:
+            summary = json.loads(files[0].read_text(encoding="utf-8"))
+            if not isinstance(summary, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            notes.append(f"{SUMMARY_FILE} could not be read ({exc}); the report uses the per-round files only")
+            summary = None
+    try:
+        metrics = [r for r in read_jsonl(files[1]) if isinstance(r, dict)]
+        rounds = [r for r in read_jsonl(files[2]) if isinstance(r, dict)]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"cannot read the run directory {path}: {exc}") from None
+    run = RunData(path, summary, metrics, rounds, {}, notes, _read_run_end(path))
+    run.baselines = _read_baselines(path, summary, run.task, notes)
+    return run
+
+
+# -- formatting ----------------------------------------------------------------------------------
+
+def _fmt(value, digits: int = 3) -> str:
+    v = _number(value)
+    if v is None:
+        return "—"
+    if math.isinf(v):
+        return "∞"
+    return f"{v:.{digits}f}" if abs(v) < 1000 else f"{v:.4g}"
+
+
+def _label(key: str, task: str) -> str:
+    names = dict(SITE_METRICS[task]) | dict(FEDERATION_METRICS[task]) | LABELS
+    return names.get(key, key.replace("_", " "))
+
+
+def _column_of(key: str) -> str:
+    """The final-table column a federation or baseline metric belongs to (pooled_auc → auc)."""
+    for prefix in ("pooled_", "mean_centre_", "mean_"):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def _status(run: RunData) -> tuple[str, str]:
+    planned = run.rounds_planned
+    done = run.rounds_done
+    of = f"{done} of {planned}" if planned else str(done)
+    if run.run_end and run.run_end != "completed":
+        return "bad", f"stopped ({run.run_end}) after {of} round(s)"
+    if run.summary is not None:
+        completed = int(run.summary.get("rounds_completed", done) or 0)
+        if planned and completed < planned:
+            return "warn", f"finished after {completed} of {planned} round(s)"
+        return "ok", f"completed: {of} round(s)"
+    return "warn", (f"in progress or stopped: {of} round(s) recorded, no {SUMMARY_FILE} yet "
+                    f"(written when the run completes)")
+
+
+# -- plots ---------------------------------------------------------------------------------------
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+
+
+def _site_style(sites: list[str], site: str) -> dict:
+    """Colour and marker of a site; earlier sites get larger markers, so equal values stay visible."""
+    i = sites.index(site)
+    return {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[i % len(MARKERS)],
+            "markersize": max(3.0, 8.0 - 1.2 * i), "linewidth": max(1.0, 2.4 - 0.35 * i)}
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(rounds, values) of one key; a round without a finite value is a gap (NaN) in the line."""
+    by_round = {}
+    for r in records:
+        if "round" in r:
+            v = _number(r.get(key))
+            by_round[int(r["round"])] = v if v is not None and math.isfinite(v) else math.nan
+    xs = sorted(by_round)
+    return xs, [by_round[x] for x in xs]
+
+
+def _style_rounds_axis(ax, rounds_done: int) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(0.5, max(rounds_done, 1) + 0.5)
+    ax.set_xlabel("round")
+    ax.grid(True, alpha=0.3)
+
+
+def _baseline_lines(ax, baselines: dict, key: str, task: str) -> list:
+    styles = ("--", "-.", ":")
+    drawn = []
+    for i, (label, metrics) in enumerate(baselines.items()):
+        if key in metrics:
+            drawn.append(ax.axhline(metrics[key], color="#555", linestyle=styles[i % len(styles)], linewidth=1.2,
+                                    label=f"baseline: {label} ({_label(key, task)} {metrics[key]:.3f})"))
+    return drawn
+
+
+def _plot_federation(run: RunData) -> str:
+    task = run.task
+    keys = [(k, label) for k, label in FEDERATION_METRICS[task][:4]
+            if any(_number(r.get(k)) is not None for r in run.rounds)]
+    if not keys:
+        return '<p class="muted">no round has finished with a federation metric yet</p>'
+    fig = new_figure(9, 3.8)
+    ax = fig.subplots()
+    for i, (key, label) in enumerate(keys):
+        xs, ys = _series(run.rounds, key)
+        ax.plot(xs, ys, marker="o", markersize=4, color=PALETTE[i % len(PALETTE)], label=label)
+        _baseline_lines(ax, run.baselines, key, task)
+    _style_rounds_axis(ax, run.rounds_done)
+    ax.set_title("federation metrics per round (from the sites' aggregate test metrics)", fontsize=10)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    return figure_img(fig, "federation metrics per round")
+
+
+def _plot_sites(run: RunData, keys: list[str], title: str, alt: str, federation: bool = True) -> str:
+    """One panel per metric, one line per site; the federation's mean over sites dashed in black."""
+    task, sites = run.task, run.sites
+    keys = [k for k in keys if any(_number(r.get(k)) is not None for r in run.metrics)]
+    if not keys:
+        return f'<p class="muted">no site has reported {e(alt)} yet</p>'
+    cols = len(keys) if len(keys) <= 3 else 2
+    rows = math.ceil(len(keys) / cols)
+    fig = new_figure({1: 8, 2: 9.5, 3: 11}[cols], 0.6 + 2.9 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    handles = {}
+    for ax, key in zip(axes, keys):
+        for site in sites:
+            xs, ys = _series([r for r in run.metrics if r.get("site") == site], key)
+            (line,) = ax.plot(xs, ys, label=site, **_site_style(sites, site))
+            handles.setdefault(site, line)
+        mean_key = MEAN_OVER_SITES.get(key)
+        if federation and mean_key and any(mean_key in r for r in run.rounds):
+            xs, ys = _series(run.rounds, mean_key)
+            (line,) = ax.plot(xs, ys, color="black", linestyle="--", linewidth=1.5, label="mean over sites")
+            handles.setdefault("mean over sites", line)
+        for line in _baseline_lines(ax, run.baselines, key, task):
+            handles.setdefault(line.get_label(), line)
+        if len(keys) > 1:
+            ax.set_title(_label(key, task), fontsize=10)
+        else:
+            ax.set_ylabel(_label(key, task))
+        _style_rounds_axis(ax, run.rounds_done)
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=11)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 5), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * math.ceil(len(handles) / 5), 1, 1))
+    return figure_img(fig, alt)
+
+
+def _plot_epsilon(run: RunData) -> str:
+    task, sites = run.task, run.sites
+    dp_records = [r for r in run.metrics if _number(r.get("dp")) == 1.0]
+    finite = [r for r in dp_records if _number(r.get("epsilon")) is not None and math.isfinite(r["epsilon"])]
+    if not finite:
+        return ""
+    fig = new_figure(9, 3.8)
+    ax = fig.subplots()
+    top = 0.0
+    for site in sites:
+        mine = [r for r in finite if r.get("site") == site]
+        if not mine:
+            continue
+        xs, ys = _series(mine, "epsilon")
+        deltas = sorted({r["delta"] for r in mine if _number(r.get("delta")) is not None})
+        label = f"{site} (δ={', '.join(f'{d:g}' for d in deltas)})" if deltas else site
+        ax.plot(xs, ys, label=label, **_site_style(sites, site))
+        top = max([top, *ys])
+        budgets = sorted({r["epsilon_budget"] for r in mine if _number(r.get("epsilon_budget")) is not None})
+        for budget in budgets:  # a site's own lifetime budget, when its replies carry it
+            ax.axhline(budget, color=_site_style(sites, site)["color"], linestyle=":", linewidth=1.2, label=f"{site} budget ε={budget:g}")
+            top = max(top, budget)
+    target = _number(run.config.get("target-epsilon"))
+    if run.config.get("dp", True) and target and target > 0:
+        ax.axhline(target, color="#b00020", linestyle="--", linewidth=1.5,
+                   label=f"study target ε={target:g} (each site sized σ for it)")
+        top = max(top, target)
+    ax.set_ylim(0, top * 1.15 if top > 0 else 1)
+    ax.set_ylabel("cumulative ε (site's lifetime)")
+    ax.set_title("ε per site after each round, as each site's ledger reported it", fontsize=10)
+    _style_rounds_axis(ax, run.rounds_done)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    return figure_img(fig, "epsilon per site per round")
+
+
+# -- sections ------------------------------------------------------------------------------------
+
+def _overview(run: RunData) -> str:
+    s, cfg = run.summary or {}, run.config
+    cls, status = _status(run)
+    dp = s.get("dp") or {}
+    if not (cfg or dp):
+        dp_html = e("unknown (no run configuration in this directory yet)")
+    elif dp.get("enabled", cfg.get("dp")):
+        sigma, target = _number(cfg.get("noise-multiplier")), _number(cfg.get("target-epsilon"))
+        how = (f"σ = {sigma:g} asked of every site" if sigma else
+               f"each site sized σ for a study ε of {target:g}" if target else "on")
+        dp_html = e(f"patient-level DP-SGD ({how}, clip norm {_fmt(cfg.get('clip-norm'), 2)})")
+    else:
+        dp_html = '<span class="bad">off: sites released updates without differential privacy</span>'
+    rows = [
+        ("status", f'<span class="{cls}">{e(status)}</span>'),
+        ("run", e(s.get("run_id", "—"))),
+        ("task", e(f"{run.task}" + (f" ({s['dataset']})" if s.get("dataset") else ""))),
+        ("model", e(s.get("model") or cfg.get("model") or "—")),
+        ("strategy", e(s.get("strategy") or cfg.get("strategy") or "—")),
+        ("sites", e(", ".join(run.sites) or "—")),
+        ("differential privacy", dp_html),
+    ]
+    if _number(s.get("seconds")) is not None:
+        rows.append(("duration", e(f"{s['seconds']:.0f} s")))
+    if s.get("data_note"):
+        rows.append(("data", e(s["data_note"])))
+    return "<table>" + "".join(f"<tr><th>{e(k)}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
+
+
+def _last_good(run: RunData) -> dict[str, dict]:
+    """Each site's latest record without an error (a partial run has no summary.json)."""
+    last: dict[str, dict] = {}
+    for r in run.metrics:
+        if "site" in r and "error" not in r:
+            last[str(r["site"])] = r
+    return last
+
+
+def _final_table(run: RunData) -> str:
+    task = run.task
+    columns = list(SITE_METRICS[task])
+    per_site = (run.summary or {}).get("per_site") or _last_good(run)
+    source = (f"from {SUMMARY_FILE}" if (run.summary or {}).get("per_site")
+              else "each site's latest round without an error (the run has no summary yet)")
+    final_round = run.rounds[-1] if run.rounds else {}
+    head = ("<tr><th>site / federation</th><th>train</th><th>test</th>" + "".join(f"<th>{e(lab)}</th>"
+            for _, lab in columns) + "<th>ε (lifetime)</th></tr>")
+    body = []
+    for site in run.sites:
+        m = per_site.get(site) or {}
+        if _number(m.get("dp")) == 0.0:
+            eps = '<span class="bad">no DP</span>'
+        elif _number(m.get("epsilon")) is not None:
+            eps = e(_fmt(m["epsilon"]) + (f" (δ={m['delta']:g})" if _number(m.get("delta")) is not None else ""))
+        else:
+            eps = "—"
+        body.append(f"<tr><td>{e(site)}</td><td class=num>{e(m.get('num_train', '—'))}</td>"
+                    f"<td class=num>{e(m.get('num_test', '—'))}</td>"
+                    + "".join(f"<td class=num>{_fmt(m.get(k))}</td>" for k, _ in columns) + f"<td class=nowrap>{eps}</td></tr>")
+    federation = run.summary if (run.summary or {}).get("per_site") else final_round
+    for label, prefix in FEDERATION_ROWS[task]:
+        values = {_column_of(k): v for k, v in (federation or {}).items() if k.startswith(prefix)}
+        if any(_number(values.get(k)) is not None for k, _ in columns):
+            body.append(f"<tr><th>{e(label)}</th><td></td><td></td>"
+                        + "".join(f"<td class=num><b>{_fmt(values.get(k))}</b></td>" for k, _ in columns)
+                        + "<td></td></tr>")
+    for label, metrics in run.baselines.items():
+        values = {_column_of(k): v for k, v in metrics.items()}
+        other = [f"{_label(k, task)} {_fmt(v)}" for k, v in metrics.items()
+                 if _column_of(k) not in dict(columns)]
+        body.append(f'<tr class="muted"><td>baseline: {e(label)}</td><td></td><td></td>'
+                    + "".join(f"<td class=num>{_fmt(values.get(k))}</td>" for k, _ in columns)
+                    + f"<td>{e('; '.join(other))}</td></tr>")
+    note = (f'<p class="muted">Per site: its test metrics of the final global model ({e(source)}). '
+            f"Pooled: over all sites' test {'patients' if task == 'ehr' else 'cases'}, from counts "
+            f"{'and score histograms ' if task == 'ehr' else ''}the sites sent; mean over sites: each site "
+            f"weighs the same.</p>")
+    return f"<table>{head}{''.join(body)}</table>{note}"
+
+
+def _errors(run: RunData) -> str:
+    failed = [r for r in run.metrics if "error" in r]
+    if not failed:
+        return "<p>none: every site replied in every recorded round</p>"
+    rows = "".join(f"<tr><td class=num>{e(r.get('round'))}</td><td>{e(r.get('site'))}</td><td>{e(r['error'])}</td>"
+                   f"</tr>" for r in failed)
+    return (f"<p>{len(failed)} site-round(s) without a usable reply; the site's curve has a gap there.</p>"
+            f"<table><tr><th>round</th><th>site</th><th>reason (as the site or the coordinator gave it)</th></tr>"
+            f"{rows}</table>")
+
+
+def _rounds_table(run: RunData) -> str:
+    if not run.rounds:
+        return ""
+    keys = [k for k, _ in FEDERATION_METRICS[run.task] if any(k in r for r in run.rounds)]
+    head = ("<tr><th>round</th><th>sites replied</th><th>seconds</th>"
+            + "".join(f"<th>{e(_label(k, run.task))}</th>" for k in keys) + "</tr>")
+    rows = "".join(f"<tr><td class=num>{e(r.get('round'))}</td><td>{e(', '.join(r.get('sites_replied') or []))}</td>"
+                   f"<td class=num>{_fmt(r.get('seconds'), 1)}</td>"
+                   + "".join(f"<td class=num>{_fmt(r.get(k))}</td>" for k in keys) + "</tr>" for r in run.rounds)
+    return f"<details><summary>every round ({len(run.rounds)})</summary><table>{head}{rows}</table></details>"
+
+
+def _privacy_section(run: RunData) -> str:
+    dp_values = {_number(r.get("dp")) for r in run.metrics if "dp" in r}
+    if run.config.get("dp") is False or dp_values == {0.0}:
+        return ('<p class="bad">Differential privacy was off in this run: the sites that allowed it '
+                "(allow_non_dp) released undefended updates, so no ε is stated.</p>")
+    plot = _plot_epsilon(run)
+    if not plot:
+        return '<p class="muted">no site has reported an ε yet</p>'
+    parts = [plot, '<p class="muted">ε is per patient, cumulative over the dataset\'s lifetime at the site (all '
+                   "runs), each with the δ the site reported. Each site's lifetime budget is its own policy and "
+                   "is enforced there; a site refuses a round that would exceed it (that refusal is listed under "
+                   "errors). The site's privacy officer sees the budget with <code>carefl site budget</code>.</p>"]
+    if 0.0 in dp_values:
+        parts.append('<p class="bad">Some rounds ran without DP (see the final table).</p>')
+    return "".join(parts)
+
+
+def render(run: RunData) -> str:
+    """The report page of a loaded run directory."""
+    task = run.task
+    generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    site_keys = list(PLOTTED_SITE_METRICS[task])
+    body = [
+        f"<h1>carefl run report: {e(run.path.name)}</h1>",
+        f'<p class="muted">generated {e(generated)} from <code>{e(run.path)}</code>. It holds only what the '
+        f"coordinator received: each site's aggregate test metrics, training loss and ε per round. No "
+        f"patient-level value leaves a site.</p>",
+        *[f'<p class="warn">{e(n)}</p>' for n in run.notes],
+        _overview(run),
+        "<h2>Final results</h2>", _final_table(run),
+        "<h2>Federation metrics per round</h2>", _plot_federation(run), _rounds_table(run),
+        "<h2>Test metrics per site and round</h2>",
+        _plot_sites(run, site_keys, "test metrics of the global model at each site", "test metrics per site"),
+        "<h2>Training loss per site and round</h2>",
+        _plot_sites(run, ["train_loss"], "mean local training loss at each site (before aggregation)",
+                    "training loss per site", federation=False),
+        "<h2>Privacy: ε per site and round</h2>", _privacy_section(run),
+        "<h2>Errors and missing replies</h2>", _errors(run),
+    ]
+    if run.config:
+        rows = "".join(f"<tr><td><code>{e(k)}</code></td><td>{e(v)}</td></tr>" for k, v in sorted(run.config.items()))
+        body.append(f"<h2>Run configuration</h2><details><summary>{len(run.config)} settings</summary>"
+                    f"<table>{rows}</table></details>")
+    return page(f"carefl run {run.path.name}", "".join(body))
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> Path:
+    """Render ``run_dir`` into ``out`` (default ``<run_dir>/report.html``), atomically."""
+    run = load_run(Path(run_dir))
+    target = Path(out) if out is not None else run.path / REPORT_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target, render(run).encode("utf-8"))
+    return target
