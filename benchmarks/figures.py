@@ -58,7 +58,7 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 
 
 def _pattern(key: str) -> re.Pattern:
-    return re.compile(rf"(<!-- bench:{re.escape(key)} -->\n)(.*?)(\n<!-- /bench:{re.escape(key)} -->)", re.S)
+    return re.compile(rf"(<!-- bench:{re.escape(key)} -->\n)(.*?)(<!-- /bench:{re.escape(key)} -->)", re.S)
 
 
 def update_document(path: Path, figures: list[Figure]) -> list[str]:
@@ -69,7 +69,7 @@ def update_document(path: Path, figures: list[Figure]) -> list[str]:
         block = fig.markdown()
         pattern = _pattern(fig.key)
         if pattern.search(text):
-            text = pattern.sub(lambda m: m.group(1) + block + m.group(3), text, count=1)
+            text = pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(3), text, count=1)
         else:
             missing.append(fig.key)
             text = text.rstrip("\n") + f"\n\n## {fig.title}\n\n<!-- bench:{fig.key} -->\n{block}\n<!-- /bench:{fig.key} -->\n"
