@@ -25,7 +25,7 @@ from privacy.ledger import LedgerError, PrivacyLedger
 from privacy.policy import PolicyError, default_delta
 from rich.table import Table
 from server.run_dir import json_safe
-from deploy import cli_audit, cli_deploy
+from deploy import cli_audit, cli_deploy, cli_ehr
 from deploy.approval import ApprovalError
 from deploy.coordinator import DeploymentError
 from deploy.provision import ProvisionError
@@ -47,6 +47,8 @@ app.command("provision")(cli_deploy.provision_cmd)
 site_app.command("keygen")(cli_deploy.site_keygen)
 site_app.command("approve")(cli_deploy.site_approve)
 site_app.command("start")(cli_deploy.site_start)
+data_app.command("synth-ehr")(cli_ehr.synth_ehr)
+data_app.command("validate-extract")(cli_ehr.validate_extract)
 
 USER_ERRORS = (SiteError, DeploymentError, RunConfigError, SiteSelectionError, LedgerError, PolicyError,
                ProvisionError, ApprovalError, AuditError)

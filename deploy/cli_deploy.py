@@ -19,7 +19,7 @@ from rich.table import Table
 
 from client.errors import SiteError
 from client.site import HEART_DISEASE, SiteConfig
-from deploy import site_agent
+from deploy import cli_report, site_agent
 from deploy.approval import app_hash, approve
 from deploy.coordinator import APP_DIR, Coordinator, DeploymentError, running_superlink, stop_background
 from deploy.provision import add_site, load_consortium, provision, write_keygen
@@ -117,6 +117,7 @@ def coordinator_run(
     local_steps: Optional[int] = typer.Option(None),
     target_epsilon: Optional[float] = typer.Option(None, help="Study ε each site sizes its noise for."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default <state-dir>/runs/<time>-<task>)."),
+    tensorboard: bool = cli_report.TensorBoardFlag,
 ) -> None:
     """Submit a study to the named sites and follow it round by round (or resume one after a crash)."""
     coord = _running(kit, state_dir)
@@ -140,7 +141,8 @@ def coordinator_run(
         raise DeploymentError(f"site(s) {', '.join(unknown)} are not registered at this coordinator "
                               f"(known: {', '.join(coord.site_nodes()) or 'none'})")
     out = (out or coord.state_dir / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{task}").resolve()
-    extra = {"task": task, "sites": ",".join(names), "out-dir": str(out), "min-sites": min_sites or len(names)}
+    extra = {"task": task, "sites": ",".join(names), "out-dir": str(out), "min-sites": min_sites or len(names),
+             **cli_report.tensorboard_config(tensorboard)}
     if task == "seg":
         extra.update({"model": model or "seg-unet3d", "batch-size": 4, "optimizer": "adam", "lr": lr or 2e-3})
     if target_epsilon is not None:

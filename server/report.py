@@ -55,6 +55,8 @@ MEAN_OVER_SITES = {"accuracy": "mean_centre_accuracy", "auc": "mean_centre_auc",
 LABELS = {"test_loss": "test loss", "train_loss": "training loss", "epsilon": "ε"}
 FEDERATION_ROWS = {"ehr": (("pooled (all test patients)", "pooled_"), ("mean over sites", "mean_centre_")),
                    "seg": (("pooled (all test cases)", "pooled_"), ("mean over sites", "mean_"))}
+# With personalise = finetune (docs/OPERATIONS.md) a site also reports its fine-tuned model's figures.
+PERSONAL, PERSONALISED = "personal_", "personalised_"
 
 
 class ReportError(ValueError):
@@ -70,10 +72,12 @@ class RunData:
     baselines: dict[str, dict[str, float]]
     notes: list[str] = field(default_factory=list)  # problems met while reading, shown in the report
     run_end: str | None = None  # the coordinator audit log's last run-end status, when the log is here
+    started: dict = field(default_factory=dict)  # that log's run-start (config, sites) for a partial run
+    unfinished: list[dict] = field(default_factory=list)  # its rejections in a round that never completed
 
     @property
     def config(self) -> dict:
-        return (self.summary or {}).get("config") or {}
+        return (self.summary or {}).get("config") or self.started.get("config") or {}
 
     @property
     def task(self) -> str:
@@ -84,7 +88,7 @@ class RunData:
 
     @property
     def sites(self) -> list[str]:
-        named = (self.summary or {}).get("sites") or []
+        named = (self.summary or {}).get("sites") or self.started.get("sites") or []
         return list(dict.fromkeys([*named, *(str(r["site"]) for r in self.metrics if "site" in r)]))
 
     @property
@@ -129,25 +133,35 @@ def _read_baselines(path: Path, summary: dict | None, task: str | None, notes: l
     return raw
 
 
-def _read_run_end(path: Path) -> str | None:
-    """The status of the last run-end record in the run directory's coordinator audit log, if any."""
+def _read_audit(path: Path, whole: bool) -> tuple[dict | None, str | None, list[dict]]:
+    """From the coordinator's audit log in the run directory (when it is there): the last run-start
+    payload (run id, config, sites), that run's end status and its rejections (round, site, reason).
+    ``whole=False`` reads only the tail (enough for the status of a finished run)."""
     log = path / AUDIT_FILE
+    start, status, rejections = None, None, []
     try:
         with open(log, "rb") as fh:
-            fh.seek(max(0, log.stat().st_size - 16384))
-            tail = fh.read().decode("utf-8", "replace").splitlines()
+            if not whole:
+                fh.seek(max(0, log.stat().st_size - 16384))
+            for line in fh:
+                if not any(tag in line for tag in (b'"run-start"', b'"run-end"', b'"rejection"')):
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                payload = record.get("payload") if isinstance(record, dict) else None
+                if not isinstance(payload, dict):
+                    continue
+                if record.get("event") == "run-start":
+                    start, status, rejections = payload, None, []
+                elif record.get("event") == "run-end":
+                    status = str(payload.get("status"))
+                elif record.get("event") == "rejection":
+                    rejections.append(payload)
     except OSError:
-        return None
-    for line in reversed(tail):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("event") == "run-end":
-            return str((record.get("payload") or {}).get("status"))
-        if isinstance(record, dict) and record.get("event") == "run-start":
-            return None
-    return None
+        return None, None, []
+    return start, status, rejections
 
 
 def load_run(path: Path) -> RunData:
@@ -176,7 +190,10 @@ def load_run(path: Path) -> RunData:
         rounds = [r for r in read_jsonl(files[2]) if isinstance(r, dict)]
     except (OSError, UnicodeDecodeError) as exc:
         raise ReportError(f"cannot read the run directory {path}: {exc}") from None
-    run = RunData(path, summary, metrics, rounds, {}, notes, _read_run_end(path))
+    started, run_end, rejections = _read_audit(path, whole=summary is None)
+    run = RunData(path, summary, metrics, rounds, {}, notes, run_end, started or {})
+    # what stopped a run mid-round: its replies never reached metrics.jsonl, the audit log has them
+    run.unfinished = [r for r in rejections if isinstance(r.get("round"), int) and r["round"] > run.rounds_done]
     run.baselines = _read_baselines(path, summary, run.task, notes)
     return run
 
@@ -243,22 +260,27 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, [by_round[x] for x in xs]
 
 
-def _style_rounds_axis(ax, rounds_done: int) -> None:
+def _style_rounds_axis(ax, run: RunData) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlim(0.5, max(rounds_done, 1) + 0.5)
+    last = max(run.rounds_done, run.rounds_planned or 0, 1)
+    if last <= 15:
+        ax.set_xticks(range(1, last + 1))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(0.5, last + 0.5)
     ax.set_xlabel("round")
     ax.grid(True, alpha=0.3)
 
 
-def _baseline_lines(ax, baselines: dict, key: str, task: str) -> list:
-    styles = ("--", "-.", ":")
+def _baseline_lines(ax, baselines: dict, key: str, task: str, color: str = "#555") -> list:
+    """Each baseline of ``key`` as a horizontal line (one dash style per baseline)."""
+    styles = ((0, (6, 3)), (0, (6, 2, 1, 2)), (0, (1, 2)), (0, (10, 4)))
     drawn = []
     for i, (label, metrics) in enumerate(baselines.items()):
         if key in metrics:
-            drawn.append(ax.axhline(metrics[key], color="#555", linestyle=styles[i % len(styles)], linewidth=1.2,
-                                    label=f"baseline: {label} ({_label(key, task)} {metrics[key]:.3f})"))
+            drawn.append(ax.axhline(metrics[key], color=color, linestyle=styles[i % len(styles)], linewidth=1.3,
+                                    label=f"baseline {label}: {_label(key, task)} {metrics[key]:.3f}"))
     return drawn
 
 
@@ -273,8 +295,12 @@ def _plot_federation(run: RunData) -> str:
     for i, (key, label) in enumerate(keys):
         xs, ys = _series(run.rounds, key)
         ax.plot(xs, ys, marker="o", markersize=4, color=PALETTE[i % len(PALETTE)], label=label)
-        _baseline_lines(ax, run.baselines, key, task)
-    _style_rounds_axis(ax, run.rounds_done)
+        if any(PERSONALISED + key in r for r in run.rounds):
+            xs, ys = _series(run.rounds, PERSONALISED + key)
+            ax.plot(xs, ys, marker="^", markersize=4, linestyle=":", color=PALETTE[i % len(PALETTE)],
+                    label=f"{label}, fine-tuned at each site")
+        _baseline_lines(ax, run.baselines, key, task, color=PALETTE[i % len(PALETTE)])
+    _style_rounds_axis(ax, run)
     ax.set_title("federation metrics per round (from the sites' aggregate test metrics)", fontsize=10)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
@@ -308,7 +334,7 @@ def _plot_sites(run: RunData, keys: list[str], title: str, alt: str, federation:
             ax.set_title(_label(key, task), fontsize=10)
         else:
             ax.set_ylabel(_label(key, task))
-        _style_rounds_axis(ax, run.rounds_done)
+        _style_rounds_axis(ax, run)
     for ax in axes[len(keys):]:
         ax.set_visible(False)
     fig.suptitle(title, fontsize=11)
@@ -348,7 +374,7 @@ def _plot_epsilon(run: RunData) -> str:
     ax.set_ylim(0, top * 1.15 if top > 0 else 1)
     ax.set_ylabel("cumulative ε (site's lifetime)")
     ax.set_title("ε per site after each round, as each site's ledger reported it", fontsize=10)
-    _style_rounds_axis(ax, run.rounds_done)
+    _style_rounds_axis(ax, run)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     return figure_img(fig, "epsilon per site per round")
@@ -371,7 +397,7 @@ def _overview(run: RunData) -> str:
         dp_html = '<span class="bad">off: sites released updates without differential privacy</span>'
     rows = [
         ("status", f'<span class="{cls}">{e(status)}</span>'),
-        ("run", e(s.get("run_id", "—"))),
+        ("run", e(s.get("run_id", run.started.get("run_id", "—")))),
         ("task", e(f"{run.task}" + (f" ({s['dataset']})" if s.get("dataset") else ""))),
         ("model", e(s.get("model") or cfg.get("model") or "—")),
         ("strategy", e(s.get("strategy") or cfg.get("strategy") or "—")),
@@ -404,6 +430,12 @@ def _final_table(run: RunData) -> str:
     head = ("<tr><th>site / federation</th><th>train</th><th>test</th>" + "".join(f"<th>{e(lab)}</th>"
             for _, lab in columns) + "<th>ε (lifetime)</th></tr>")
     body = []
+
+    def values_row(label: str, values: dict, cls: str = "", bold: bool = False) -> str:
+        cells = "".join(f"<td class=num>{'<b>' if bold else ''}{_fmt(values.get(k))}{'</b>' if bold else ''}</td>"
+                        for k, _ in columns)
+        return f'<tr{cls}><th>{e(label)}</th><td></td><td></td>{cells}<td></td></tr>'
+
     for site in run.sites:
         m = per_site.get(site) or {}
         if _number(m.get("dp")) == 0.0:
@@ -415,13 +447,16 @@ def _final_table(run: RunData) -> str:
         body.append(f"<tr><td>{e(site)}</td><td class=num>{e(m.get('num_train', '—'))}</td>"
                     f"<td class=num>{e(m.get('num_test', '—'))}</td>"
                     + "".join(f"<td class=num>{_fmt(m.get(k))}</td>" for k, _ in columns) + f"<td class=nowrap>{eps}</td></tr>")
+        personal = {k[len(PERSONAL):]: v for k, v in m.items() if k.startswith(PERSONAL)}
+        if personal:
+            body.append(values_row(f"{site}, fine-tuned at the site", personal, ' class="muted"'))
     federation = run.summary if (run.summary or {}).get("per_site") else final_round
-    for label, prefix in FEDERATION_ROWS[task]:
-        values = {_column_of(k): v for k, v in (federation or {}).items() if k.startswith(prefix)}
+    rows = [*FEDERATION_ROWS[task], *((f"{label}, fine-tuned at each site", PERSONALISED + prefix)
+                                      for label, prefix in FEDERATION_ROWS[task])]
+    for label, prefix in rows:
+        values = {k[len(prefix):]: v for k, v in (federation or {}).items() if k.startswith(prefix)}
         if any(_number(values.get(k)) is not None for k, _ in columns):
-            body.append(f"<tr><th>{e(label)}</th><td></td><td></td>"
-                        + "".join(f"<td class=num><b>{_fmt(values.get(k))}</b></td>" for k, _ in columns)
-                        + "<td></td></tr>")
+            body.append(values_row(label, values, bold=True))
     for label, metrics in run.baselines.items():
         values = {_column_of(k): v for k, v in metrics.items()}
         other = [f"{_label(k, task)} {_fmt(v)}" for k, v in metrics.items()
@@ -438,13 +473,17 @@ def _final_table(run: RunData) -> str:
 
 def _errors(run: RunData) -> str:
     failed = [r for r in run.metrics if "error" in r]
-    if not failed:
+    if not failed and not run.unfinished:
         return "<p>none: every site replied in every recorded round</p>"
-    rows = "".join(f"<tr><td class=num>{e(r.get('round'))}</td><td>{e(r.get('site'))}</td><td>{e(r['error'])}</td>"
-                   f"</tr>" for r in failed)
-    return (f"<p>{len(failed)} site-round(s) without a usable reply; the site's curve has a gap there.</p>"
+    rows = [(str(r.get("round")), r.get("site"), r["error"]) for r in failed]
+    rows += [(f"{r['round']} (not completed)", r.get("site"), r.get("reason")) for r in run.unfinished]
+    cells = "".join(f"<tr><td class=num>{e(n)}</td><td>{e(site)}</td><td>{e(reason)}</td></tr>"
+                    for n, site, reason in rows)
+    return (f"<p>{len(failed)} site-round(s) without a usable reply; the site's curve has a gap there."
+            + (" The run stopped in a round whose failures come from the coordinator's audit log."
+               if run.unfinished else "") + "</p>"
             f"<table><tr><th>round</th><th>site</th><th>reason (as the site or the coordinator gave it)</th></tr>"
-            f"{rows}</table>")
+            f"{cells}</table>")
 
 
 def _rounds_table(run: RunData) -> str:

@@ -4,6 +4,9 @@
 ``<out>/rounds.jsonl``   one JSON record per round (pooled and mean-centre metrics)
 ``<out>/final_model.pt`` the global model (state dict plus what is needed to rebuild it)
 ``<out>/summary.json``   task, model, strategy, rounds, sites, per-site and federation metrics
+``<out>/report.html``    the run report drawn from the files above (server/report.py)
+``<out>/baselines.json`` optional, written by others: label → {metric: value} reference lines for the report
+``<out>/tensorboard/``   with ``tensorboard = true``: the same per-round numbers as TensorBoard events
 
 Every file is written atomically (temp file + rename) or appended whole lines, so a reader never
 sees half a record.

@@ -34,11 +34,19 @@ def _seg_unet3d(n_features: int | None = None, **kwargs) -> nn.Module:
     return unet3d(**kwargs)
 
 
+# The sequence model needs Opacus (DPGRU), a ~2.5 s import the registry itself does not pay.
+def _ehr_gru_attn(n_features: int, **kwargs) -> nn.Module:
+    from shared_models.sequence import VisitAttentionGRU
+    return VisitAttentionGRU(n_features, **kwargs)
+
+
 _REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec("ehr-logreg", "ehr", LogisticRegression, "logistic regression (one linear layer)"),
         ModelSpec("ehr-mlp", "ehr", MLP, "MLP, 2 hidden layers of 64 with LayerNorm"),
+        ModelSpec("ehr-gru-attn", "ehr-seq", _ehr_gru_attn,
+                  "GRU (Opacus DPGRU, 32) over a patient's visits + attention pooling; forward(x, lengths)"),
         ModelSpec("seg-unet2d", "seg", _seg_unet2d,
                   "MONAI 2-D U-Net (16,32,64,128), instance norm, ReLU, 1×1-conv + pixel-shuffle up-sampling; DP-ready"),
         ModelSpec("seg-unet3d", "seg", _seg_unet3d,
