@@ -59,5 +59,5 @@ def follow(fed, run_config: dict, out: Path, poll: float = 2.0) -> dict:
         raise DeploymentError(f"run {run_id} ended with status '{status}'. Last coordinator log lines:\n{tail}")
     summary = json.loads(summary_path.read_text())
     console.print(summary_table(summary))
-    console.print(f"run directory: {out}  (summary.json, metrics.jsonl, final_model.pt)")
+    console.print(f"run directory: {out}  (report.html, summary.json, metrics.jsonl, final_model.pt)")
     return summary
