@@ -25,7 +25,7 @@ from privacy.ledger import LedgerError, PrivacyLedger
 from privacy.policy import PolicyError, default_delta
 from rich.table import Table
 from server.run_dir import json_safe
-from deploy import cli_audit, cli_deploy, cli_ehr
+from deploy import cli_audit, cli_deploy, cli_ehr, cli_report
 from deploy.approval import ApprovalError
 from deploy.coordinator import DeploymentError
 from deploy.provision import ProvisionError
@@ -47,6 +47,8 @@ app.command("provision")(cli_deploy.provision_cmd)
 site_app.command("keygen")(cli_deploy.site_keygen)
 site_app.command("approve")(cli_deploy.site_approve)
 site_app.command("start")(cli_deploy.site_start)
+site_app.command("report")(cli_report.site_report_cmd)
+app.command("report")(cli_report.report_cmd)
 data_app.command("synth-ehr")(cli_ehr.synth_ehr)
 data_app.command("validate-extract")(cli_ehr.validate_extract)
 
@@ -86,6 +88,7 @@ def demo(
     target_epsilon: Optional[float] = typer.Option(None, help="Study ε each site sizes its noise for (default 4)."),
     epsilon_budget: float = typer.Option(10.0, help="Lifetime ε budget written into each demo site's policy."),
     seg_cases: int = typer.Option(30, min=4, help="seg: hippocampus cases per site (DICOM written per run)."),
+    tensorboard: bool = cli_report.TensorBoardFlag,
 ) -> None:
     """A real consortium on 127.0.0.1: kits, TLS, authenticated sites that approved the app, then one run."""
     if task not in ("ehr", "seg"):
@@ -103,7 +106,7 @@ def demo(
         sites = dict(configs)
         extra = {"task": "seg", "model": model or "seg-unet3d", "batch-size": 4, "optimizer": "adam",
                  "lr": lr or 2e-3, "local-epochs": 2}
-    extra.update({"sites": ",".join(sites), "out-dir": str(out)})
+    extra.update({"sites": ",".join(sites), "out-dir": str(out), **cli_report.tensorboard_config(tensorboard)})
     if target_epsilon is not None:
         extra["target-epsilon"] = target_epsilon
     run_config = check_run_config(rounds, strategy, model, lr, local_steps, extra)
@@ -123,13 +126,15 @@ def simulate(
     local_steps: Optional[int] = typer.Option(None),
     data_dir: Optional[Path] = DataDir,
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<time>-sim)."),
+    tensorboard: bool = cli_report.TensorBoardFlag,
 ) -> None:
     """The same apps on Flower's simulation engine (Ray), for studies with many sites."""
     _heart_disease_files(data_dir)
     root, _ = resolve_data_dir(data_dir)
     out = _out_dir(out, "sim")
     run_config = check_run_config(rounds, strategy, model, lr, local_steps,
-                             {"sim-data-dir": str(root), "out-dir": str(out), "min-sites": sites})
+                             {"sim-data-dir": str(root), "out-dir": str(out), "min-sites": sites,
+                              **cli_report.tensorboard_config(tensorboard)})
     with LocalFederation(out / "deployment", {}, simulated_sites=sites) as fed:
         follow(fed, run_config, out)
 
