@@ -19,8 +19,10 @@ from client.errors import SiteError
 from client.site import DatasetConfig, site_from_configs
 from client.tasks import device_for, load_task
 from privacy.accounting import plan_noise, sample_rate
+from privacy.gaussian import MECHANISM_STEP_RATE, noisy_sum
 from privacy.ledger import AlreadyCharged, BudgetExceeded, LedgerError, PrivacyLedger
-from privacy.policy import DPRequest, RequestRefused, check_request
+from privacy.policy import DPRequest, RequestRefused, check_request, check_stats_request
+from shared_models.feature_stats import l2_bound
 from shared_models.metrics import PERSONAL_PREFIX
 from shared_models.registry import build_model, model_names
 
@@ -77,9 +79,12 @@ def _model_from(msg: Message, model_kwargs: dict):
     return model
 
 
-def _site_task(context: Context):
+def _site_task(context: Context, msg: Message | None = None):
+    """The site and the run's task; ehr-seq tasks encode with the feature statistics the message carries."""
     site = site_from_configs(context.node_config, context.run_config)
-    return site, load_task(site, dict(context.run_config))
+    config = msg.content.config_records.get("config") if msg is not None else None
+    stats = str(config.get("feature-stats", "")) if config is not None else ""
+    return site, load_task(site, dict(context.run_config), stats)
 
 
 @app.query()
@@ -93,6 +98,8 @@ def query(msg: Message, context: Context, audit) -> Message:
     task_name = str(context.run_config.get("task", "ehr"))
     info = ConfigRecord({"site-id": site.site_id, "task": task_name, "dataset": task.dataset.name,
                          "models": model_names(task_name)})
+    if hasattr(task, "schema"):  # the coordinator checks every site reads the study's schema, byte for meaning
+        info["schema-sha256"] = task.schema.sha256
     counts = MetricRecord({"n-train": task.n_train, "n-test": task.n_test,
                            "n-features": int(task.model_kwargs.get("n_features", 0))})
     return Message(RecordDict({"site": info, "counts": counts}), reply_to=msg)
@@ -111,11 +118,51 @@ def _noise_multiplier(config, context: Context, dataset: DatasetConfig, n: int) 
     settings = training.TrainSettings.from_config(config)
     total_steps = int(config["num-server-rounds"]) * training.planned_steps(settings, n)
     policy = dataset.policy
-    key = f"{dataset.name}|{target}|{n}|{settings.batch_size}|{total_steps}|{policy.accountant}"
+    stats_sigma = float(config.get("stats-noise-multiplier", 0.0))  # the study's statistics release
+    prior = [(stats_sigma, MECHANISM_STEP_RATE, 1)] if stats_sigma > 0 else []
+    key = f"{dataset.name}|{target}|{n}|{settings.batch_size}|{total_steps}|{policy.accountant}|{stats_sigma}"
     cache = context.state.config_records.setdefault("carefl-noise-plan", ConfigRecord())
     if key not in cache:
-        cache[key] = plan_noise(target, policy.delta_for(n), n, settings.batch_size, total_steps, policy.accountant)
+        cache[key] = plan_noise(target, policy.delta_for(n), n, settings.batch_size, total_steps, policy.accountant,
+                                prior)
     return float(cache[key])
+
+
+@app.query("feature_stats")
+@replies_with_errors
+def feature_stats(msg: Message, context: Context, audit) -> Message:
+    """Release this site's share of the federation's feature statistics, with DP, once per run.
+
+    One noisy sum of bounded per-patient vectors (shared_models/feature_stats.py, privacy/gaussian.py),
+    charged to the ledger as round 0 of the run before anything is computed: a Gaussian mechanism is
+    one step at sample rate 1, composed with the training rounds by the same accountant.
+    """
+    site, task = _site_task(context, msg)
+    if not hasattr(task, "statistics_vectors"):
+        raise ValueError(f"task '{context.run_config.get('task')}' has no federated feature statistics")
+    config = msg.content["config"]
+    if str(config.get("schema-sha256", "")) != task.schema.sha256:
+        raise ValueError(f"the coordinator's schema differs from this site's '{task.schema.name}' (sha256 mismatch)")
+    sigma, bound = float(config["stats-noise-multiplier"]), l2_bound(task.schema)
+    dataset, n = task.dataset, task.n_train
+    check_stats_request(dataset.policy, sigma)
+    delta = dataset.policy.delta_for(n)
+    charge = PrivacyLedger(site.ledger_path).charge(
+        dataset.name, run_id=str(context.run_id), server_round=0, noise_multiplier=sigma, clip_norm=bound,
+        sample_rate=MECHANISM_STEP_RATE, steps=1, delta=delta, budget=dataset.policy.epsilon_budget,
+        accountant=dataset.policy.accountant)
+    if audit is not None:
+        audit.append("dp-round", {
+            "run_id": str(context.run_id), "round": 0, "dataset": dataset.name, "mechanism": "feature-statistics",
+            "dataset_fingerprint": task.fingerprint(), "dp": True, "noise_multiplier": sigma, "clip_norm": bound,
+            "sample_rate": MECHANISM_STEP_RATE, "steps": 1, "accountant": dataset.policy.accountant, "delta": delta,
+            "epsilon_before": charge.epsilon_before, "epsilon_after": charge.epsilon_after,
+            "epsilon_budget": dataset.policy.epsilon_budget,
+            "budget_left": dataset.policy.epsilon_budget - charge.epsilon_after, "n": n})
+    total = noisy_sum(task.statistics_vectors(), bound, sigma)
+    metrics = MetricRecord({"sum": [float(v) for v in total], "l2-bound": bound, "noise-multiplier": sigma,
+                            "epsilon": charge.epsilon_after, "delta": delta})
+    return Message(RecordDict({"statistics": metrics}), reply_to=msg)
 
 
 @app.train()
@@ -126,7 +173,7 @@ def train(msg: Message, context: Context, audit) -> Message:
     The budget is charged before training, in one transaction with its check: a refused round
     trains nothing and sends nothing; a crash after the charge over-counts rather than under-counts.
     """
-    site, task = _site_task(context)
+    site, task = _site_task(context, msg)
     dataset = task.dataset
     config = msg.content["config"]
     settings = training.TrainSettings.from_config(config)
@@ -170,7 +217,7 @@ def train(msg: Message, context: Context, audit) -> Message:
 @app.evaluate()
 @replies_with_errors
 def evaluate(msg: Message, context: Context, audit) -> Message:
-    site, task = _site_task(context)
+    site, task = _site_task(context, msg)
     model = _model_from(msg, task.model_kwargs)
     report = task.evaluate(model, device_for(site))
     if str(msg.content["config"].get("personalise", "none")) == "finetune":

@@ -29,6 +29,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from client.errors import DataFormatError, DataNotFoundError
+from shared_models.feature_stats import FeatureStats, NumericStats
 from shared_models.schema import ExtractFormat, Feature, Schema, level_text
 
 MAX_ROWS_SHOWN = 10
@@ -406,43 +407,6 @@ def _assemble(schema: Schema, report: ValidationReport, out: _Parsed) -> Extract
 
 # ---------------------------------------------------------------------------------------------------
 # encoding: statistics are an input, so every site can encode with the same (shared) statistics
-
-
-@dataclass(frozen=True)
-class NumericStats:
-    mean: float
-    std: float  # population standard deviation (ddof = 0)
-
-
-@dataclass(frozen=True)
-class FeatureStats:
-    """What normalisation and encoding need: per numeric/date feature mean and std, per categorical
-    feature a count (any non-negative weight) for each of its schema values, in schema order.
-    Federated statistics supply these shared by all sites; ``local_stats`` computes them locally."""
-
-    schema_sha256: str
-    numeric: Mapping[str, NumericStats]
-    categories: Mapping[str, tuple[float, ...]]
-
-    def check(self, schema: Schema) -> None:
-        """Refuse statistics made for another schema or missing a feature (names only, no values)."""
-        problems = [] if self.schema_sha256 == schema.sha256 else ["they were computed for another schema"]
-        for f in schema.features:
-            if f.kind == "categorical":
-                counts = self.categories.get(f.name)
-                if counts is None or len(counts) != len(f.values):
-                    problems.append(f"feature '{f.name}' needs one count per allowed value ({len(f.values)})")
-                elif any(not math.isfinite(c) or c < 0 for c in counts):
-                    problems.append(f"feature '{f.name}': counts must be finite and >= 0")
-            else:
-                st = self.numeric.get(f.name)
-                if st is None:
-                    problems.append(f"feature '{f.name}' has no mean/std")
-                elif not (math.isfinite(st.mean) and math.isfinite(st.std) and st.std >= 0):
-                    problems.append(f"feature '{f.name}': mean/std must be finite, std >= 0")
-        if problems:
-            raise ValueError("feature statistics do not fit schema "
-                             f"{schema.name} v{schema.version}: " + "; ".join(problems))
 
 
 def local_stats(extract: Extract, rows: Sequence[int] | np.ndarray | None = None) -> FeatureStats:

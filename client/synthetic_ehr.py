@@ -1,4 +1,4 @@
-"""Synthetic longitudinal diabetes extracts, one CSV per site, matching ``schemas/diabetes-visits.toml``.
+"""Synthetic longitudinal diabetes extracts, one CSV per site, matching ``shared_models/schemas/diabetes-visits.toml``.
 
 No real data has visit histories we may ship, so the sequence model is demonstrated and tested on
 these. Sites differ the way hospitals do: in age mix, sex and smoking mix, lab assay drift (HbA1c and

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 
-from client import segmentation, training
+from client import ehr_ingest, segmentation, training
 from client.audit import combined_hash
 from client.imaging.preprocess import PreprocessSpec
+from client.errors import SiteError
 from client.site import TASK_DATASET, DatasetConfig, SiteConfig
 from privacy.policy import DPRequest
+from shared_models.feature_stats import FeatureStats, patient_vectors
+from shared_models.schema import builtin_schema
 from shared_models.seg_losses import DiceCE
+from shared_models.sequence import HistoryDataset
 
-TASKS = tuple(TASK_DATASET)
+TASKS = (*TASK_DATASET, "ehr-seq")  # ehr-seq: the dataset is named by the study's schema
 
 
 def file_sha256(path) -> str:
@@ -81,12 +86,67 @@ class SegTask:
         return segmentation.evaluate(model, self.images.test, device)
 
 
-def load_task(site: SiteConfig, run_config: dict):
+class EhrSeqTask:
+    """A schema-driven extract with one row per visit: one sample is one patient's whole history.
+
+    The study's schema ships in the approved app bundle (``run_config["schema"]`` names it), so the
+    app's hash covers it. Patients are split into train/test by a hash of their id, so the split is
+    the same in every message and needs no state. Inputs are encoded with the federation's shared
+    feature statistics, which arrive with each train/evaluate message.
+    """
+
+    TEST_PERCENT = 30
+
+    def __init__(self, site: SiteConfig, run_config: dict, feature_stats: str = "") -> None:
+        self.schema = builtin_schema(str(run_config.get("schema", "")))
+        if self.schema.visits is None:
+            raise ValueError(f"schema '{self.schema.name}' has no [visits]: task ehr-seq needs visit histories")
+        self.dataset = site.dataset(self.schema.name)
+        if self.dataset.path is None:
+            raise SiteError(f"dataset '{self.schema.name}' of site '{site.site_id}' has no path")
+        self.extract = ehr_ingest.load_extract(self.dataset.path, self.schema)
+        self.train_patients, self.test_patients = [], []
+        for rows in ehr_ingest.patient_rows(self.extract):
+            pid = self.extract.patient_ids[rows[0]]
+            digest = int(hashlib.sha256(f"{self.schema.name}|{pid}".encode()).hexdigest()[:8], 16)
+            (self.test_patients if digest % 100 < self.TEST_PERCENT else self.train_patients).append(rows)
+        self.n_train, self.n_test = len(self.train_patients), len(self.test_patients)
+        self.model_kwargs = {"n_features": len(ehr_ingest.feature_names(self.schema))}
+        self.excluded = self.extract.report.rows_excluded
+        self.stats = FeatureStats.from_json(feature_stats) if feature_stats else None
+
+    def exclusion_reasons(self) -> dict[str, int]:
+        return {reason: int(n) for reason, n in self.extract.report.counts()["problems"].items()}
+
+    def fingerprint(self) -> str:
+        return combined_hash(file_sha256(self.dataset.path), self.schema.sha256, f"test {self.TEST_PERCENT}% by id hash")
+
+    def statistics_vectors(self) -> np.ndarray:
+        """One bounded vector per training patient (shared_models/feature_stats.py)."""
+        return patient_vectors(self.schema, self.extract.values, self.train_patients)
+
+    def _histories(self, patients) -> HistoryDataset:
+        if self.stats is None:
+            raise ValueError("the message carries no feature statistics; ehr-seq encodes with the federation's")
+        seqs, y = ehr_ingest.histories(self.extract, self.stats, patients)
+        return HistoryDataset(seqs, y, max_len=self.schema.visits.max_visits or None)
+
+    def train(self, model, settings, device, dp: DPRequest, max_physical_batch: int) -> dict:
+        return training.train_dataset(model, self._histories(self.train_patients), settings, device,
+                                      training.binary_per_sample, dp, max_physical_batch)
+
+    def evaluate(self, model, device) -> dict:
+        return training.evaluate_dataset(model, self._histories(self.test_patients), device)
+
+
+def load_task(site: SiteConfig, run_config: dict, feature_stats: str = ""):
     task = str(run_config.get("task", "ehr"))
     if task == "ehr":
         return EhrTask(site, run_config)
     if task == "seg":
         return SegTask(site, run_config)
+    if task == "ehr-seq":
+        return EhrSeqTask(site, run_config, feature_stats)
     raise ValueError(f"unknown task '{task}'; one of {', '.join(TASKS)}")
 
 

@@ -20,7 +20,8 @@ from shared_models.ehr import binary_loss
 from shared_models.metrics import binary_report, score_histograms
 from shared_models.train_request import TrainSettings
 
-__all__ = ["TrainSettings", "pick_device", "planned_steps", "train", "train_dataset", "predict", "evaluate"]
+__all__ = ["TrainSettings", "pick_device", "planned_steps", "train", "train_dataset", "predict", "evaluate",
+           "evaluate_dataset"]
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -82,10 +83,10 @@ def train_dataset(model: torch.nn.Module, data: Dataset, settings: TrainSettings
 
     losses = []
     try:
-        for xb, yb in batches:
-            xb, yb = xb.to(device), yb.to(device)
+        for batch in batches:  # (inputs..., labels): (x, y) tables and images, (x, lengths, y) histories
+            *inputs, yb = (t.to(device) for t in batch)
             optimizer.zero_grad()
-            per_patient = per_sample_loss(forward(xb), yb)
+            per_patient = per_sample_loss(forward(*inputs), yb)
             loss = per_patient.sum() if private is not None else per_patient.mean()
             loss.backward()
             optimizer.step()
@@ -117,7 +118,22 @@ def predict(model: torch.nn.Module, x: np.ndarray, device: torch.device) -> np.n
 
 def evaluate(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device) -> dict:
     """Site-level test metrics plus the counts that let the coordinator pool them."""
-    logits = _logits(model, x, device)
+    return binary_test_report(_logits(model, x, device), y)
+
+
+@torch.no_grad()
+def evaluate_dataset(model: torch.nn.Module, data: Dataset, device: torch.device, batch_size: int = 256) -> dict:
+    """``evaluate`` for datasets whose items are (inputs..., label), e.g. visit histories."""
+    model.to(device).eval()
+    logits, labels = [], []
+    for batch in DataLoader(data, batch_size=batch_size):
+        *inputs, yb = batch
+        logits.append(model(*(t.to(device) for t in inputs)).cpu())
+        labels.append(yb)
+    return binary_test_report(torch.cat(logits), torch.cat(labels).numpy().astype(np.float32))
+
+
+def binary_test_report(logits: torch.Tensor, y: np.ndarray) -> dict:
     scores = torch.sigmoid(logits).numpy().astype(np.float64)
     report: dict = {"test-loss": binary_loss(logits, torch.from_numpy(y)).item(), **binary_report(scores, y)}
     report["score-hist-pos"], report["score-hist-neg"] = score_histograms(scores, y)

@@ -11,7 +11,7 @@ from deploy.runs import console
 from shared_models.schema import Schema, SchemaError, builtin_schema, load_schema
 
 SchemaOption = typer.Option("diabetes-visits", "--schema",
-                            help="A schema file (.toml/.yaml) or the name of one shipped in schemas/.")
+                            help="A schema file (.toml/.yaml) or the name of one shipped in shared_models/schemas/.")
 
 
 def _schema(spec: str) -> Schema:
@@ -26,7 +26,7 @@ def synth_ehr(
     patients: int = typer.Option(0, min=0, help="Patients per site (0: each site's own default)."),
     violations: bool = typer.Option(False, help="Also write violations.csv: every kind of schema violation."),
 ) -> None:
-    """Synthetic longitudinal diabetes visits per site (schemas/diabetes-visits.toml); all identifiers fake."""
+    """Synthetic longitudinal diabetes visits per site (shared_models/schemas/diabetes-visits.toml); all identifiers fake."""
     from client.ehr_ingest import read_extract
     from client.synthetic_ehr import synthesize, write_violation_extract
 

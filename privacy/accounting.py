@@ -11,6 +11,7 @@ import math
 import warnings
 from typing import Iterable
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -36,7 +37,7 @@ def epsilon(history: Iterable[Step], delta: float, accountant: str = "prv") -> f
         return math.inf
     acc = ACCOUNTANTS[accountant]()
     acc.history = steps
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):  # PRV takes log(1 - q), -inf at q = 1: harmless
         warnings.simplefilter("ignore", UserWarning)
         return float(acc.get_epsilon(delta=delta))
 
@@ -47,10 +48,33 @@ def sample_rate(n: int, batch_size: int) -> float:
 
 
 def plan_noise(target_epsilon: float, delta: float, n: int, batch_size: int, total_steps: int,
-               accountant: str = "prv") -> float:
-    """σ so that ``total_steps`` Poisson steps (all rounds × all local steps) stay within the target."""
-    with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha": the bound stays valid
-        warnings.simplefilter("ignore", UserWarning)
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                          sample_rate=sample_rate(n, batch_size), steps=total_steps,
-                                          accountant=accountant, epsilon_tolerance=0.005))
+               accountant: str = "prv", prior: Iterable[Step] = ()) -> float:
+    """σ so that ``total_steps`` Poisson steps (all rounds × all local steps) stay within the target.
+
+    ``prior`` holds releases the same study makes before training (the feature statistics): the
+    study's target then covers them too, so σ is found by bisection on the composed ε.
+    """
+    prior = list(prior)
+    q = sample_rate(n, batch_size)
+    if not prior:
+        with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha": the bound stays valid
+            warnings.simplefilter("ignore", UserWarning)
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                              sample_rate=q, steps=total_steps,
+                                              accountant=accountant, epsilon_tolerance=0.005))
+    spent = epsilon(prior, delta, accountant)
+    if spent >= target_epsilon:
+        raise ValueError(f"the study's releases before training already cost ε = {spent:.3f} at δ = {delta:g}, "
+                         f"not below the target ε = {target_epsilon}")
+    low, high = 0.1, 1.0
+    while epsilon(prior + [(high, q, total_steps)], delta, accountant) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ValueError(f"no noise multiplier reaches ε = {target_epsilon} after the prior releases")
+    while high - low > 0.005 * high:
+        mid = (low + high) / 2
+        if epsilon(prior + [(mid, q, total_steps)], delta, accountant) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return high

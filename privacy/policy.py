@@ -97,3 +97,11 @@ def check_request(policy: DatasetPolicy, request: DPRequest, sample_rate: float)
                         f"{policy.max_sample_rate:g}")
     if problems:
         raise RequestRefused("; ".join(problems))
+
+
+def check_stats_request(policy: DatasetPolicy, noise_multiplier: float) -> None:
+    """A one-shot statistics release (Gaussian mechanism, no subsampling): σ must meet the site's
+    minimum; the sample-rate and clip limits are DP-SGD's and do not apply (the bound is the schema's)."""
+    if not noise_multiplier >= max(policy.min_noise_multiplier, 1e-9):
+        raise RequestRefused(f"statistics noise multiplier {noise_multiplier:g} is below the site minimum "
+                             f"{policy.min_noise_multiplier:g}")

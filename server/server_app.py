@@ -10,7 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from server import checkpoint
+from server import checkpoint, feature_stats
 from server.audit import CoordinatorAudit
 from server.live_report import RunReporter
 from server.rounds import RoundRecorder
@@ -44,7 +44,12 @@ def main(grid: Grid, context: Context) -> None:
 
     sites = discover_sites(grid, settings.sites, settings.min_sites, wait=settings.round_timeout)
     model_kwargs = {}
-    if settings.task == "ehr":
+    if settings.task == "ehr-seq":
+        schema_hashes = {s.site_id: s.schema_sha256 for s in sites if s.schema_sha256 != settings.study_schema().sha256}
+        if schema_hashes:
+            raise SiteSelectionError(f"sites {', '.join(sorted(schema_hashes))} read another version of schema "
+                                     f"'{settings.schema}' than the coordinator's (sha256 differs)")
+    if settings.task in ("ehr", "ehr-seq"):
         n_features = {s.n_features for s in sites}
         if len(n_features) != 1:
             raise SiteSelectionError(f"sites disagree on the number of features: {sorted(n_features)}")
@@ -109,6 +114,11 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
 
     site_grid = SiteGrid(grid, sites, on_replies, UpdateValidator(max_norm=settings.max_update_norm),
                          quorum=max(1, min(settings.min_sites, len(sites))), retries=settings.round_retries)
+    train_config, evaluate_config = settings.train_config(), settings.evaluate_config()
+    if settings.task == "ehr-seq":  # one shared encoding, from every site's DP statistics
+        stats = feature_stats.gather(grid, sites, settings.study_schema(), settings.stats_noise_multiplier,
+                                     run_dir.path, on_replies=audit.on_replies).to_json()
+        train_config["feature-stats"] = evaluate_config["feature-stats"] = stats
     remaining = settings.num_rounds - done
     if remaining > 0:
         result_arrays = strategy.start(
@@ -116,8 +126,8 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
             initial_arrays=initial,
             num_rounds=remaining,
             timeout=settings.round_timeout,
-            train_config=ConfigRecord(settings.train_config()),
-            evaluate_config=ConfigRecord(settings.evaluate_config()),
+            train_config=ConfigRecord(train_config),
+            evaluate_config=ConfigRecord(evaluate_config),
             evaluate_fn=end_round,
         ).arrays
     else:
@@ -134,7 +144,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
     run_dir.write_summary({
         "run_id": context.run_id,
         "task": settings.task,
-        "dataset": "heart-disease" if settings.task == "ehr" else "hippocampus",
+        "dataset": {"ehr": "heart-disease", "seg": "hippocampus"}.get(settings.task, settings.schema),
         "model": settings.model,
         "strategy": settings.strategy,
         "rounds": settings.num_rounds,
@@ -143,7 +153,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
         "per_site": per_site,
         **final,
         **({"pooled_auc_method": f"sum of per-site score histograms ({SCORE_BINS} bins); ties inside a bin count 1/2"}
-           if settings.task == "ehr" else
+           if settings.task in ("ehr", "ehr-seq") else
            {"pooled_dice_method": "per class Σ2|P∩T| / Σ(|P|+|T|) over all sites' test cases",
             "data_note": "MSD hippocampus is single-centre (Vanderbilt); its sites are a synthetic split"}),
         "config": dict(context.run_config),

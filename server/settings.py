@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared_models.registry import UnknownModelError, get_spec
+from shared_models.schema import Schema, SchemaError, builtin_schema
 from shared_models.train_request import TrainSettings
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
-TASKS = ("ehr", "seg")
+TASKS = ("ehr", "seg", "ehr-seq")
 PERSONALISATION = ("none", "finetune")
 
 
@@ -49,6 +50,8 @@ class RunSettings:
     tensorboard: bool = False  # also log each round's metrics to <run dir>/tensorboard (needs the tensorboard package)
     personalise: str = "none"  # finetune: each site also reports the global model fine-tuned on its own data
     finetune_steps: int = 100  # local steps of that fine-tuning (same optimizer, lr and batch as training)
+    schema: str = ""           # ehr-seq: the study's schema, shipped in the app (shared_models/schemas/<name>.toml)
+    stats_noise_multiplier: float = 10.0  # ehr-seq: σ of each site's DP feature-statistics release
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> "RunSettings":
@@ -84,6 +87,7 @@ class RunSettings:
             audit_log=str(cfg.get("audit-log", "")), audit_key=str(cfg.get("audit-key", "")),
             tensorboard=cfg.get("tensorboard", False) is True,
             personalise=str(cfg.get("personalise", "none")).lower(), finetune_steps=int(cfg.get("finetune-steps", 100)),
+            schema=str(cfg.get("schema", "")), stats_noise_multiplier=float(cfg.get("stats-noise-multiplier", 10.0)),
         )
         if s.task not in TASKS:
             problems.append(f"task '{s.task}' is not one of {', '.join(TASKS)}")
@@ -123,6 +127,14 @@ class RunSettings:
                             "would release a non-private function of each site's training data")
         if not isinstance(cfg.get("tensorboard", False), bool):
             problems.append("'tensorboard' must be true or false")
+        if s.task == "ehr-seq":
+            try:
+                if s.study_schema().visits is None:
+                    problems.append(f"schema '{s.schema}' has no [visits]; task ehr-seq needs visit histories")
+            except SchemaError as exc:
+                problems.append(f"'schema' (task ehr-seq): {exc}")
+            if not s.stats_noise_multiplier > 0:
+                problems.append("'stats-noise-multiplier' must be > 0 (the feature statistics are a DP release)")
         if len(set(s.sites)) != len(s.sites):
             problems.append("'sites' names a site twice")
         if problems:
@@ -134,7 +146,12 @@ class RunSettings:
         return {"model": self.model, "local-steps": self.local_steps, "local-epochs": self.local_epochs,
                 "batch-size": self.batch_size, "optimizer": self.optimizer, "lr": self.lr, "seed": self.seed,
                 "dp": self.dp, "noise-multiplier": self.noise_multiplier, "target-epsilon": self.target_epsilon,
-                "clip-norm": self.clip_norm, "num-server-rounds": self.num_rounds}
+                "clip-norm": self.clip_norm, "num-server-rounds": self.num_rounds,
+                **({"stats-noise-multiplier": self.stats_noise_multiplier} if self.task == "ehr-seq" else {})}
+
+    def study_schema(self) -> Schema:
+        """The schema an ehr-seq study names (shipped in the app bundle, so its hash is approved with it)."""
+        return builtin_schema(self.schema)
 
     def evaluate_config(self) -> dict:
         """What every site receives with an evaluate message (with fine-tuning: how to fine-tune)."""

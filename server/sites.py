@@ -35,6 +35,7 @@ class SiteInfo:
     n_test: int
     n_features: int
     models: list[str] = field(default_factory=list)
+    schema_sha256: str = ""  # schema-driven tasks: the study schema the site reads
 
 
 def _query(grid: Grid, node_ids: list[int]) -> tuple[list[SiteInfo], dict[int, str]]:
@@ -47,7 +48,8 @@ def _query(grid: Grid, node_ids: list[int]) -> tuple[list[SiteInfo], dict[int, s
             continue
         info, counts = reply.content["site"], reply.content["counts"]
         answered.append(SiteInfo(str(info["site-id"]), node, int(counts["n-train"]), int(counts["n-test"]),
-                                 int(counts["n-features"]), list(info.get("models", []))))
+                                 int(counts["n-features"]), list(info.get("models", [])),
+                                 str(info.get("schema-sha256", ""))))
     return answered, failed
 
 

@@ -34,7 +34,7 @@ MISSING_POLICIES = ("drop-row", "impute-mean", "indicator")
 LABEL_RULES = ("constant", "last-visit")
 ONE_HOT = ("full", "drop-first")
 STANDARDIZE = ("numeric", "all")
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"  # the schemas shipped with carefl
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"  # shipped in the app bundle (fab-include)
 
 Level = str | float  # a categorical level: all strings, or all numbers (kept as float)
 
@@ -433,7 +433,7 @@ def load_schema(path: Path | str) -> Schema:
 
 
 def builtin_schema(name: str) -> Schema:
-    """A schema shipped in ``schemas/``, by file stem (``heart-disease``, ``diabetes-visits``)."""
+    """A schema shipped in ``shared_models/schemas/``, by file stem (``heart-disease``, ``diabetes-visits``)."""
     path = SCHEMA_DIR / f"{name}.toml"
     if not path.is_file():
         shipped = sorted(q.stem for q in SCHEMA_DIR.glob("*.toml"))

@@ -1,0 +1,114 @@
+"""Federated feature statistics: bounded per-patient vectors, the Gaussian release, decoding, and a
+real ehr-seq study whose sites release them (charged as round 0) before training on them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+
+from client import ehr_ingest
+from client.client_app import app as client_app
+from client.site import write_site_config
+from client.synthetic_ehr import synthesize
+from deploy.inprocess import InProcessGrid
+from privacy.accounting import epsilon, plan_noise, sample_rate
+from privacy.gaussian import noisy_sum
+from privacy.ledger import PrivacyLedger
+from server.feature_stats import STATS_FILE
+from server.server_app import app as server_app
+from shared_models.feature_stats import FeatureStats, decode, l2_bound, layout, patient_vectors
+from shared_models.schema import builtin_schema
+from tests.helpers import data_dir, default_run_config
+
+
+@pytest.fixture(scope="module")
+def heart_extract():
+    from client.heart_disease import centre_file
+    return ehr_ingest.load_extract(centre_file(data_dir(), "cleveland"), builtin_schema("heart-disease"))
+
+
+def test_exact_sum_decodes_to_the_pooled_statistics(heart_extract):
+    schema = heart_extract.schema
+    rows = [np.array([i]) for i in range(len(heart_extract))]  # one row is one patient here
+    vectors = patient_vectors(schema, heart_extract.values, rows)
+    assert vectors.shape == (len(rows), len(layout(schema)))
+    assert (np.linalg.norm(vectors, axis=1) <= l2_bound(schema) + 1e-9).all()
+    shared, local = decode(schema, vectors.sum(axis=0)), ehr_ingest.local_stats(heart_extract)
+    for name, st in local.numeric.items():
+        assert shared.numeric[name].mean == pytest.approx(st.mean, rel=1e-9, abs=1e-9)
+        assert shared.numeric[name].std == pytest.approx(st.std, rel=1e-6)
+    assert {k: pytest.approx(v) for k, v in shared.categories.items()} == local.categories
+    assert FeatureStats.from_json(shared.to_json()) == shared
+
+
+def test_a_history_counts_once_whatever_its_number_of_visits():
+    schema = builtin_schema("diabetes-visits")
+    values = {f.name: np.full(30, 1.0) for f in schema.features}
+    values["age"] = np.linspace(18, 110, 30)
+    vectors = patient_vectors(schema, values, [np.arange(30), np.arange(2)])
+    assert (np.linalg.norm(vectors, axis=1) <= l2_bound(schema) + 1e-9).all()
+    assert vectors[:, 0].tolist() == [1.0, 1.0]  # the patient count
+
+
+def test_gaussian_release_clips_each_patient_and_adds_noise_of_the_stated_scale():
+    big = np.zeros((1, 4000))
+    big[0, 0] = 100.0  # norm 100, clipped to the bound 2
+    out = noisy_sum(big, l2_bound=2.0, noise_multiplier=0.5)  # noise std 1.0 per coordinate
+    assert abs(out[0] - 2.0) < 6.0
+    assert np.std(out[1:]) == pytest.approx(1.0, rel=0.08)
+    with pytest.raises(ValueError):
+        noisy_sum(big, l2_bound=2.0, noise_multiplier=0.0)
+
+
+def test_noise_planned_after_a_prior_release_keeps_the_study_within_its_target():
+    prior = [(10.0, 1.0, 1)]
+    sigma = plan_noise(2.0, 1e-4, 300, 32, 30, "rdp", prior)
+    total = epsilon(prior + [(sigma, sample_rate(300, 32), 30)], 1e-4, "rdp")
+    assert 1.95 < total <= 2.0
+    assert sigma > plan_noise(2.0, 1e-4, 300, 32, 30, "rdp")  # the release costs part of the budget
+    with pytest.raises(ValueError, match="already cost"):
+        plan_noise(0.1, 1e-4, 300, 32, 30, "rdp", [(1.0, 1.0, 1)])
+
+
+def _study(tmp_path, strict_site: str = ""):
+    files = synthesize(tmp_path / "data", sites=3, seed=1, patients=60)
+    nodes = {}
+    for i, (site, path) in enumerate(files.items()):
+        policy = {"min_noise_multiplier": 50.0} if site == strict_site else {}
+        cfg = write_site_config(tmp_path / "sites" / site / "site.toml", site, path, device="cpu",
+                                dataset="diabetes-visits", epsilon_budget=50.0, delta=1e-4, accountant="rdp", **policy)
+        nodes[10 + i] = {"site-config": str(cfg)}
+    cfg = default_run_config(**{
+        "task": "ehr-seq", "model": "ehr-gru-attn", "schema": "diabetes-visits", "num-server-rounds": 1,
+        "local-steps": 3, "batch-size": 8, "optimizer": "adam", "lr": 0.01, "dp": True, "noise-multiplier": 1.0,
+        "target-epsilon": 0.0, "stats-noise-multiplier": 5.0, "min-sites": 3, "round-timeout": 60,
+        "out-dir": str(tmp_path / "run")})
+    server_app(InProcessGrid(client_app, nodes, cfg),
+               Context(run_id=3, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
+    return files, tmp_path / "run"
+
+
+def test_an_ehr_seq_study_pools_private_statistics_then_trains_on_them(tmp_path):
+    files, run = _study(tmp_path)
+    pooled = json.loads((run / STATS_FILE).read_text())
+    assert sorted(pooled["sites"]) == sorted(files) and pooled["schema"] == "diabetes-visits"
+    stats = FeatureStats.from_json(pooled["stats"])
+    assert 18 <= stats.numeric["age"].mean <= 110 and stats.numeric["hba1c"].std > 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["dataset"] == "diabetes-visits" and summary["rounds_completed"] == 1
+    for site in files:
+        assert 0.0 <= summary["per_site"][site]["auc"] <= 1.0
+        charged = PrivacyLedger(tmp_path / "sites" / site / "privacy-ledger.sqlite").rounds("diabetes-visits")
+        assert [(r["round"], r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in charged][0] == (0, 5.0, 1.0, 1)
+        assert [r["round"] for r in charged] == [0, 1]  # the release, then the training round, one ledger
+        log = (tmp_path / "sites" / site / "audit.jsonl").read_text()
+        assert '"mechanism":"feature-statistics"' in log.replace(" ", "")
+
+
+def test_a_site_whose_policy_refuses_the_release_stops_the_study_with_its_reason(tmp_path):
+    with pytest.raises(Exception, match=r"rural: .*statistics noise multiplier 5 is below the site minimum 50"):
+        _study(tmp_path, strict_site="rural")
+    assert not (tmp_path / "run" / STATS_FILE).exists()
