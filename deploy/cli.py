@@ -256,9 +256,15 @@ def _validation(config: Path, dataset: str):
 @site_app.command("validate")
 def site_validate(
     config: Path = typer.Option(..., "--config", help="The site's config file (site.toml)."),
-    dataset: str = typer.Option("hippocampus", help="Imaging dataset of the site config."),
+    dataset: str = typer.Option("hippocampus", help="Dataset of the site config: an imaging manifest, or an "
+                                                     "EHR extract named after its study schema (e.g. diabetes-visits)."),
 ) -> None:
-    """Read every case of an imaging manifest and list every problem at once (exit 1 if any)."""
+    """Check a dataset of the site and list every problem at once (exit 1 if any): every case of an
+    imaging manifest, or every row of an EHR extract against its study schema."""
+    site = load_site_config(config)
+    if site.dataset(dataset).manifest is None:
+        from deploy.cli_ehr import validate_site_extract
+        raise typer.Exit(validate_site_extract(site.dataset(dataset)))
     _, _, report = _validation(config, dataset)
     if report.problems:
         raise typer.Exit(1)

@@ -61,3 +61,19 @@ def validate_extract(
             console.print(line, highlight=False, markup=False)
     if report.fatal or report.rows_excluded:
         raise typer.Exit(1)
+
+
+def validate_site_extract(dataset) -> int:
+    """``carefl site validate`` for an EHR dataset of site.toml: its name is the study schema's; exit code."""
+    from client.ehr_ingest import read_extract
+
+    try:
+        schema = builtin_schema(dataset.name)
+    except SchemaError as exc:
+        console.print(f"[bold red]error:[/] dataset '{dataset.name}' has a path but no shipped study schema of that "
+                      f"name ({exc})", highlight=False)
+        return 2
+    report = read_extract(dataset.path, schema).report
+    for line in report.lines():
+        console.print(line, highlight=False, markup=False)
+    return 1 if report.fatal or report.rows_excluded else 0

@@ -340,6 +340,14 @@ def test_synthetic_sites_are_deterministic_and_differ_in_population(tmp_path):
     assert prevalence["rural"] > prevalence["metro"]
     result = runner.invoke(app, ["data", "validate-extract", str(tmp_path / "a" / "violations.csv")])
     assert result.exit_code == 1 and "column 'sbp' is missing" in result.output
+    # the same report from the site's own config: the dataset is named after its study schema
+    from client.site import write_site_config
+    for extract, code in (("violations.csv", 1), ("metro.csv", 0)):
+        site_toml = write_site_config(tmp_path / extract / "site.toml", "metro", tmp_path / "a" / extract,
+                                      dataset="diabetes-visits", epsilon_budget=4.0)
+        result = runner.invoke(app, ["site", "validate", "--config", str(site_toml), "--dataset", "diabetes-visits"])
+        assert result.exit_code == code, result.output
+    assert "column 'sbp' is missing" not in result.output and "usable" in result.output
 
 
 def test_a_headed_file_read_as_headerless_is_refused_with_a_hint(tmp_path):
