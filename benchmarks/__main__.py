@@ -50,7 +50,7 @@ def main() -> int:
                 failed.append(module)
                 print(f"=== {module} FAILED (see above); its figures keep their last text", flush=True)
                 continue
-            figures = [Figure(**f) for f in json.loads(out.read_text())]
+            figures = [Figure(**{**f, "full": args.full}) for f in json.loads(out.read_text())]
         for fig in figures:
             print(f"\n## {fig.title}\n\n{fig.markdown()}\n", flush=True)
         produced += figures

@@ -28,11 +28,13 @@ class Figure:
     met: bool | None    # None: no pass/fail (context figure)
     table: str          # markdown table
     notes: str = ""     # short measured caveats (generated text only; prose belongs outside the markers)
+    full: bool = False  # produced by a full-size pass; a quick pass never overwrites such a block
 
     def markdown(self) -> str:
         verdict = {True: "**met**", False: "**not met**", None: "context"}[self.met]
         lines = [
-            f"`{self.command}` — {machine()}, {datetime.date.today().isoformat()}",
+            f"`{self.command}` — {FULL_MARK if self.full else 'quick pass'}, {machine()}, "
+            f"{datetime.date.today().isoformat()}",
             "",
             f"- Goal: {self.goal} — {verdict}",
             f"- Anchor: {self.anchor}",
@@ -43,6 +45,9 @@ class Figure:
         if self.notes:
             lines += ["", self.notes.strip()]
         return "\n".join(lines)
+
+
+FULL_MARK = "full pass"
 
 
 def machine() -> str:
@@ -62,13 +67,17 @@ def _pattern(key: str) -> re.Pattern:
 
 
 def update_document(path: Path, figures: list[Figure]) -> list[str]:
-    """Replace each figure's marked block in ``path``; return the keys that had no markers (appended)."""
+    """Replace each figure's marked block in ``path``; return the keys that had no markers (appended).
+    A quick figure leaves a block written by a full pass alone (it says so on its first line)."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     missing = []
     for fig in figures:
         block = fig.markdown()
         pattern = _pattern(fig.key)
-        if pattern.search(text):
+        found = pattern.search(text)
+        if found and not fig.full and FULL_MARK in found.group(2).split("\n", 1)[0]:
+            continue
+        if found:
             text = pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(3), text, count=1)
         else:
             missing.append(fig.key)

@@ -28,3 +28,15 @@ def test_a_figure_without_markers_is_appended_as_a_section(tmp_path):
     doc.write_text("# B\n")
     assert update_document(doc, [_figure("new", "x")]) == ["new"]
     assert "## Title new\n\n<!-- bench:new -->" in doc.read_text()
+
+
+def test_a_quick_pass_keeps_a_full_pass_figure(tmp_path):
+    doc = tmp_path / "B.md"
+    doc.write_text("<!-- bench:one -->\n<!-- /bench:one -->\n")
+    full = _figure("one", "five seeds")
+    full.full = True
+    update_document(doc, [full])
+    update_document(doc, [_figure("one", "one seed")])
+    assert "Ours: five seeds" in doc.read_text() and "full pass" in doc.read_text()
+    update_document(doc, [_figure("two", "new")])  # a quick figure still lands where none was
+    assert "Ours: new" in doc.read_text()
