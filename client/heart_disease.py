@@ -10,6 +10,7 @@ A site reads only its own centre's file. Errors name the file, line and column, 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ ALLOWED = {"sex": (0, 1), "fbs": (0, 1), "exang": (0, 1), "num": (0, 1, 2, 3, 4)
 TRAIN_FRACTION = 0.66
 SPLIT_SEED = 43
 Z_EPS = 1e-9
+MIN_SHARD_ROWS = 8  # simulation: a site's share of a centre's training rows is at least one batch
 
 
 def centre_file(data_dir: Path, centre: str) -> Path:
@@ -145,16 +147,16 @@ class SiteData:
 
 def load_centre(path: Path, shard: int = 0, num_shards: int = 1) -> SiteData:
     """Load one centre file; optionally keep only shard ``shard`` of ``num_shards`` of its train rows
-    (simulation of more sites than centres). The test split is always the centre's whole test split."""
-    rows = read_rows(path)
-    kept_cols = [i for i, name in enumerate(COLUMNS) if name not in DROPPED]
-    complete = ~np.isnan(rows[:, kept_cols]).any(axis=1)
-    x, y = encode(rows[complete])
-    if len(y) < 4:
-        raise DataFormatError(f"{path.name}: only {len(y)} complete rows, too few to split")
-    train_idx, test_idx = split_indices(y)
+    (simulation of more sites than centres). The test split is always the centre's whole test split.
+
+    A shard keeps at least ``MIN_SHARD_ROWS`` rows: with more sites than that allows (Switzerland has
+    30 training rows, so at most 3 shards), the rows are split into as many shards as fit and site
+    ``shard`` uses shard ``shard mod that number`` — several virtual sites then train on the same rows.
+    """
+    rows_read, rows_incomplete, x, y, train_idx, test_idx = _parsed(Path(path))
     if num_shards > 1:
-        train_idx = np.array_split(np.sort(train_idx), num_shards)[shard]
+        usable = max(1, min(num_shards, len(train_idx) // MIN_SHARD_ROWS))
+        train_idx = np.array_split(np.sort(train_idx), usable)[shard % usable]
     mean = x[train_idx].mean(axis=0)
     std = x[train_idx].std(axis=0)
     x = (x - mean) / (std + Z_EPS)
@@ -164,13 +166,48 @@ def load_centre(path: Path, shard: int = 0, num_shards: int = 1) -> SiteData:
         y_train=y[train_idx].astype(np.float32),
         x_test=x[test_idx].astype(np.float32),
         y_test=y[test_idx].astype(np.float32),
-        rows_read=len(rows),
-        rows_incomplete=int((~complete).sum()),
+        rows_read=rows_read,
+        rows_incomplete=rows_incomplete,
     )
 
 
+def _parsed(path: Path) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(rows read, rows incomplete, features, labels, train indices, test indices) of a centre file.
+
+    Remembered per process while the file is unchanged (same size and modification time): a simulation
+    actor serves many virtual sites of the same centre, each message parsing the file and re-running the
+    split cost ~5 ms. A deployment's ClientApp process handles one message and parses once either way.
+    """
+    try:
+        stat = path.stat()
+    except OSError:
+        return _parse(path)  # read_rows says what is wrong
+    return _parse_cached(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_cached(path: Path, size: int, mtime_ns: int):
+    parsed = _parse(path)
+    for array in parsed[2:]:
+        array.setflags(write=False)  # shared by every caller: never changed in place
+    return parsed
+
+
+def _parse(path: Path) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rows = read_rows(path)
+    kept_cols = [i for i, name in enumerate(COLUMNS) if name not in DROPPED]
+    complete = ~np.isnan(rows[:, kept_cols]).any(axis=1)
+    x, y = encode(rows[complete])
+    if len(y) < 4:
+        raise DataFormatError(f"{path.name}: only {len(y)} complete rows, too few to split")
+    train_idx, test_idx = split_indices(y)
+    return len(rows), int((~complete).sum()), x, y, train_idx, test_idx
+
+
 def partition_for(partition_id: int, num_partitions: int) -> tuple[str, int, int]:
-    """Simulation: partition → (centre, shard, number of shards of that centre), round-robin."""
+    """Simulation: partition → (centre, shard, number of shards of that centre), round-robin: partition i
+    is centre i mod 4; a centre's partitions split its training rows (``load_centre``: shards of at least
+    ``MIN_SHARD_ROWS`` rows, shared by several partitions beyond that). 4 partitions = the 4 hospitals."""
     centre_idx = partition_id % len(CENTRES)
     num_shards = len(range(centre_idx, num_partitions, len(CENTRES)))
     return CENTRES[centre_idx], partition_id // len(CENTRES), num_shards

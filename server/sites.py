@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from flwr.app import Error, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from server.validation import UpdateValidator
@@ -86,6 +86,13 @@ def discover_sites(grid: Grid, wanted: tuple[str, ...], min_sites: int, wait: fl
 RepliesHook = Callable[[str, int, list[tuple[str, Message]]], None]
 
 
+class ValidatedReplies(list):
+    """The accepted train replies of a round; ``average`` is (weight key, FedAvg's average of exactly
+    these replies, in this order) when the validation pass computed it (``SiteGrid.fuse_average``)."""
+
+    average: tuple[str, ArrayRecord] | None = None
+
+
 class SiteGrid:
     """A Grid restricted to the selected sites that checks and reports every reply.
 
@@ -105,6 +112,12 @@ class SiteGrid:
         self._validator = validator
         self._quorum = quorum
         self._retries = retries
+        self._average_by: str | None = None
+
+    def fuse_average(self, weighted_by_key: str) -> None:
+        """Called by a FedAvg-family strategy (``server/strategies.py``): compute its weighted average in
+        the validation pass, which reads every update anyway; the strategy uses it if every update passed."""
+        self._average_by = weighted_by_key
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
@@ -141,7 +154,7 @@ class SiteGrid:
         for attempt in range(self._retries + 1):
             replies = list(self._grid.send_and_receive(pending, timeout=timeout))
             answered = {self._site(r) for r in replies}
-            checked = self._check(replies, global_arrays, norms)
+            checked, average = self._check(replies, global_arrays, norms)  # (the replies, their FedAvg) or None
             self._on_replies(message_type, server_round, checked)
             for site, reply in checked:
                 if reply.has_error():
@@ -163,19 +176,29 @@ class SiteGrid:
                 f"round {server_round}: only {len(accepted)} valid update(s), min-sites is {self._quorum} "
                 f"(after {self._retries} retr{'y' if self._retries == 1 else 'ies'}): "
                 + "; ".join(f"{s}: {r}" for s, r in sorted(failures.items())))
-        return list(accepted.values())
+        result = ValidatedReplies(accepted.values())
+        if average is not None and len(average[0]) == len(result) and all(a is b for a, b in zip(average[0], result)):
+            result.average = (self._average_by, average[1])
+        return result
 
     def _site(self, reply: Message) -> str:
         return self._site_of.get(reply.metadata.src_node_id, "?")
 
-    def _check(self, replies: list[Message], global_arrays, norms: dict[str, float]) -> list[tuple[str, Message]]:
+    def _check(self, replies: list[Message], global_arrays,
+               norms: dict[str, float]) -> tuple[list[tuple[str, Message]], tuple[list[Message], ArrayRecord] | None]:
         """Each reply with its site; an invalid update is replaced by an error reply saying why.
-        ``norms`` (accepted updates' distances, this round) gains the newly accepted ones."""
+        ``norms`` (accepted updates' distances, this round) gains the newly accepted ones. Second: the
+        replies with content and their FedAvg average, if requested and all of them were accepted."""
+        updates = [r for r in replies if not r.has_error()]
+        results, average = self._validator.check_all(
+            [r.content for r in updates], global_arrays, [self._n_train.get(self._site(r), 0) for r in updates],
+            average_by=self._average_by)
+        verdict = {id(r): result for r, result in zip(updates, results)}
         out, new = [], {}
         for reply in replies:
             site = self._site(reply)
             if not reply.has_error():
-                reason, norm = self._validator.check(reply.content, global_arrays, self._n_train.get(site, 0))
+                reason, norm = verdict[id(reply)]
                 if reason is None:
                     new[site] = norm
                 else:
@@ -189,7 +212,9 @@ class SiteGrid:
             elif site in new:
                 norms[site] = new[site]
             checked.append((site, reply))
-        return checked
+        if average is not None and any(site in outliers for site in new):
+            average = None
+        return checked, (updates, average) if average is not None else None
 
 
 def _rejected(reply: Message, reason: str) -> Message:

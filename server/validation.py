@@ -8,13 +8,113 @@ one, and by default at most ``max_ratio`` × the median distance of the round's 
 
 from __future__ import annotations
 
+import functools
+import io
+import math
+import os
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 
 WEIGHT_KEY = "num-examples"
+CHUNK = 1 << 16  # elements per block of the one-pass loops: a few blocks stay in the core's cache
+SEGMENT = 16     # blocks per unit of work for the validation threads (1M parameters)
+MAX_THREADS = 4  # beyond a few threads the pass is bound by memory bandwidth
+PARALLEL_MIN = 1 << 22  # parameters × updates below which threads cost more than they save
+
+
+def as_ndarray(array: Array) -> np.ndarray:
+    """The array's values as a read-only view of its bytes (no copy; ``Array.numpy()`` copies twice).
+
+    Flower's arrays are ``np.save`` images; a header we do not handle (another serialisation, object
+    dtype) is left to ``Array.numpy()``, which reads — or refuses — it exactly as Flower does.
+    """
+    data = array.data
+    if array.stype == "numpy.ndarray" and data[:6] == _MAGIC and data[6] in (1, 2):
+        size = 2 if data[6] == 1 else 4
+        end = 8 + size + int.from_bytes(data[8:8 + size], "little")
+        layout = _header(bytes(data[:end]))
+        if layout is not None:
+            shape, fortran_order, dtype = layout
+            try:
+                flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=end)
+                return flat.reshape(shape, order="F" if fortran_order else "C")
+            except ValueError:
+                pass  # truncated: let Flower's reader raise its own error
+    return array.numpy()
+
+
+_MAGIC = b"\x93NUMPY"
+
+
+@functools.lru_cache(maxsize=1024)
+def _header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype] | None:
+    """(shape, Fortran order, dtype) of an ``np.save`` header; the arrays of a round share a few."""
+    stream = io.BytesIO(header)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read(stream)
+    except ValueError:
+        return None
+    return None if dtype.hasobject else (tuple(shape), bool(fortran_order), dtype)
+
+
+def to_array(values: np.ndarray) -> Array:
+    """``Array(values)`` — the same bytes as Flower's ``np.save`` image — with one copy instead of three."""
+    if not values.flags.c_contiguous or values.dtype.hasobject:
+        return Array(values)
+    header = io.BytesIO()
+    layout = np.lib.format.header_data_from_array_1_0(values)
+    try:
+        np.lib.format.write_array_header_1_0(header, layout)
+    except ValueError:  # header too long for format 1.0: np.save moves to 2.0
+        header = io.BytesIO()
+        np.lib.format.write_array_header_2_0(header, layout)
+    try:
+        body = memoryview(values).cast("B")
+    except (TypeError, ValueError):  # a dtype the buffer protocol does not carry (datetime, ...)
+        return Array(values)
+    return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype="numpy.ndarray",
+                 data=b"".join([header.getvalue(), body]))
+
+
+def accumulate(out: np.ndarray, blocks: list[np.ndarray], factors: list[float], tmp: np.ndarray) -> None:
+    """``out = x₀·w₀ + x₁·w₁ + …`` with Flower's operations in Flower's order (``aggregate_arrayrecords``:
+    each product rounded to the arrays' dtype, then added in reply order), so the bits are Flower's."""
+    np.multiply(blocks[0], factors[0], out=out)
+    for x, w in zip(blocks[1:], factors[1:]):
+        np.add(out, np.multiply(x, w, out=tmp), out=out)
+
+
+def squared_distance(local: np.ndarray, base: np.ndarray) -> float:
+    """Σ (local − base)², in one pass over both arrays (inf or NaN if either holds a non-finite value).
+
+    Float32 arrays (every model we train): float32 differences, squared and summed per block by a
+    BLAS dot, blocks summed in float64 — within ~1e-6 (relative) of the all-float64 sum, without four
+    full-size float64 copies. Other dtypes: float64 throughout.
+    """
+    if not _fast(local, base):
+        return _exact_squared_distance(local, base)
+    x, b = local.reshape(-1), base.reshape(-1)
+    total, buf = 0.0, np.empty(min(x.size, CHUNK), dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, x.size, CHUNK):
+            d = np.subtract(x[start:start + CHUNK], b[start:start + CHUNK], out=buf[:min(CHUNK, x.size - start)])
+            total += float(np.dot(d, d))
+    return total
+
+
+def _fast(*arrays: np.ndarray) -> bool:
+    return all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
+
+
+def _exact_squared_distance(local: np.ndarray, base: np.ndarray) -> float:
+    d = local.astype(np.float64) - base.astype(np.float64)
+    return float(np.sum(d * d))
 
 
 def _same_kind(got: str, expected: str) -> bool:
@@ -30,23 +130,86 @@ def _same_kind(got: str, expected: str) -> bool:
 class UpdateValidator:
     max_norm: float = 0.0     # > 0: absolute bound on ||update − global||₂
     max_ratio: float = 100.0  # > 0: bound relative to the median of the round's other updates (needs ≥ 3)
+    threads: int = 0          # threads of the validation pass; 0: one per available core, at most MAX_THREADS
 
     def check(self, content: RecordDict, global_arrays: ArrayRecord, n_train: int) -> tuple[str | None, float]:
         """(reason for rejecting, or None; the update's L2 distance to the global model)."""
+        return self.check_all([content], global_arrays, [n_train])[0][0]
+
+    def check_all(self, contents: list[RecordDict], global_arrays: ArrayRecord, n_trains: list[int],
+                  average_by: str | None = None) -> tuple[list[tuple[str | None, float]], ArrayRecord | None]:
+        """``check`` for each update of a round, reading every update's arrays from memory once.
+
+        With ``average_by`` (FedAvg's weight key) the same pass also accumulates Flower's FedAvg average
+        of the updates (``accumulate``: the same bits as ``aggregate_arrayrecords``); it is returned only
+        if every update passed, since a rejected update changes the weights.
+        """
+        names = list(global_arrays.keys())
+        bases = [as_ndarray(a) for a in global_arrays.values()]
+        structure = [self._structure(c, global_arrays) for c in contents]
+        good = [k for k, (reason, _) in enumerate(structure) if reason is None]
+        views = [structure[k][1] for k in good]
+        factors = _factors([contents[k] for k in good], average_by) if average_by and len(good) == len(contents) else None
+        average = ArrayRecord() if factors else None
+        parts = np.zeros((len(good), len(names)))  # Σ (update − global)² per update and array
+        per_key = [[v[i] for v in views] for i in range(len(names))]
+        fast = [i for i, base in enumerate(bases) if _fast(base, *per_key[i])]
+        accs = _one_pass([bases[i] for i in fast], [per_key[i] for i in fast], average is not None, factors,
+                         self.threads or _default_threads())
+        for i, (partials, acc) in zip(fast, accs):
+            for j in range(len(good)):  # blocks summed in order: the same float64 sum as squared_distance's
+                total = 0.0
+                for value in partials[:, j]:
+                    total += float(value)
+                parts[j, i] = total
+            if average is not None:
+                average[names[i]] = to_array(acc.reshape(bases[i].shape))
+        for i in sorted(set(range(len(names))) - set(fast)):  # float64 global (FedAdam), integer buffers
+            xs = per_key[i]
+            parts[:, i] = [squared_distance(x, bases[i]) for x in xs]
+            if average is not None:
+                if not all(x.dtype == xs[0].dtype and x.flags.c_contiguous for x in xs):
+                    average = None  # replies of mixed dtypes: the strategy averages them itself
+                    continue
+                acc = np.empty(xs[0].shape, dtype=np.result_type(xs[0].dtype, factors[0]))
+                accumulate(acc, xs, factors, np.empty_like(acc))
+                average[names[i]] = to_array(acc)
+        if average is not None:  # in the global model's order, as Flower's average has it
+            average = ArrayRecord({name: average[name] for name in names})
+        results: list[tuple[str | None, float]] = [(reason, 0.0) for reason, _ in structure]
+        for j, k in enumerate(good):
+            results[k] = self._verdict(contents[k], n_trains[k], names, views[j], bases, parts[j])
+        if any(reason is not None for reason, _ in results):
+            average = None
+        return results, average
+
+    def _structure(self, content: RecordDict, global_arrays: ArrayRecord) -> tuple[str | None, list[np.ndarray]]:
+        """(reason, or None and the update's arrays as views): records, names, shapes and dtypes."""
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            return "reply must hold exactly one array record and one metric record", 0.0
+            return "reply must hold exactly one array record and one metric record", []
         arrays = next(iter(content.array_records.values()))
         if list(arrays.keys()) != list(global_arrays.keys()):
-            return "arrays do not match the global model's parameter names", 0.0
-        squared = 0.0
+            return "arrays do not match the global model's parameter names", []
+        views = []
         for name, ref in global_arrays.items():
             got = arrays[name]
             if tuple(got.shape) != tuple(ref.shape) or not _same_kind(got.dtype, ref.dtype):
-                return f"array '{name}' is {got.dtype}{list(got.shape)}, expected {ref.dtype}{list(ref.shape)}", 0.0
-            local, base = got.numpy(), ref.numpy()
-            if not np.all(np.isfinite(local)):
-                return f"array '{name}' holds NaN or infinite values", 0.0
-            squared += float(np.sum((local.astype(np.float64) - base.astype(np.float64)) ** 2))
+                for before, view in zip(global_arrays.keys(), views):  # arrays are checked in order
+                    if not np.all(np.isfinite(view)):
+                        return f"array '{before}' holds NaN or infinite values", []
+                return f"array '{name}' is {got.dtype}{list(got.shape)}, expected {ref.dtype}{list(ref.shape)}", []
+            views.append(as_ndarray(got))
+        return None, views
+
+    def _verdict(self, content: RecordDict, n_train: int, names: list[str], views: list[np.ndarray],
+                 bases: list[np.ndarray], parts: np.ndarray) -> tuple[str | None, float]:
+        squared = 0.0
+        for name, local, base, part in zip(names, views, bases, parts):
+            if not np.isfinite(part):  # rare: find out whether the update is to blame (one more pass)
+                if not np.all(np.isfinite(local)):
+                    return f"array '{name}' holds NaN or infinite values", 0.0
+                part = _exact_squared_distance(local, base)  # float32 overflowed, or the global is bad
+            squared += float(part)
         norm = squared ** 0.5
         if not np.isfinite(norm):
             return "update norm is not finite", 0.0
@@ -69,3 +232,71 @@ class UpdateValidator:
                 rejected[site] = (f"update norm {norm:.4g} is over {self.max_ratio:g}× the median of the other "
                                   f"sites' ({median:.4g})")
         return rejected
+
+
+def _factors(contents: list[RecordDict], key: str) -> list[float] | None:
+    """FedAvg's weights w_k / Σw, as Flower computes them; None if a weight is missing or not positive."""
+    weights = [next(iter(c.metric_records.values())).get(key) for c in contents]
+    if not weights or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights):
+        return None
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def _default_threads() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_THREADS))
+
+
+def _one_pass(bases: list[np.ndarray], xs: list[list[np.ndarray]], average: bool, factors: list[float] | None,
+              threads: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """For each float32 array of the model: every update's Σ(x − base)² per block (as ``squared_distance``
+    does it) and, if ``average``, FedAvg's ``accumulate`` — interleaved block by block, so each block of
+    an update is read from memory once. Segments of blocks run on ``threads`` threads (numpy releases
+    the GIL); each block is computed by one thread in a fixed order, so the bits do not depend on it."""
+    results, tasks = [], []
+    for i, base in enumerate(bases):
+        blocks = max(1, -(-base.size // CHUNK))
+        partials = np.zeros((blocks, len(xs[i])))
+        acc = np.empty(base.size, dtype=np.float32) if average else None
+        results.append((partials, acc))
+        tasks += [(i, first, min(first + SEGMENT, blocks)) for first in range(0, blocks, SEGMENT)]
+
+    def segment(task: tuple[int, int, int]) -> None:
+        i, first, last = task
+        b, flat = bases[i].reshape(-1), [x.reshape(-1) for x in xs[i]]
+        partials, out = results[i]
+        diff = np.empty(CHUNK, dtype=np.float32)
+        tmp = np.empty_like(diff)
+        with np.errstate(over="ignore", invalid="ignore"):  # inf / NaN are looked into by the verdict
+            _blocks(b, flat, partials, out, factors, diff, tmp, first, last)
+
+    work = sum(base.size * len(x) for base, x in zip(bases, xs))
+    if threads > 1 and len(tasks) > 1 and work >= PARALLEL_MIN:
+        with ThreadPoolExecutor(min(threads, len(tasks)), thread_name_prefix="carefl-validate") as pool:
+            list(pool.map(segment, tasks))
+    else:
+        for task in tasks:
+            segment(task)
+    return results
+
+
+def _blocks(b: np.ndarray, flat: list[np.ndarray], partials: np.ndarray, out: np.ndarray | None,
+            factors: list[float] | None, diff: np.ndarray, tmp: np.ndarray, first: int, last: int) -> None:
+    """Blocks ``first``…``last`` − 1 of one array: each update's block squared distance, and the average."""
+    for block in range(first, last):
+        start, end = block * CHUNK, min((block + 1) * CHUNK, b.size)
+        base_block, d, t = b[start:end], diff[:end - start], tmp[:end - start]
+        out_block = out[start:end] if out is not None else None
+        for j, x in enumerate(flat):
+            values = x[start:end]
+            np.subtract(values, base_block, out=d)
+            partials[block, j] = np.dot(d, d)
+            if out_block is not None:  # accumulate's operations, in its order
+                if j == 0:
+                    np.multiply(values, factors[0], out=out_block)
+                else:
+                    np.add(out_block, np.multiply(values, factors[j], out=t), out=out_block)

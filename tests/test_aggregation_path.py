@@ -1,0 +1,220 @@
+"""The coordinator's fast aggregation path gives Flower's results, bit for bit.
+
+server/validation.py and server/strategies.py read updates as zero-copy views, validate and (for
+FedAvg) average them in one blocked pass, possibly on several threads. Here every optimised result
+is compared with Flower's own strategy on the same replies, and with a plain numpy reference.
+Small blocks make a few hundred parameters span many blocks and thread work units.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import strategy as flwr_strategy
+from flwr.serverapp.strategy.multikrum import compute_distances
+from flwr.supercore.task_identity import TaskIdentity
+
+from server import strategies, validation
+from server.sites import SiteGrid, SiteInfo
+from server.validation import UpdateValidator, as_ndarray, squared_distance, to_array
+
+SHAPES = {"dense.weight": (37, 29), "dense.bias": (29,), "scale": (), "steps": (2,)}  # "steps": int64 buffer
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(validation, "CHUNK", 64)
+    monkeypatch.setattr(validation, "SEGMENT", 3)
+    monkeypatch.setattr(validation, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(strategies, "CHUNK", 64)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _arrays(rng, scale=1.0, base=None, buffers=True) -> dict[str, np.ndarray]:
+    out = {}
+    for name, shape in SHAPES.items():
+        if name == "steps":
+            if not buffers:
+                continue
+            out[name] = np.array([3, 4], dtype=np.int64)
+        else:
+            noise = np.asarray(rng.standard_normal(shape), dtype=np.float32) * np.float32(scale)
+            out[name] = np.asarray((base[name] + noise) if base is not None else noise, dtype=np.float32)
+    return out
+
+
+def _round(n=6, seed=0, buffers=True):
+    """Global model, train messages to n nodes, and their replies (as Flower messages)."""
+    rng = np.random.default_rng(seed)
+    base = _arrays(rng, buffers=buffers)
+    global_arrays = ArrayRecord({k: Array(v) for k, v in base.items()})
+    nodes = list(range(10, 10 + n))
+    sent = [Message(RecordDict({"arrays": global_arrays, "config": ConfigRecord({"server-round": 1})}),
+                    dst_node_id=node, message_type=MessageType.TRAIN) for node in nodes]
+    updates = [_arrays(rng, 0.05, base, buffers) for _ in nodes]
+    replies = [_reply(m, u, 10 + 7 * k) for k, (m, u) in enumerate(zip(sent, updates))]
+    sites = [SiteInfo(f"s{node}", node, n_train=1000, n_test=10, n_features=0) for node in nodes]
+    return global_arrays, sent, replies, sites, updates
+
+
+def _reply(msg, arrays: dict, examples: int) -> Message:
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"num-examples": examples, "train-loss": 0.5})})
+    return Message(content, reply_to=msg)
+
+
+class Replied:
+    def __init__(self, replies):
+        self.replies = replies
+
+    def get_node_ids(self):
+        return [r.metadata.src_node_id for r in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return list(self.replies)
+
+
+def _same(a: ArrayRecord, b: ArrayRecord) -> None:
+    assert list(a.keys()) == list(b.keys())
+    for key in a.keys():
+        assert (a[key].dtype, tuple(a[key].shape), a[key].data) == (b[key].dtype, tuple(b[key].shape), b[key].data), key
+
+
+def _through_sitegrid(strategy, replies, sites, global_arrays, threads=1, validator=None):
+    grid = SiteGrid(Replied(replies), sites, lambda *a: None, validator or UpdateValidator(threads=threads),
+                    quorum=1)
+    sent = list(strategy.configure_train(1, global_arrays, ConfigRecord(), grid))
+    accepted = grid.send_and_receive(sent)
+    return strategy.aggregate_train(1, accepted)[0], accepted
+
+
+def test_views_and_array_images_match_flower_for_every_dtype_and_layout():
+    for values in [np.arange(12, dtype=np.float32).reshape(3, 4), np.array(2.5, np.float32), np.zeros((0, 3)),
+                   np.array([True, False]), np.arange(5, dtype=np.float16), np.arange(6, dtype=">i4"),
+                   np.asfortranarray(np.arange(12.0).reshape(3, 4))]:
+        flower = Array(values)
+        ours = to_array(values)
+        assert (ours.dtype, ours.shape, ours.data) == (flower.dtype, flower.shape, flower.data)
+        view = as_ndarray(flower)
+        assert view.dtype == values.dtype and view.shape == values.shape and np.array_equal(view, values)
+        assert not view.flags.writeable  # a view of the reply's bytes, never a copy
+    odd = Array(dtype="float32", shape=(2,), stype="other", data=b"\0" * 8)
+    with pytest.raises(TypeError):  # what Array.numpy() says
+        as_ndarray(odd)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fedavg_average_from_the_validation_pass_is_flowers(threads):
+    global_arrays, _, replies, sites, updates = _round()
+    reference = flwr_strategy.FedAvg().aggregate_train(1, copy.deepcopy(replies))[0]
+    ours, accepted = _through_sitegrid(strategies.FedAvg(), replies, sites, global_arrays, threads)
+    assert accepted.average is not None and accepted.average[0] == "num-examples"  # the fused pass was used
+    _same(ours, reference)
+    # and it is the weighted mean (float64 numpy reference)
+    weights = np.array([10 + 7 * k for k in range(len(updates))], dtype=np.float64)
+    for key in SHAPES:
+        expected = np.tensordot(weights / weights.sum(), np.stack([u[key] for u in updates]).astype(np.float64), 1)
+        np.testing.assert_allclose(ours[key].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_rejected_update_leaves_the_average_to_the_strategy_over_the_rest():
+    global_arrays, sent, replies, sites, updates = _round()
+    broken = dict(updates[2])
+    broken["dense.weight"] = broken["dense.weight"].copy()
+    broken["dense.weight"][3, 4] = np.nan
+    replies[2] = _reply(sent[2], broken, 40)
+    replies[4] = Message(Error(4001, "site error"), reply_to=sent[4])
+    ours, accepted = _through_sitegrid(strategies.FedAvg(), replies, sites, global_arrays)
+    assert accepted.average is None and len(accepted) == 4
+    reference = flwr_strategy.FedAvg().aggregate_train(1, [r for i, r in enumerate(copy.deepcopy(replies))
+                                                           if i not in (2, 4)])[0]
+    _same(ours, reference)
+
+
+@pytest.mark.parametrize("name, ours, flowers", [
+    ("fedmedian", strategies.FedMedian, flwr_strategy.FedMedian),
+    ("fedtrimmedavg", lambda: strategies.FedTrimmedAvg(beta=0.2), lambda: flwr_strategy.FedTrimmedAvg(beta=0.2)),
+    ("krum", lambda: strategies.Krum(num_malicious_nodes=1), lambda: flwr_strategy.Krum(num_malicious_nodes=1)),
+    ("multikrum", lambda: strategies.MultiKrum(num_malicious_nodes=1, num_nodes_to_select=3),
+     lambda: flwr_strategy.MultiKrum(num_malicious_nodes=1, num_nodes_to_select=3)),
+    ("fedprox", lambda: strategies.FedProx(proximal_mu=0.1), lambda: flwr_strategy.FedProx(proximal_mu=0.1)),
+])
+def test_every_strategy_aggregates_like_flowers(name, ours, flowers):
+    global_arrays, _, replies, sites, updates = _round(n=7, seed=3)
+    reference = flowers().aggregate_train(1, copy.deepcopy(replies))[0]  # Flower's median pops the arrays
+    result, _ = _through_sitegrid(ours(), replies, sites, global_arrays, threads=2)
+    _same(result, reference)
+    if name == "fedmedian":
+        stacked = np.stack([u["dense.weight"] for u in updates])
+        np.testing.assert_array_equal(result["dense.weight"].numpy(), np.median(stacked, axis=0))
+
+
+def test_krum_distances_are_flowers():
+    _, _, replies, _, _ = _round(n=5, seed=4)
+    flower = compute_distances([r.content["arrays"] for r in replies])
+    ours = strategies.krum_distances([r.content for r in replies])
+    assert ours.dtype == flower.dtype and np.array_equal(ours, flower)
+
+
+@pytest.mark.parametrize("kind", ["fedadam", "fedyogi"])
+def test_adaptive_strategies_keep_flowers_moments_over_rounds(kind):
+    cls = {"fedadam": (strategies.FedAdam, flwr_strategy.FedAdam),
+           "fedyogi": (strategies.FedYogi, flwr_strategy.FedYogi)}[kind]
+    ours, flower = cls[0](eta=0.1, eta_l=0.1), cls[1](eta=0.1, eta_l=0.1)
+    global_arrays, _, replies, sites, _ = _round(seed=5, buffers=False)  # (FedAdam makes int buffers float64)
+    theirs_arrays = global_arrays
+    for server_round in (1, 2):
+        grid = SiteGrid(Replied(replies), sites, lambda *a: None, UpdateValidator(threads=2))
+        mine = ours.aggregate_train(server_round, grid.send_and_receive(
+            list(ours.configure_train(server_round, global_arrays, ConfigRecord(), grid))))[0]
+        list(flower.configure_train(server_round, theirs_arrays, ConfigRecord(), Replied(replies)))
+        theirs = flower.aggregate_train(server_round, copy.deepcopy(replies))[0]
+        _same(mine, theirs)
+        global_arrays, theirs_arrays = mine, theirs  # round 2: a float64 global model (FedAdam's maths)
+
+
+def test_norms_agree_with_float64_and_threads_change_nothing():
+    global_arrays, _, replies, _, updates = _round(n=5, seed=6)
+    base = {k: v.numpy() for k, v in global_arrays.items()}
+    contents = [r.content for r in replies]
+    one = UpdateValidator(threads=1).check_all(contents, global_arrays, [1000] * 5, average_by="num-examples")
+    two = UpdateValidator(threads=2).check_all(contents, global_arrays, [1000] * 5, average_by="num-examples")
+    assert one[0] == two[0]
+    _same(one[1], two[1])
+    for (reason, norm), update in zip(one[0], updates):
+        exact = math.sqrt(sum(float(np.sum((update[k].astype(np.float64) - base[k].astype(np.float64)) ** 2))
+                              for k in SHAPES))
+        assert reason is None and norm == pytest.approx(exact, rel=1e-6)
+    x, b = updates[0]["dense.weight"], base["dense.weight"]
+    assert squared_distance(x, b) == pytest.approx(float(np.sum((x.astype(np.float64) - b) ** 2)), rel=1e-6)
+
+
+def test_each_broken_update_gets_the_reason_the_array_by_array_check_gives():
+    global_arrays, sent, replies, sites, updates = _round(n=6, seed=7)
+
+    def broken(k, change):
+        arrays = {name: value.copy() for name, value in updates[k].items()}
+        change(arrays)
+        replies[k] = _reply(sent[k], arrays, 20)
+
+    broken(0, lambda a: a["dense.weight"].__setitem__((0, 0), np.inf))
+    # a NaN in the first array is reported before a wrong shape in the second, as the checks go in order
+    broken(1, lambda a: (a["dense.weight"].__setitem__((1, 1), np.nan), a.__setitem__("dense.bias", np.zeros(3, np.float32))))
+    broken(2, lambda a: a.__setitem__("dense.bias", np.zeros(3, np.float32)))
+    broken(3, lambda a: a["dense.bias"].__setitem__(0, 3e30))  # finite, but its square overflows float32
+    validator = UpdateValidator(max_norm=1e6, threads=2)
+    results, average = validator.check_all([r.content for r in replies], global_arrays, [1000] * 6,
+                                           average_by="num-examples")
+    reasons = [reason for reason, _ in results]
+    assert reasons[0] == "array 'dense.weight' holds NaN or infinite values"
+    assert reasons[1] == "array 'dense.weight' holds NaN or infinite values"
+    assert reasons[2] == "array 'dense.bias' is float32[3], expected float32[29]"
+    assert reasons[3].startswith("update norm 3e+30 exceeds max-update-norm 1e+06")
+    assert reasons[4] is None and reasons[5] is None and average is None
+    assert results[3][1] == pytest.approx(3e30, rel=1e-6)
+    too_many = validator.check(replies[4].content, global_arrays, n_train=10)
+    assert too_many[0] == "num-examples = 38 is not in (0, 10] (the site's training count)"
