@@ -77,7 +77,8 @@ def _out_dir(out: Optional[Path], kind: str) -> Path:
 
 @app.command()
 def demo(
-    task: str = typer.Option("ehr", help="ehr: UCI heart disease, 4 hospitals; seg: hippocampus MRI, 3 sites."),
+    task: str = typer.Option("ehr", help="ehr: UCI heart disease, 4 hospitals; seg: hippocampus MRI, 3 sites; "
+                                         "ehr-seq: synthetic diabetes visit histories, 3 sites, sequence model."),
     rounds: int = typer.Option(5, min=1, help="Federated rounds."),
     strategy: Optional[str] = typer.Option(None, help="fedavg | fedprox | fedadam | fedyogi"),
     model: Optional[str] = typer.Option(None, help="ehr-logreg | ehr-mlp"),
@@ -91,8 +92,8 @@ def demo(
     tensorboard: bool = cli_report.TensorBoardFlag,
 ) -> None:
     """A real consortium on 127.0.0.1: kits, TLS, authenticated sites that approved the app, then one run."""
-    if task not in ("ehr", "seg"):
-        raise SiteError(f"unknown task '{task}'; available: ehr, seg")
+    if task not in ("ehr", "seg", "ehr-seq"):
+        raise SiteError(f"unknown task '{task}'; available: ehr, seg, ehr-seq")
     out = _out_dir(out, "demo")
     if task == "ehr":
         files = _heart_disease_files(data_dir)
@@ -100,6 +101,11 @@ def demo(
         sites = {c: write_site_config(out / "deployment" / "sites" / c / "site.toml", c, p,
                                       epsilon_budget=epsilon_budget, delta=1e-4) for c, p in files.items()}
         extra = {}
+    elif task == "ehr-seq":
+        sites = _synthetic_ehr_sites(out / "deployment", epsilon_budget)
+        # Visit histories, sequence model, DP; sites first pool DP feature statistics (round 0).
+        extra = {"task": "ehr-seq", "model": model or "ehr-gru-attn", "schema": "diabetes-visits", "batch-size": 40,
+                 "optimizer": "adam", "lr": lr or 0.01, "local-steps": 0, "local-epochs": 2}
     else:
         console.print(f"writing synthetic DICOM (MR series + SEG) for 3 sites, {seg_cases} cases each …")
         configs = _dicomize(out / "deployment" / "sites", 3, seg_cases, epsilon_budget, data_dir)
@@ -114,6 +120,16 @@ def demo(
                   f"{len(sites)} site agents on 127.0.0.1; logs in {out / 'deployment'}")
     with LocalFederation(out / "deployment", sites) as fed:
         follow(fed, run_config, out)
+
+
+def _synthetic_ehr_sites(deployment: Path, epsilon_budget: float) -> dict[str, Path]:
+    """Three synthetic hospitals' visit extracts (``carefl data synth-ehr``) and their site configs."""
+    from client.synthetic_ehr import synthesize
+
+    extracts = synthesize(deployment / "extracts", sites=3, seed=0)
+    console.print(f"wrote synthetic visit extracts for {', '.join(extracts)} (schema diabetes-visits)")
+    return {name: write_site_config(deployment / "sites" / name / "site.toml", name, path, dataset="diabetes-visits",
+                                    epsilon_budget=epsilon_budget, delta=1e-4) for name, path in extracts.items()}
 
 
 @app.command()
