@@ -39,7 +39,9 @@ class SiteInfo:
 
 
 def _query(grid: Grid, node_ids: list[int]) -> tuple[list[SiteInfo], dict[int, str]]:
-    messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+    # A query not answered in time expires (ttl) rather than wait at the SuperLink: the node is asked anew.
+    messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY, ttl=QUERY_TIMEOUT)
+                for n in node_ids]
     answered, failed = [], {}
     for reply in grid.send_and_receive(messages, timeout=QUERY_TIMEOUT):
         node = reply.metadata.src_node_id
@@ -55,17 +57,26 @@ def _query(grid: Grid, node_ids: list[int]) -> tuple[list[SiteInfo], dict[int, s
 
 def discover_sites(grid: Grid, wanted: tuple[str, ...], min_sites: int, wait: float,
                    poll: float = 1.0) -> list[SiteInfo]:
-    """Query connected nodes until the wanted sites (or, if none named, ``min_sites``) answered."""
+    """Query connected nodes until the wanted sites (or, if none named, ``min_sites``) answered.
+
+    A node that does not answer within ``QUERY_TIMEOUT`` (a site still starting; one of a thousand
+    simulated sites queued behind the others) is asked again at the next poll while sites are missing.
+    """
     found: dict[str, SiteInfo] = {}
     asked: set[int] = set()
+    silent: set[int] = set()  # asked, no answer in time
     failures: dict[int, str] = {}
     deadline = time.monotonic() + wait
     while True:
-        new = [n for n in grid.get_node_ids() if n not in asked]
-        if new:
+        nodes = list(grid.get_node_ids())
+        new = [n for n in nodes if n not in asked]
+        missing = not all(s in found for s in wanted) if wanted else len(found) < min_sites
+        again = [n for n in nodes if n in silent] if missing else []
+        if new or again:
             asked.update(new)
-            answered, failed = _query(grid, new)
+            answered, failed = _query(grid, new + again)
             failures.update(failed)
+            silent = (silent - set(again)) | (set(new + again) - set(failed) - {i.node_id for i in answered})
             for info in answered:
                 if info.site_id in found:
                     raise SiteSelectionError(f"two nodes claim site id '{info.site_id}'")

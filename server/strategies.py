@@ -1,9 +1,10 @@
 """Flower's own strategies, chosen by name from the run configuration.
 
 Each is Flower's class with its aggregation re-done on zero-copy views of the replies' bytes
-(``validation.as_ndarray``) instead of ``Array.numpy()``, which copies every array twice per use, and
-block by block so the temporaries stay in cache. The results are bit-identical to Flower's
-(tests/test_aggregation_path.py); benchmarks/aggregation.py measures the gain.
+(``validation.as_ndarray``) instead of ``Array.numpy()``, which copies every array twice per use;
+FedAvg's average is accumulated block by block, in the validation pass when ``SiteGrid`` runs it. The
+results are bit-identical to Flower's (tests/test_aggregation_path.py); benchmarks/aggregation.py
+measures the gain.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ def weighted_average(records: list[RecordDict], weighted_by_key: str) -> ArrayRe
     factors = [w / total for w in weights]
     arrays = [next(iter(r.array_records.values())) for r in records]
     keys = list(arrays[0].keys())
-    views = {k: [as_ndarray(a[k]) for a in arrays] for k in keys}
-    if any(len(r.array_records) != 1 or list(a.keys()) != keys for r, a in zip(records, arrays)) or any(
-            len({(v.dtype, v.shape) for v in vs}) != 1 or not all(v.flags.c_contiguous for v in vs)
-            for vs in views.values()):
+    if any(len(r.array_records) != 1 or list(a.keys()) != keys for r, a in zip(records, arrays)):
         return aggregate_arrayrecords(records, weighted_by_key)  # unusual replies: Flower's own loop
+    views = {k: [as_ndarray(a[k]) for a in arrays] for k in keys}
+    if any(len({(v.dtype, v.shape) for v in vs}) != 1 or not all(v.flags.c_contiguous for v in vs)
+           for vs in views.values()):
+        return aggregate_arrayrecords(records, weighted_by_key)
     out = ArrayRecord()
     for key in keys:
         xs = [v.reshape(-1) for v in views[key]]

@@ -155,7 +155,7 @@ class UpdateValidator:
         per_key = [[v[i] for v in views] for i in range(len(names))]
         fast = [i for i, base in enumerate(bases) if _fast(base, *per_key[i])]
         accs = _one_pass([bases[i] for i in fast], [per_key[i] for i in fast], average is not None, factors,
-                         self.threads or _default_threads())
+                         self.threads or default_threads())
         for i, (partials, acc) in zip(fast, accs):
             for j in range(len(good)):  # blocks summed in order: the same float64 sum as squared_distance's
                 total = 0.0
@@ -243,7 +243,8 @@ def _factors(contents: list[RecordDict], key: str) -> list[float] | None:
     return [w / total for w in weights]
 
 
-def _default_threads() -> int:
+def default_threads() -> int:
+    """Threads of the validation pass: one per core this process may use, at most ``MAX_THREADS``."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
