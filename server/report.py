@@ -80,7 +80,13 @@ class RunData:
         return (self.summary or {}).get("config") or self.started.get("config") or {}
 
     @property
+    def task_name(self) -> str:
+        """The run's task as configured (ehr, ehr-seq, seg)."""
+        return str((self.summary or {}).get("task") or self.config.get("task") or self.task)
+
+    @property
     def task(self) -> str:
+        """The task's metric family: ``seg`` (Dice) or ``ehr`` (binary risk: tables and visit histories)."""
         task = (self.summary or {}).get("task") or self.config.get("task")
         if task in SITE_METRICS:
             return task
@@ -345,7 +351,7 @@ def _plot_sites(run: RunData, keys: list[str], title: str, alt: str, federation:
 
 
 def _plot_epsilon(run: RunData) -> str:
-    task, sites = run.task, run.sites
+    sites = run.sites
     dp_records = [r for r in run.metrics if _number(r.get("dp")) == 1.0]
     finite = [r for r in dp_records if _number(r.get("epsilon")) is not None and math.isfinite(r["epsilon"])]
     if not finite:
@@ -398,7 +404,7 @@ def _overview(run: RunData) -> str:
     rows = [
         ("status", f'<span class="{cls}">{e(status)}</span>'),
         ("run", e(s.get("run_id", run.started.get("run_id", "—")))),
-        ("task", e(f"{run.task}" + (f" ({s['dataset']})" if s.get("dataset") else ""))),
+        ("task", e(f"{run.task_name}" + (f" ({s['dataset']})" if s.get("dataset") else ""))),
         ("model", e(s.get("model") or cfg.get("model") or "—")),
         ("strategy", e(s.get("strategy") or cfg.get("strategy") or "—")),
         ("sites", e(", ".join(run.sites) or "—")),
