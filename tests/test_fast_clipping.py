@@ -22,7 +22,14 @@ from privacy.policy import DPRequest
 from shared_models.registry import build_model
 from shared_models.seg_losses import DiceCE
 
-torch.set_num_threads(1)  # pytest-xdist runs two modules at once on 2 cores
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """pytest-xdist runs two modules at once on 2 cores; restored afterwards for the other modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _bce(logits, y):
