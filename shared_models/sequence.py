@@ -4,8 +4,8 @@ Patient-level DP: one dataset item is one patient's whole (padded) history, so O
 patient's gradient over all of their visits together — never per visit (docs/PRIVACY.md).
 
 - The GRU is Opacus's ``DPGRU``: built from Linear layers that Opacus computes per-sample gradients
-  for; ``nn.GRU`` (one fused kernel) has none. ``privacy/dp_sgd.py``'s engine "auto" therefore uses
-  Opacus for this model.
+  for; ``nn.GRU`` (one fused kernel) has none. ``privacy/per_sample.py`` clips its per-patient
+  gradients (ghost norms over the time steps), so ``privacy/dp_sgd.py``'s engine "auto" uses it.
 - Variable-length histories are right-padded; ``lengths`` says how many visits are real. Padded
   inputs are replaced by zeros before the GRU (a unidirectional GRU's states at real visits never
   see what follows), and padded steps get attention weight exactly 0, so neither the padding's
