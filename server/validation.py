@@ -11,9 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import math
-import os
 import statistics
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,9 +19,6 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 WEIGHT_KEY = "num-examples"
 CHUNK = 1 << 16  # elements per block of the one-pass loops: a few blocks stay in the core's cache
-SEGMENT = 16     # blocks per unit of work for the validation threads (1M parameters)
-MAX_THREADS = 4  # beyond a few threads the pass is bound by memory bandwidth
-PARALLEL_MIN = 1 << 22  # parameters × updates below which threads cost more than they save
 
 
 def as_ndarray(array: Array) -> np.ndarray:
@@ -130,7 +125,6 @@ def _same_kind(got: str, expected: str) -> bool:
 class UpdateValidator:
     max_norm: float = 0.0     # > 0: absolute bound on ||update − global||₂
     max_ratio: float = 100.0  # > 0: bound relative to the median of the round's other updates (needs ≥ 3)
-    threads: int = 0          # threads of the validation pass; 0: one per available core, at most MAX_THREADS
 
     def check(self, content: RecordDict, global_arrays: ArrayRecord, n_train: int) -> tuple[str | None, float]:
         """(reason for rejecting, or None; the update's L2 distance to the global model)."""
@@ -154,8 +148,7 @@ class UpdateValidator:
         parts = np.zeros((len(good), len(names)))  # Σ (update − global)² per update and array
         per_key = [[v[i] for v in views] for i in range(len(names))]
         fast = [i for i, base in enumerate(bases) if _fast(base, *per_key[i])]
-        accs = _one_pass([bases[i] for i in fast], [per_key[i] for i in fast], average is not None, factors,
-                         self.threads or default_threads())
+        accs = _one_pass([bases[i] for i in fast], [per_key[i] for i in fast], factors if average is not None else None)
         for i, (partials, acc) in zip(fast, accs):
             for j in range(len(good)):  # blocks summed in order: the same float64 sum as squared_distance's
                 total = 0.0
@@ -243,61 +236,31 @@ def _factors(contents: list[RecordDict], key: str) -> list[float] | None:
     return [w / total for w in weights]
 
 
-def default_threads() -> int:
-    """Threads of the validation pass: one per core this process may use, at most ``MAX_THREADS``."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_THREADS))
-
-
-def _one_pass(bases: list[np.ndarray], xs: list[list[np.ndarray]], average: bool, factors: list[float] | None,
-              threads: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """For each float32 array of the model: every update's Σ(x − base)² per block (as ``squared_distance``
-    does it) and, if ``average``, FedAvg's ``accumulate`` — interleaved block by block, so each block of
-    an update is read from memory once. Segments of blocks run on ``threads`` threads (numpy releases
-    the GIL); each block is computed by one thread in a fixed order, so the bits do not depend on it."""
-    results, tasks = [], []
-    for i, base in enumerate(bases):
-        blocks = max(1, -(-base.size // CHUNK))
-        partials = np.zeros((blocks, len(xs[i])))
-        acc = np.empty(base.size, dtype=np.float32) if average else None
-        results.append((partials, acc))
-        tasks += [(i, first, min(first + SEGMENT, blocks)) for first in range(0, blocks, SEGMENT)]
-
-    def segment(task: tuple[int, int, int]) -> None:
-        i, first, last = task
-        b, flat = bases[i].reshape(-1), [x.reshape(-1) for x in xs[i]]
-        partials, out = results[i]
-        diff = np.empty(CHUNK, dtype=np.float32)
-        tmp = np.empty_like(diff)
-        with np.errstate(over="ignore", invalid="ignore"):  # inf / NaN are looked into by the verdict
-            _blocks(b, flat, partials, out, factors, diff, tmp, first, last)
-
-    work = sum(base.size * len(x) for base, x in zip(bases, xs))
-    if threads > 1 and len(tasks) > 1 and work >= PARALLEL_MIN:
-        with ThreadPoolExecutor(min(threads, len(tasks)), thread_name_prefix="carefl-validate") as pool:
-            list(pool.map(segment, tasks))
-    else:
-        for task in tasks:
-            segment(task)
+def _one_pass(bases: list[np.ndarray], xs: list[list[np.ndarray]],
+              factors: list[float] | None) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """For each float32 array of the model, (every update's Σ(x − base)² per block, as ``squared_distance``
+    computes it; with ``factors``, FedAvg's average by ``accumulate``'s operations in its order) —
+    interleaved block by block, so each block of an update is read from memory once and the
+    temporaries stay in cache."""
+    results = []
+    diff = np.empty(CHUNK, dtype=np.float32)
+    tmp = np.empty_like(diff)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf / NaN are looked into by the verdict
+        for base, updates in zip(bases, xs):
+            b, flat = base.reshape(-1), [x.reshape(-1) for x in updates]
+            partials = np.zeros((max(1, -(-b.size // CHUNK)), len(flat)))
+            acc = np.empty(b.size, dtype=np.float32) if factors else None
+            for block, start in enumerate(range(0, max(b.size, 1), CHUNK)):
+                end = min(start + CHUNK, b.size)
+                base_block, d, t = b[start:end], diff[:end - start], tmp[:end - start]
+                for j, x in enumerate(flat):
+                    values = x[start:end]
+                    np.subtract(values, base_block, out=d)
+                    partials[block, j] = np.dot(d, d)
+                    if acc is not None:
+                        if j == 0:
+                            np.multiply(values, factors[0], out=acc[start:end])
+                        else:
+                            np.add(acc[start:end], np.multiply(values, factors[j], out=t), out=acc[start:end])
+            results.append((partials, acc))
     return results
-
-
-def _blocks(b: np.ndarray, flat: list[np.ndarray], partials: np.ndarray, out: np.ndarray | None,
-            factors: list[float] | None, diff: np.ndarray, tmp: np.ndarray, first: int, last: int) -> None:
-    """Blocks ``first``…``last`` − 1 of one array: each update's block squared distance, and the average."""
-    for block in range(first, last):
-        start, end = block * CHUNK, min((block + 1) * CHUNK, b.size)
-        base_block, d, t = b[start:end], diff[:end - start], tmp[:end - start]
-        out_block = out[start:end] if out is not None else None
-        for j, x in enumerate(flat):
-            values = x[start:end]
-            np.subtract(values, base_block, out=d)
-            partials[block, j] = np.dot(d, d)
-            if out_block is not None:  # accumulate's operations, in its order
-                if j == 0:
-                    np.multiply(values, factors[0], out=out_block)
-                else:
-                    np.add(out_block, np.multiply(values, factors[j], out=t), out=out_block)

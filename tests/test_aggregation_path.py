@@ -1,7 +1,7 @@
 """The coordinator's fast aggregation path gives Flower's results, bit for bit.
 
 server/validation.py and server/strategies.py read updates as zero-copy views, validate and (for
-FedAvg) average them in one blocked pass, possibly on several threads. Here every optimised result
+FedAvg) average them in one blocked pass. Here every optimised result
 is compared with Flower's own strategy on the same replies, and with a plain numpy reference.
 Small blocks make a few hundred parameters span many blocks and thread work units.
 """
@@ -28,8 +28,6 @@ SHAPES = {"dense.weight": (37, 29), "dense.bias": (29,), "scale": (), "steps": (
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     monkeypatch.setattr(validation, "CHUNK", 64)
-    monkeypatch.setattr(validation, "SEGMENT", 3)
-    monkeypatch.setattr(validation, "PARALLEL_MIN", 0)
     monkeypatch.setattr(strategies, "CHUNK", 64)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
@@ -84,9 +82,8 @@ def _same(a: ArrayRecord, b: ArrayRecord) -> None:
         assert (a[key].dtype, tuple(a[key].shape), a[key].data) == (b[key].dtype, tuple(b[key].shape), b[key].data), key
 
 
-def _through_sitegrid(strategy, replies, sites, global_arrays, threads=1, validator=None):
-    grid = SiteGrid(Replied(replies), sites, lambda *a: None, validator or UpdateValidator(threads=threads),
-                    quorum=1)
+def _through_sitegrid(strategy, replies, sites, global_arrays):
+    grid = SiteGrid(Replied(replies), sites, lambda *a: None, UpdateValidator(), quorum=1)
     sent = list(strategy.configure_train(1, global_arrays, ConfigRecord(), grid))
     accepted = grid.send_and_receive(sent)
     return strategy.aggregate_train(1, accepted)[0], accepted
@@ -107,11 +104,10 @@ def test_views_and_array_images_match_flower_for_every_dtype_and_layout():
         as_ndarray(odd)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_fedavg_average_from_the_validation_pass_is_flowers(threads):
+def test_fedavg_average_from_the_validation_pass_is_flowers():
     global_arrays, _, replies, sites, updates = _round()
     reference = flwr_strategy.FedAvg().aggregate_train(1, copy.deepcopy(replies))[0]
-    ours, accepted = _through_sitegrid(strategies.FedAvg(), replies, sites, global_arrays, threads)
+    ours, accepted = _through_sitegrid(strategies.FedAvg(), replies, sites, global_arrays)
     assert accepted.average is not None and accepted.average[0] == "num-examples"  # the fused pass was used
     _same(ours, reference)
     # and it is the weighted mean (float64 numpy reference)
@@ -146,7 +142,7 @@ def test_a_rejected_update_leaves_the_average_to_the_strategy_over_the_rest():
 def test_every_strategy_aggregates_like_flowers(name, ours, flowers):
     global_arrays, _, replies, sites, updates = _round(n=7, seed=3)
     reference = flowers().aggregate_train(1, copy.deepcopy(replies))[0]  # Flower's median pops the arrays
-    result, _ = _through_sitegrid(ours(), replies, sites, global_arrays, threads=2)
+    result, _ = _through_sitegrid(ours(), replies, sites, global_arrays)
     _same(result, reference)
     if name == "fedmedian":
         stacked = np.stack([u["dense.weight"] for u in updates])
@@ -168,7 +164,7 @@ def test_adaptive_strategies_keep_flowers_moments_over_rounds(kind):
     global_arrays, _, replies, sites, _ = _round(seed=5, buffers=False)  # (FedAdam makes int buffers float64)
     theirs_arrays = global_arrays
     for server_round in (1, 2):
-        grid = SiteGrid(Replied(replies), sites, lambda *a: None, UpdateValidator(threads=2))
+        grid = SiteGrid(Replied(replies), sites, lambda *a: None, UpdateValidator())
         mine = ours.aggregate_train(server_round, grid.send_and_receive(
             list(ours.configure_train(server_round, global_arrays, ConfigRecord(), grid))))[0]
         list(flower.configure_train(server_round, theirs_arrays, ConfigRecord(), Replied(replies)))
@@ -177,15 +173,15 @@ def test_adaptive_strategies_keep_flowers_moments_over_rounds(kind):
         global_arrays, theirs_arrays = mine, theirs  # round 2: a float64 global model (FedAdam's maths)
 
 
-def test_norms_agree_with_float64_and_threads_change_nothing():
+def test_norms_agree_with_float64_and_do_not_depend_on_the_average():
     global_arrays, _, replies, _, updates = _round(n=5, seed=6)
     base = {k: v.numpy() for k, v in global_arrays.items()}
     contents = [r.content for r in replies]
-    one = UpdateValidator(threads=1).check_all(contents, global_arrays, [1000] * 5, average_by="num-examples")
-    two = UpdateValidator(threads=2).check_all(contents, global_arrays, [1000] * 5, average_by="num-examples")
-    assert one[0] == two[0]
-    _same(one[1], two[1])
-    for (reason, norm), update in zip(one[0], updates):
+    fused = UpdateValidator().check_all(contents, global_arrays, [1000] * 5, average_by="num-examples")
+    alone = UpdateValidator().check_all(contents, global_arrays, [1000] * 5)
+    assert fused[0] == alone[0] and alone[1] is None and fused[1] is not None
+    assert [UpdateValidator().check(c, global_arrays, 1000) for c in contents] == fused[0]
+    for (reason, norm), update in zip(fused[0], updates):
         exact = math.sqrt(sum(float(np.sum((update[k].astype(np.float64) - base[k].astype(np.float64)) ** 2))
                               for k in SHAPES))
         assert reason is None and norm == pytest.approx(exact, rel=1e-6)
@@ -206,7 +202,7 @@ def test_each_broken_update_gets_the_reason_the_array_by_array_check_gives():
     broken(1, lambda a: (a["dense.weight"].__setitem__((1, 1), np.nan), a.__setitem__("dense.bias", np.zeros(3, np.float32))))
     broken(2, lambda a: a.__setitem__("dense.bias", np.zeros(3, np.float32)))
     broken(3, lambda a: a["dense.bias"].__setitem__(0, 3e30))  # finite, but its square overflows float32
-    validator = UpdateValidator(max_norm=1e6, threads=2)
+    validator = UpdateValidator(max_norm=1e6)
     results, average = validator.check_all([r.content for r in replies], global_arrays, [1000] * 6,
                                            average_by="num-examples")
     reasons = [reason for reason, _ in results]
