@@ -14,6 +14,7 @@ is faster. Throughput fraction = numpy time / carefl time, medians of interleave
 from __future__ import annotations
 
 import hashlib
+import os
 import statistics
 import time
 import tracemalloc
@@ -199,6 +200,7 @@ def run(full: bool) -> list[Figure]:
               f"peak {extras[name]:.0f} MB", flush=True)
     fraction, extra = base_s / ours_s, extras[paths[0][0]]
     hwm = status_mb("VmHWM:")
+    load = os.getloadavg()[0]
     data_mb = UPDATES * ARRAYS * SIZE * 4 / 2**20
     return [Figure(
         key="aggregation",
@@ -221,7 +223,7 @@ def run(full: bool) -> list[Figure]:
                f"FedAvg's average is bit-identical to Flower's (checked here). "
                + ("The robust rows include the same validation pass. " if full else
                   "Robust strategies (FedMedian, FedTrimmedAvg, Krum, MultiKrum): `--full` only. ")
-               + "Rows marked context are not carefl's path."),
+               + f"Rows marked context are not carefl's path. Machine load average at the end: {load:.1f}."),
     )]
 
 
