@@ -313,6 +313,23 @@ def _plot_federation(run: RunData) -> str:
     return figure_img(fig, "federation metrics per round")
 
 
+MAX_SITE_LINES = 12  # beyond this a per-site panel shows the sites' min–max band instead of one line each
+
+
+def _site_band(ax, run: RunData, key: str):
+    """Shade the range of ``key`` over all sites per round; returns a legend handle (None if no data)."""
+    by_round: dict[int, list[float]] = {}
+    for r in run.metrics:
+        value = _number(r.get(key))
+        if value is not None and "round" in r:
+            by_round.setdefault(int(r["round"]), []).append(value)
+    if not by_round:
+        return None
+    rounds = sorted(by_round)
+    return ax.fill_between(rounds, [min(by_round[x]) for x in rounds], [max(by_round[x]) for x in rounds],
+                           color="#1f77b4", alpha=0.25, linewidth=0)
+
+
 def _plot_sites(run: RunData, keys: list[str], title: str, alt: str, federation: bool = True) -> str:
     """One panel per metric, one line per site; the federation's mean over sites dashed in black."""
     task, sites = run.task, run.sites
@@ -325,7 +342,11 @@ def _plot_sites(run: RunData, keys: list[str], title: str, alt: str, federation:
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     handles = {}
     for ax, key in zip(axes, keys):
-        for site in sites:
+        if len(sites) > MAX_SITE_LINES:  # hundreds of simulated sites: their spread, not one line each
+            line = _site_band(ax, run, key)
+            if line is not None:
+                handles.setdefault(f"range over {len(sites)} sites", line)
+        for site in sites if len(sites) <= MAX_SITE_LINES else ():
             xs, ys = _series([r for r in run.metrics if r.get("site") == site], key)
             (line,) = ax.plot(xs, ys, label=site, **_site_style(sites, site))
             handles.setdefault(site, line)
@@ -359,7 +380,10 @@ def _plot_epsilon(run: RunData) -> str:
     fig = new_figure(9, 3.8)
     ax = fig.subplots()
     top = 0.0
-    for site in sites:
+    if len(sites) > MAX_SITE_LINES:
+        _site_band(ax, run, "epsilon").set_label(f"range over {len(sites)} sites")
+        top = max(r["epsilon"] for r in finite)
+    for site in sites if len(sites) <= MAX_SITE_LINES else ():
         mine = [r for r in finite if r.get("site") == site]
         if not mine:
             continue

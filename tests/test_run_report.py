@@ -238,3 +238,19 @@ def test_ehr_site_report_roc_and_confusion_matrix(ehr_run, tmp_path):
                                   "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")])
     text = " ".join(missing.output.split())
     assert missing.exit_code == 2 and "nope.pt not found" in text and "Traceback" not in text
+
+
+def test_many_sites_are_drawn_as_their_range_not_one_line_each(tmp_path, monkeypatch):
+    from server import report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"round": r, "site": f"sim-{i:04d}", "accuracy": 0.5 + i / 100, "auc": 0.6, "train_loss": 0.7,
+                "dp": 1.0, "epsilon": 0.1 * r, "delta": 1e-4} for r in (1, 2) for i in range(40)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in records))
+    (run / "rounds.jsonl").write_text("".join(json.dumps({"round": r, "mean_centre_accuracy": 0.7}) + "\n" for r in (1, 2)))
+    drawn, band = [], report._site_band
+    monkeypatch.setattr(report, "_site_band", lambda ax, data, key: drawn.append(key) or band(ax, data, key))
+    page = write_report(run).read_text(encoding="utf-8")
+    _self_contained(page)
+    assert {"accuracy", "auc", "train_loss", "epsilon"} <= set(drawn)
