@@ -225,11 +225,13 @@ def site_start(
     log_dir: Optional[Path] = typer.Option(None, help="Agent logs and Flower home (default: beside site.toml)."),
     refusal_patience: float = typer.Option(150.0, min=0, help="Seconds of refused activation before giving up "
                                            "(a restarted site is refused until the coordinator sees it offline)."),
+    warm: bool = typer.Option(True, "--warm/--no-warm", help="Fork ClientApps from a process with the libraries "
+                              "already imported (default), or start a new flwr-clientapp per message."),
 ) -> None:
     """Check config, keys and data, then run the authenticated SuperNode behind the code gate."""
     with console.status("checking the site config, kit and data …"):
         agent = site_agent.plan(kit, config, coordinator, runtime_port, check_data=_check_data,
-                                refusal_patience=refusal_patience)
+                                refusal_patience=refusal_patience, warm=warm)
     if not agent.approved:
         console.print("[yellow]no app approved yet: every run will be refused until `carefl site approve`[/]")
     log_dir = (log_dir or agent.config_path.parent / "agent").resolve()

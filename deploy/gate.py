@@ -1,16 +1,24 @@
 """The site's code gate: the SuperNode itself refuses messages of apps the site has not approved.
 
-``python -m deploy.gate SITE_TOML <flower-supernode arguments>`` runs Flower's own SuperNode with
-one change: before a pulled message is stored (so before any ClientApp process is launched or any
-FAB is installed), the gate looks up the run's FAB hash and checks it against ``[approval] apps`` of
-the site config, re-read for every message so approvals and revocations apply at once. An
-unapproved run gets an error reply naming the hash it saw; nothing else is computed or sent. For
-approved runs it also checks that the FAB the SuperLink hands over really has that hash.
+``python -m deploy.gate SITE_TOML [--audit-key KEY] [--warm] [--work-dir DIR] <flower-supernode
+arguments>`` runs Flower's own SuperNode with one change: before a pulled message is stored (so before
+any ClientApp process is launched or any FAB is installed), the gate looks up the run's FAB hash and
+checks it against ``[approval] apps`` of the site config, re-read for every message so approvals and
+revocations apply at once. An unapproved run gets an error reply naming the hash it saw; nothing else
+is computed or sent. For approved runs it also checks that the FAB the SuperLink hands over really has
+that hash.
 
 The gate runs in the SuperNode process, not in the app it judges, so the app cannot skip it. It
 hooks a private function of flwr 1.41 (``start_client_internal._pull_and_store_message``), the
 same place where Flower checks its own Hub signatures; ``check_seam`` fails loudly if a Flower
 upgrade moves it. Limits: docs/SECURITY.md.
+
+``--warm`` runs the SuperNode with ``--isolation process`` and starts, as its child, the site's warm
+SuperExec (deploy/warm.py): ClientApps are forked from a process with the libraries already
+imported instead of a new ``flwr-clientapp`` interpreter per message. The gate is the same in both
+modes: a refused message never becomes a task, so no executor can ever pick it up. With
+``--work-dir`` the gate appends per-message timestamps (pulled, stored, reply sent; ids only) to
+``DIR/timing.jsonl``, and the warm executor's children add theirs.
 """
 
 from __future__ import annotations
@@ -18,7 +26,11 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import os
+import secrets
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from deploy.approval import ApprovalError, approved_apps
@@ -69,10 +81,11 @@ def _site_id(site_config: Path) -> str:
         return "?"
 
 
-def install(site_config: Path, audit=None) -> None:
+def install(site_config: Path, audit=None, timing_log: Path | None = None) -> None:
     """Wrap Flower's message intake in the approval check (in this process only).
 
     ``audit``: the site's AuditLog; every message is logged with the app hash and the decision.
+    ``timing_log``: where to append when each message was pulled, stored and its reply sent.
     """
     sci, original = check_seam()
     from flwr.app import Error, Message
@@ -85,6 +98,7 @@ def install(site_config: Path, audit=None) -> None:
         received = receive()
         if received is None:
             return None
+        pulled = time.time()
         message = received[0]
         run_id = message.metadata.run_id
         try:
@@ -98,42 +112,128 @@ def install(site_config: Path, audit=None) -> None:
             audit.append("message", {**message_fields(message), "app_sha256": run.fab_hash,
                                      "approved": reason is None})
         if reason is None:
+            approved_at = time.time()
+
             def get_checked_fab(fab_hash: str, rid: int):
                 fab = get_fab(fab_hash, rid)
                 if hashlib.sha256(fab.content).hexdigest() != fab_hash:
                     raise FabMismatch(fab_hash)
                 return fab
             try:
-                return original(state, object_store, node_config, lambda: received, get_run, get_checked_fab,
-                                pull_object, confirm_message_received, trusted_entities)
+                result = original(state, object_store, node_config, lambda: received, get_run, get_checked_fab,
+                                  pull_object, confirm_message_received, trusted_entities)
+                _note(timing_log, message, pulled=pulled, approved=approved_at, stored=time.time())
+                return result
             except FabMismatch:
                 reason = f"the FAB served for app sha256:{run.fab_hash} does not have that hash"
         log.warning("refused %s message of run %s: %s", message.metadata.message_type, run_id, reason)
         log_refusal(audit, message, NOT_APPROVED, reason)
         sci._insert_message(Message(Error(NOT_APPROVED, reason), reply_to=message), state, object_store)
+        _note(timing_log, message, pulled=pulled, refused=time.time())
         return run_id
 
     sci._pull_and_store_message = gated
+    if timing_log is not None:
+        _time_replies(sci, timing_log)
+
+
+def _note(timing_log: Path | None, message, **times) -> None:
+    if timing_log is None:
+        return
+    from deploy.warm import append_timing
+    group = message.metadata.group_id or ""
+    append_timing(timing_log, {"source": "gate", "message_id": message.metadata.message_id,
+                               "run_id": message.metadata.run_id, "type": str(message.metadata.message_type),
+                               "round": int(group) if group.isdigit() else None, **times})
+
+
+def _time_replies(sci, timing_log: Path) -> None:
+    """Note when a reply was found ready (Flower polls every 0.5 s) and when it was sent."""
+    from deploy.warm import append_timing
+    push = sci._push_messages
+
+    def timed_push(state, object_store, send, push_object):
+        found = []
+
+        def timed_send(message, object_tree, runtime):
+            found.append((message.metadata.reply_to_message_id, time.time()))
+            return send(message, object_tree, runtime)
+
+        try:
+            return push(state, object_store, timed_send, push_object)
+        finally:
+            sent = time.time()
+            for message_id, ready in found:
+                append_timing(timing_log, {"source": "gate", "message_id": message_id, "reply_ready": ready,
+                                           "sent": sent})
+
+    sci._push_messages = timed_push
+
+
+def start_warm_executor(argv: list[str], work_dir: Path) -> list[str]:
+    """Start the warm SuperExec (deploy/warm.py) for this SuperNode; return the SuperNode's arguments.
+
+    The SuperNode then runs with ``--isolation process`` (it launches nothing itself) and an HMAC
+    secret (new at every start, 0600, in the work directory) that the executor must present to acquire
+    tasks. The executor runs in this process group and stops when this process ends.
+    """
+    port = argv[argv.index("--port") + 1] if "--port" in argv else "9094"
+    secret = work_dir / "superexec-auth.secret"
+    secret.unlink(missing_ok=True)
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, secrets.token_hex(32).encode())
+    finally:
+        os.close(fd)
+    subprocess.Popen([sys.executable, "-m", "deploy.warm", "--runtime-api-address", f"127.0.0.1:{port}",
+                      "--superexec-auth-secret-file", str(secret), "--parent-pid", str(os.getpid()),
+                      "--timing-log", str(work_dir / "timing.jsonl")], stdin=subprocess.DEVNULL)
+    return [*argv, "--isolation", "process", "--superexec-auth-secret-file", str(secret)]
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        sys.exit("usage: python -m deploy.gate SITE_TOML [--audit-key KEY] [flower-supernode arguments]")
+        sys.exit("usage: python -m deploy.gate SITE_TOML [--audit-key KEY] [--warm] [--work-dir DIR] "
+                 "[flower-supernode arguments]")
     site_config = Path(argv.pop(0)).resolve()
-    audit_key = None
-    if argv[:1] == ["--audit-key"]:
-        audit_key = Path(argv[1])
+    audit_key, warm, work_dir = None, False, None
+    while argv[:1] in (["--audit-key"], ["--warm"], ["--work-dir"]):
+        if argv[0] == "--warm":
+            warm = True
+            del argv[:1]
+            continue
+        if argv[0] == "--audit-key":
+            audit_key = Path(argv[1])
+        else:
+            work_dir = Path(argv[1]).resolve()
         del argv[:2]
+    timing_log = None
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        timing_log = work_dir / "timing.jsonl"
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s carefl-gate: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    if warm:  # first: its library imports then overlap with the gate's own
+        from deploy import warm as warm_executor
+        try:
+            warm_executor.check_seam()
+            argv = start_warm_executor(argv, work_dir or Path.cwd())
+        except RuntimeError as exc:  # a Flower upgrade moved what the executor hooks: stay with Flower's own
+            log.warning("%s; starting a new flwr-clientapp per message instead", exc)
     from client.site import load_site_config
     from privacy.audit import AuditLog
     site = load_site_config(site_config)
-    install(site_config, AuditLog(site.audit_log, site.site_id, audit_key) if site.audit_log else None)
+    # opacus (imported with the site's privacy code) calls logging.basicConfig at import; without this,
+    # every Flower DEBUG record (one per Runtime API call) would be copied to the SuperNode's log.
+    logging.getLogger("flwr").propagate = False
+    install(site_config, AuditLog(site.audit_log, site.site_id, audit_key) if site.audit_log else None, timing_log)
     from flwr.supernode.cli import flower_supernode
+
+    from deploy.warm import exit_without_teardown
+    exit_without_teardown()  # after Flower's own exit handlers (audit records are already on disk)
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
 

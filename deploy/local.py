@@ -26,6 +26,7 @@ class LocalFederation:
     sites: dict[str, Path]  # site id → that site's own site.toml (data, policy)
     simulated_sites: int = 0
     app_dir: Path = APP_DIR
+    warm: bool = True  # site agents fork ClientApps from a pre-imported executor (False: --no-warm)
     agents: list[processes.Managed] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -76,6 +77,8 @@ class LocalFederation:
         argv = [processes.tool("carefl"), "site", "start", "--kit", str(self.kits / site_id), "--config",
                 str(config), "--coordinator", f"127.0.0.1:{self.coordinator.port}",
                 "--runtime-port", str(processes.free_port()), "--log-dir", str(log_dir)]
+        if not self.warm:
+            argv.append("--no-warm")
         return processes.start(f"site {site_id}", argv, processes.flower_env(log_dir / "flwr-home"),
                                log_dir / "agent.log")
 

@@ -7,6 +7,12 @@ config that carries only the path of site.toml. When the coordinator is down or 
 connection, the agent restarts the SuperNode with exponential backoff; when the coordinator keeps
 refusing the site's key (longer than a restarted node takes to be seen as offline), retrying cannot
 help, so it stops with exit 2 and says what to send to whom.
+
+By default the site is warm (``warm=True``; ``carefl site start --no-warm`` turns it off): the gate
+starts carefl's warm SuperExec (deploy/warm.py), which forks each ClientApp from a process that has
+the libraries imported, instead of Flower starting a new ``flwr-clientapp`` interpreter per message.
+Either way the SuperNode, the gate, its executor and every ClientApp are one process group, stopped
+together. The gate and the executor append per-message timestamps to ``<log dir>/timing.jsonl``.
 """
 
 from __future__ import annotations
@@ -40,18 +46,23 @@ class AgentPlan:
     approved: set[str]
     runtime_port: int
     refusal_patience: float = 150.0  # seconds of refused activations before concluding the key is unknown
+    warm: bool = True                # ClientApps forked from a pre-imported executor (deploy/warm.py)
 
     @property
     def audit_key(self) -> Path | None:
         key = self.kit / "audit-signing.key"
         return key if key.is_file() else None
 
-    def supernode_argv(self, max_wait: float = 60.0) -> list[str]:
+    def supernode_argv(self, max_wait: float = 60.0, log_dir: Path | None = None) -> list[str]:
         node_config = f'site-config="{self.config_path}"'
-        audit = ["--audit-key", str(self.audit_key)] if self.audit_key else []
+        gate = ["--audit-key", str(self.audit_key)] if self.audit_key else []
         if self.audit_key:
             node_config += f' audit-key="{self.audit_key}"'
-        return [sys.executable, "-m", "deploy.gate", str(self.config_path), *audit,
+        if self.warm:
+            gate.append("--warm")
+        if log_dir is not None:
+            gate += ["--work-dir", str(log_dir)]
+        return [sys.executable, "-m", "deploy.gate", str(self.config_path), *gate,
                 "--root-certificates", str(self.kit / "ca.crt"), "--superlink", self.coordinator,
                 "--auth-supernode-private-key", str(self.kit / "supernode.key"),
                 "--node-config", node_config, "--port", str(self.runtime_port),
@@ -59,7 +70,7 @@ class AgentPlan:
 
 
 def plan(kit: Path, config_path: Path, coordinator: str | None = None, runtime_port: int = 9094,
-         check_data=None, refusal_patience: float = 150.0) -> AgentPlan:
+         check_data=None, refusal_patience: float = 150.0, warm: bool = True) -> AgentPlan:
     """Everything the agent needs, checked; SiteError lists every problem found."""
     kit, config_path = Path(kit).resolve(), Path(config_path).resolve()
     problems = []
@@ -86,7 +97,7 @@ def plan(kit: Path, config_path: Path, coordinator: str | None = None, runtime_p
         problems += check_data(site)
     if problems:
         raise SiteError("cannot start the site agent:\n  - " + "\n  - ".join(problems))
-    return AgentPlan(site, config_path, kit, address, approved, runtime_port, refusal_patience)
+    return AgentPlan(site, config_path, kit, address, approved, runtime_port, refusal_patience, warm)
 
 
 def _log_since(path: Path, offset: int) -> str:
@@ -128,7 +139,8 @@ def _supervise(agent: AgentPlan, log_dir: Path, max_backoff: float, attempts: in
         tries += 1
         started = time.monotonic()
         offset = log_path.stat().st_size if log_path.exists() else 0
-        node = processes.start("supernode", agent.supernode_argv(), processes.flower_env(log_dir / "flwr-home"),
+        node = processes.start("supernode", agent.supernode_argv(log_dir=log_dir),
+                               processes.flower_env(log_dir / "flwr-home"),
                                log_path, cwd=log_dir)  # its own group: stopping it stops its ClientApps
         try:
             code = node.popen.wait()
