@@ -18,7 +18,7 @@ from tests.helpers import data_dir
 
 CAREFL = [sys.executable, "-m", "deploy.cli"]
 FLOWER_BINARIES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
-                   "flwr-clientapp", "flwr-simulation", "deploy.gate", "bin/carefl")
+                   "flwr-clientapp", "flwr-simulation", "deploy.gate", "deploy.warm", "bin/carefl")
 
 
 def _flower_pids_mentioning(marker: str) -> list[int]:
