@@ -48,6 +48,7 @@ CONFIGS = {
     "fedavg-dp-eps4": ({**DP_SETTINGS, "strategy": "fedavg", "target-epsilon": 4.0},
                        "0.700–0.705 (ε = 5, δ = 1e-4…1e-1, steps under-counted)"),
 }
+QUICK = ("fedavg", "fedadam", "fedavg-finetune", "fedavg-dp-eps1")  # one seed each; --full: all, 5 seeds
 FLAMBY_POOLED, FLAMBY_BEST_FL = 0.735, 0.731
 FLAMBY_LOCAL = {"cleveland": "0.722 ± 0.021", "hungarian": "0.629 ± 0.017", "switzerland": "0.567 ± 0.058",
                 "va": "0.637 ± 0.039"}
@@ -161,7 +162,7 @@ def run(full: bool, seeds: int | None = None, only: tuple[str, ...] | None = Non
         out: Path | None = None) -> list[Figure]:
     torch.set_num_threads(1)
     seeds_list = list(range(42, 42 + (seeds or (5 if full else 1))))
-    labels = only or tuple(CONFIGS)
+    labels = only or (tuple(CONFIGS) if full else QUICK)
     root, _ = resolve_data_dir(data_dir)
     central = run_centralised(root, seeds_list)
     fed: dict[str, list[dict]] = {}
