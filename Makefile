@@ -26,9 +26,10 @@ demo: $(STAMP)
 	$(BIN)/carefl demo $(ARGS)
 
 # Three workers on 2 cores, one test module each at a time: the deployment tests spend most of their time
-# waiting on real processes (rounds, heartbeats, restarts), so a third worker uses the idle CPU.
+# waiting on real processes (rounds, heartbeats, restarts), so a third worker uses the idle CPU;
+# tests/conftest.py puts the longest modules first (and xdist keeps that order).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 3 --dist loadfile --durations=12 tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=12 tests $(PYTEST_ARGS)
 
 # Quick pass (< 10 min on 2 cores): prints every table and refreshes docs/BENCHMARKS.md.
 # `make bench ARGS=--full` for the full-size figures (hours); `ARGS="--only scale"` for one module.
