@@ -92,6 +92,9 @@ def _site_task(context: Context, msg: Message | None = None):
 def query(msg: Message, context: Context, audit) -> Message:
     """Identity and capabilities: site id, task, models; counts only, no data statistics."""
     site, task = _site_task(context)
+    study = msg.content.config_records.get("study")
+    if study is not None:
+        _check_study(context, site, task, int(study.get("rounds", 0)))
     if audit is not None and task.excluded:
         audit.append("data-exclusions", {"run_id": str(context.run_id), "dataset": task.dataset.name,
                                          "excluded": int(task.excluded), "reasons": task.exclusion_reasons()})
@@ -103,6 +106,31 @@ def query(msg: Message, context: Context, audit) -> Message:
     counts = MetricRecord({"n-train": task.n_train, "n-test": task.n_test,
                            "n-features": int(task.model_kwargs.get("n_features", 0))})
     return Message(RecordDict({"site": info, "counts": counts}), reply_to=msg)
+
+
+def _check_study(context: Context, site, task, rounds: int) -> None:
+    """Before anyone trains: would this site's policy accept the study's rounds, and does its remaining
+    budget hold all ``rounds`` of them? A refusal here (RequestRefused / BudgetExceeded, sent as the
+    reason) stops the study at discovery, so no site is charged for a round this site would refuse."""
+    config = dict(context.run_config)
+    if rounds <= 0 or not hasattr(task, "train"):
+        return
+    dataset, n = task.dataset, task.n_train
+    settings = training.TrainSettings.from_config(config)
+    q = sample_rate(n, settings.batch_size)
+    dp = DPRequest(enabled=bool(config.get("dp", True)),
+                   noise_multiplier=_noise_multiplier(config, context, dataset, n),
+                   clip_norm=float(config.get("clip-norm", 0.0)))
+    try:
+        check_request(dataset.policy, dp, q)
+        if dp.enabled:
+            steps = [(dp.noise_multiplier, q, training.planned_steps(settings, n))] * rounds
+            PrivacyLedger(site.ledger_path).check_room(dataset.name, steps, dataset.policy.delta_for(n),
+                                                       dataset.policy.epsilon_budget, dataset.policy.accountant)
+    except RequestRefused as exc:
+        raise RequestRefused(f"site {site.site_id} cannot take this study: {exc}") from None
+    except BudgetExceeded as exc:
+        raise RequestRefused(f"site {site.site_id} cannot take this study's {rounds} round(s): {exc}") from None
 
 
 def _noise_multiplier(config, context: Context, dataset: DatasetConfig, n: int) -> float:

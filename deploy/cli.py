@@ -31,7 +31,7 @@ from deploy.coordinator import DeploymentError
 from deploy.provision import ProvisionError
 from deploy.local import LocalFederation
 from deploy.runs import check_run_config, console, follow
-from server.settings import RunConfigError
+from server.settings import STRATEGIES, RunConfigError
 from server.sites import SiteSelectionError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="carefl: federated learning for hospitals.")
@@ -80,7 +80,7 @@ def demo(
     task: str = typer.Option("ehr", help="ehr: UCI heart disease, 4 hospitals; seg: hippocampus MRI, 3 sites; "
                                          "ehr-seq: synthetic diabetes visit histories, 3 sites, sequence model."),
     rounds: int = typer.Option(5, min=1, help="Federated rounds."),
-    strategy: Optional[str] = typer.Option(None, help="fedavg | fedprox | fedadam | fedyogi"),
+    strategy: Optional[str] = typer.Option(None, help=" | ".join(STRATEGIES)),
     model: Optional[str] = typer.Option(None, help="ehr-logreg | ehr-mlp"),
     lr: Optional[float] = typer.Option(None, help="Local learning rate."),
     local_steps: Optional[int] = typer.Option(None, help="Optimizer steps per site and round."),

@@ -2,6 +2,7 @@
 
     carefl audit verify LOG --key PUB [--against COORDINATOR_LOG --coordinator-key PUB] [--json]
     carefl audit verify --run-dir RUN_DIR [--json]
+    carefl audit verify --state-dir STATE --kit COORDINATOR_KIT [--site SITE_KIT ...] [--json]
     carefl audit report LOG... --out report.html [--key ACTOR=PUB ...] | --run-dir RUN_DIR
 
 ``verify`` exits 0 only when every log verifies and every check holds; otherwise 1, naming the
@@ -21,9 +22,11 @@ from privacy.audit.verify import (
     COORDINATOR,
     AuditError,
     AuditSummary,
+    audit_consortium,
     audit_logs,
     audit_run_dir,
     discover,
+    discover_coordinator,
 )
 
 audit_app = typer.Typer(no_args_is_help=True, help="Verify signed audit logs and report on them (auditors).")
@@ -38,15 +41,32 @@ def verify_cmd(
                                                    help="The coordinator's audit-signing.pub."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="A `carefl demo` run directory: every log in "
                                                                    "it, with the public keys of its kits."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="A coordinator's state directory: its "
+                                             "audit.jsonl (one log for all its runs), verified with --kit's key."),
+    kit: Optional[Path] = typer.Option(None, "--kit", help="With --state-dir: the coordinator's kit "
+                                       "(audit-signing.pub)."),
+    site: Optional[List[Path]] = typer.Option(None, "--site", help="With --state-dir: a site's kit folder "
+                                              "(audit-signing.pub and audit.jsonl; its name is the site id), "
+                                              "compared with the coordinator's log. Repeatable."),
     as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
 ) -> None:
     """Check chain, signatures, order, DP and budget rules and ε of logs; exit 1 on the first failure."""
+    single = log is not None or key is not None or against is not None or coordinator_key is not None
     if run_dir is not None:
-        if log is not None or key is not None or against is not None or coordinator_key is not None:
+        if single or state_dir is not None:
             raise AuditError("--run-dir takes every log and key from the run directory; give either it, "
-                             "or LOG --key PUB")
+                             "--state-dir, or LOG --key PUB")
         summary = audit_run_dir(run_dir)
+    elif state_dir is not None:
+        if single:
+            raise AuditError("--state-dir takes the coordinator's log from the state directory; give either it "
+                             "or LOG --key PUB")
+        if kit is None:
+            raise AuditError("--state-dir needs --kit: the coordinator's kit, whose audit-signing.pub signs its log")
+        summary = audit_consortium(*discover_coordinator(state_dir, kit, list(site or [])))
     else:
+        if kit is not None or site:
+            raise AuditError("--kit and --site go with --state-dir")
         if log is None:
             raise AuditError("give a LOG with its --key, or --run-dir RUN_DIR")
         if key is None:

@@ -24,6 +24,7 @@ from deploy.approval import app_hash, approve
 from deploy.coordinator import APP_DIR, Coordinator, DeploymentError, running_superlink, stop_background
 from deploy.provision import add_site, load_consortium, provision, write_keygen
 from deploy.runs import check_run_config, console, follow
+from server.settings import STRATEGIES
 
 coordinator_app = typer.Typer(no_args_is_help=True, help="Commands for the consortium's coordinator.")
 
@@ -111,11 +112,19 @@ def coordinator_run(
     rounds: int = typer.Option(5, min=1),
     min_sites: Optional[int] = typer.Option(None, min=1, help="Sites a round needs (default: all named)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its checkpoint."),
-    strategy: Optional[str] = typer.Option(None, help="fedavg | fedprox | fedadam | fedyogi"),
+    strategy: Optional[str] = typer.Option(None, help=" | ".join(STRATEGIES)),
     model: Optional[str] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),
     local_steps: Optional[int] = typer.Option(None),
     target_epsilon: Optional[float] = typer.Option(None, help="Study ε each site sizes its noise for."),
+    round_timeout: Optional[float] = typer.Option(None, help="Seconds a site has to reply in each round "
+                                                  "(default 600; keep it well above a site's slowest round)."),
+    round_retries: Optional[int] = typer.Option(None, min=0, help="Re-sends of a round that has fewer than "
+                                                "min-sites valid updates (default 1)."),
+    max_update_norm: Optional[float] = typer.Option(None, min=0, help="Reject an update farther than this (L2) "
+                                                    "from the global model (default 0: off)."),
+    byzantine_sites: Optional[int] = typer.Option(None, min=0, help="krum / multikrum: sites that may be hostile."),
+    trim_beta: Optional[float] = typer.Option(None, help="fedtrimmedavg: fraction cut at each end (default 0.2)."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default <state-dir>/runs/<time>-<task>)."),
     tensorboard: bool = cli_report.TensorBoardFlag,
 ) -> None:
@@ -147,6 +156,9 @@ def coordinator_run(
         extra.update({"model": model or "seg-unet3d", "batch-size": 4, "optimizer": "adam", "lr": lr or 2e-3})
     if target_epsilon is not None:
         extra["target-epsilon"] = target_epsilon
+    knobs = {"round-timeout": round_timeout, "round-retries": round_retries, "max-update-norm": max_update_norm,
+             "byzantine-sites": byzantine_sites, "trim-beta": trim_beta}
+    extra.update({k: v for k, v in knobs.items() if v is not None})
     run_config = check_run_config(rounds, strategy, model, lr, local_steps, extra)
     console.print(f"app sha256:{app_hash(coord.app_dir)} (each site must have approved it)")
     follow(coord, run_config, out)
@@ -177,10 +189,14 @@ def coordinator_app_hash(app: Path = typer.Option(APP_DIR, "--app", help="The Fl
 # -- site ----------------------------------------------------------------------------------------
 
 def site_keygen(out: Path = typer.Option(Path("."), "--out", help="Folder for the key files.")) -> None:
-    """Make this site's keys here; send only supernode.pub to the coordinator."""
+    """Make this site's keys here: send supernode.pub to the coordinator, audit-signing.pub to your auditors."""
     pub = write_keygen(out)
-    console.print(f"keys in {out.resolve()} (private keys 0600; existing ones kept). "
-                  f"Send this public key to the coordinator:")
+    out = out.resolve()
+    console.print(f"keys in {out} (private keys 0600, never sent; existing ones kept).\n"
+                  f"  - {out / 'audit-signing.pub'}: give it to whoever audits your logs (your privacy officer, "
+                  f"the consortium's auditor); it is how they check that your audit log is yours and unedited\n"
+                  f"  - {out / 'supernode.pub'}: send it to the coordinator (`carefl coordinator add-site`); "
+                  f"it is the last line below", highlight=False)
     print(pub.decode().strip())
 
 

@@ -13,6 +13,11 @@ hooks a private function of flwr 1.41 (``start_client_internal._pull_and_store_m
 same place where Flower checks its own Hub signatures; ``check_seam`` fails loudly if a Flower
 upgrade moves it. Limits: docs/SECURITY.md.
 
+Two things keep a site reconnecting after coordinator outages (docs/OPERATIONS.md): when Flower gives
+up on a lost SuperLink, the gate exits (Flower alone would hang on its Runtime API thread) so the site
+agent can start a new SuperNode once the coordinator answers; and a new SuperNode first ends the
+site's own previous session if the SuperLink still holds it open (``end_stale_sessions``).
+
 ``--warm`` runs the SuperNode with ``--isolation process`` and starts, as its child, the site's warm
 SuperExec (deploy/warm.py): ClientApps are forked from a process with the libraries already
 imported instead of a new ``flwr-clientapp`` interpreter per message. The gate is the same in both
@@ -41,6 +46,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 NOT_APPROVED = 4005  # error code in the reply, beside the ClientApp's 4001-4004
+NODE_ID_FILE = "node-id"  # in the work directory: the node id of this site's last session
 log = logging.getLogger("carefl.gate")
 SEAM_PARAMS = ["state", "object_store", "node_config", "receive", "get_run", "get_fab", "pull_object",
                "confirm_message_received", "trusted_entities"]
@@ -53,12 +59,62 @@ class FabMismatch(RuntimeError):
 def check_seam():
     """The Flower function the gate wraps, after checking it still has the expected shape."""
     from flwr.supernode import start_client_internal as sci
+    from flwr.supernode.fleet_http_client import FleetHttpClient
     original = getattr(sci, "_pull_and_store_message", None)
     if original is None or list(inspect.signature(original).parameters) != SEAM_PARAMS \
-            or not hasattr(sci, "_insert_message"):
+            or not hasattr(sci, "_insert_message") \
+            or not all(callable(getattr(FleetHttpClient, m, None)) for m in ("ActivateNode", "DeactivateNode")):
         raise RuntimeError("this flwr version has no _pull_and_store_message seam the carefl gate knows; "
                            "refusing to start a SuperNode without the site's code gate")
     return sci, original
+
+
+def end_stale_sessions(node_id_file: Path) -> None:
+    """Let a restarting site end its own previous session, which the SuperLink keeps "online" until the
+    old session's heartbeat expires (2 × 30 s): Flower refuses to activate a node it thinks is online,
+    so without this a site that restarts (after a crash, or after the coordinator came back from an
+    outage) would be refused for up to a minute, while ``carefl coordinator status`` shows the dead
+    session online. The node id of each activation is kept in ``node_id_file``; when an activation is
+    refused, the gate deactivates that node id with a request signed by the site's own key (the
+    SuperLink accepts it only for the node that key belongs to), then activates once more.
+    """
+    import httpx
+    from flwr.proto.fleet_pb2 import DeactivateNodeRequest  # pylint: disable=E0611
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+
+    activate = FleetHttpClient.ActivateNode
+
+    def activate_ending_stale_session(client, request):
+        try:
+            response = activate(client, request)
+        except httpx.HTTPStatusError as exc:
+            previous = _read_node_id(node_id_file)
+            if exc.response.status_code != 412 or previous is None:
+                raise
+            log.info("the coordinator still holds this site's previous session (node %s) open; ending it", previous)
+            try:
+                client.DeactivateNode(DeactivateNodeRequest(node_id=previous))
+            except httpx.HTTPError:
+                raise exc from None  # not our node, or not online after all: the original refusal stands
+            response = activate(client, request)
+        _write_node_id(node_id_file, response.node_id)
+        return response
+
+    FleetHttpClient.ActivateNode = activate_ending_stale_session
+
+
+def _read_node_id(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_node_id(path: Path, node_id: int) -> None:
+    if _read_node_id(path) != node_id:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"{node_id}\n")
+        tmp.replace(path)
 
 
 def refusal_reason(site_config: Path, fab_hash: str) -> str | None:
@@ -230,12 +286,20 @@ def main(argv: list[str] | None = None) -> None:
     # every Flower DEBUG record (one per Runtime API call) would be copied to the SuperNode's log.
     logging.getLogger("flwr").propagate = False
     install(site_config, AuditLog(site.audit_log, site.site_id, audit_key) if site.audit_log else None, timing_log)
+    if work_dir is not None:
+        end_stale_sessions(work_dir / NODE_ID_FILE)
+    from flwr.supercore.exit import ExitCode, flwr_exit
     from flwr.supernode.cli import flower_supernode
 
     from deploy.warm import exit_without_teardown
     exit_without_teardown()  # after Flower's own exit handlers (audit records are already on disk)
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
+    # Flower returns here when it gave up on a lost SuperLink (its retries ran out mid-session). Left to
+    # itself the process would never end: its Runtime API thread is stopped only by flwr_exit's handlers.
+    # Exit through them, so the site agent sees the exit and reconnects once the coordinator is back.
+    flwr_exit(ExitCode.SUPERNODE_CONNECTION_ERROR, "carefl-gate: the connection to the SuperLink was lost "
+              "and Flower stopped retrying; the site agent reconnects when the coordinator answers again")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def progress_table(run_dir: Path, total_rounds: int, status: str) -> Table:
     rounds = read_jsonl(run_dir / ROUNDS_FILE)
     latest: dict[str, dict] = {}
     for rec in records:
-        latest[rec["site"]] = rec
+        if "site" in rec:  # (the run's stop record has none)
+            latest[rec["site"]] = rec
     done = rounds[-1]["round"] if rounds else 0
     table = Table(title=f"carefl run — round {done}/{total_rounds} — {status}", title_justify="left")
     for col, justify in (("site", "left"), ("round", "right"), ("train loss", "right"),

@@ -318,7 +318,8 @@ Run every command from this folder.
    ```
 
 The agent refuses any message from an app version not listed under `[approval]`, saying which hash
-it saw. `carefl site budget --config site.toml` shows the ε spent so far.
+it saw. `carefl site budget --config site.toml` shows the ε spent so far. `audit.jsonl` is your signed
+audit log; whoever audits it needs `audit-signing.pub` from this folder.
 """
 
 
@@ -361,4 +362,9 @@ Run every command from this folder.
 
 A site that generated its own key: `carefl coordinator add-site NAME NAME.pub --kit .` (registered at
 once if the SuperLink is running, else at the next start).
+
+After an outage or a restart of the SuperLink the sites reconnect by themselves; a study that was
+running continues with `carefl coordinator run --kit . --state-dir state --resume state/runs/<run>`.
+Your signed audit log is `state/audit.jsonl`, one file for all your runs; give auditors
+`audit-signing.pub` (they run `carefl audit verify --state-dir state --kit .`).
 """

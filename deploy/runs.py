@@ -20,10 +20,11 @@ from rich.live import Live
 
 from deploy.coordinator import APP_DIR, DeploymentError
 from deploy.progress import progress_table, summary_table
-from server.run_dir import SUMMARY_FILE
+from server.run_dir import METRICS_FILE, SUMMARY_FILE, read_jsonl, stop_record
 from server.settings import RunSettings
 
 console = Console()
+LOST_CONTACT = 60.0  # seconds without any answer about the run before `follow` gives up on the SuperLink
 
 
 def app_run_config(**overrides) -> dict:
@@ -44,7 +45,7 @@ def follow(fed, run_config: dict, out: Path, poll: float = 2.0) -> dict:
     rounds = int(run_config.get("num-server-rounds", 15))
     run_id = fed.submit(run_config)
     console.print(f"[bold]run {run_id}[/] submitted → {out}")
-    status = "starting"
+    status, answered = "starting", time.monotonic()
     with Live(progress_table(out, rounds, status), console=console, refresh_per_second=2) as live:
         while not status.startswith("finished"):
             time.sleep(poll)
@@ -52,11 +53,21 @@ def follow(fed, run_config: dict, out: Path, poll: float = 2.0) -> dict:
             if dead:
                 raise DeploymentError(f"{', '.join(dead)} stopped unexpectedly (its log is in the deployment directory)")
             status = fed.run_status(run_id)
+            if status != "unknown":
+                answered = time.monotonic()
+            elif time.monotonic() - answered > LOST_CONTACT:
+                raise DeploymentError(f"no answer from the coordinator's SuperLink about run {run_id} for "
+                                      f"{LOST_CONTACT:.0f} s (is it down?). Once it is back, continue the study with "
+                                      f"`carefl coordinator run --resume {out}`")
             live.update(progress_table(out, rounds, status))
     summary_path = out / SUMMARY_FILE
     if status != "finished:completed" or not summary_path.exists():
+        stop = stop_record(read_jsonl(out / METRICS_FILE))
+        report = f"; report: {out / 'report.html'}" if (out / "report.html").exists() else ""
+        if stop is not None:  # an expected end: the ServerApp wrote why
+            raise DeploymentError(f"run {run_id} stopped: {stop.get('reason')}{report}")
         tail = "\n".join(fed.run_log(run_id).strip().splitlines()[-15:])
-        raise DeploymentError(f"run {run_id} ended with status '{status}'. Last coordinator log lines:\n{tail}")
+        raise DeploymentError(f"run {run_id} ended with status '{status}'{report}. Last coordinator log lines:\n{tail}")
     summary = json.loads(summary_path.read_text())
     console.print(summary_table(summary))
     console.print(f"run directory: {out}  (report.html, summary.json, metrics.jsonl, final_model.pt)")

@@ -3,10 +3,14 @@
 ``carefl site start --kit DIR --config site.toml`` fails fast, before any network traffic, on a
 config, kit or dataset problem (exit 2, one message per problem). It then runs Flower's SuperNode
 behind the site's code gate (deploy/gate.py) with the consortium CA, the site's EC key and a node
-config that carries only the path of site.toml. When the coordinator is down or drops the
-connection, the agent restarts the SuperNode with exponential backoff; when the coordinator keeps
-refusing the site's key (longer than a restarted node takes to be seen as offline), retrying cannot
-help, so it stops with exit 2 and says what to send to whom.
+config that carries only the path of site.toml. Before each SuperNode start the agent checks the
+link (deploy/link_check.py: a TLS handshake against the kit's CA); while the coordinator is down it
+repeats that every few seconds, so a coordinator outage of any length (a crash, a maintenance
+window) ends with the site reconnecting by itself within seconds of the coordinator's return. Flower's
+SuperNode gives up on a lost coordinator after a few retries; the gate then exits (instead of hanging
+on Flower's Runtime API thread) and the agent takes over. Two problems no retry can fix stop the
+agent with exit 2 and a message saying what to do: a coordinator certificate the consortium CA does
+not sign, and a key the coordinator keeps refusing.
 
 By default the site is warm (``warm=True``; ``carefl site start --no-warm`` turns it off): the gate
 starts carefl's warm SuperExec (deploy/warm.py), which forks each ClientApp from a process that has
@@ -29,11 +33,14 @@ from client.errors import SiteError
 from client.site import SiteConfig, load_site_config
 from deploy import processes
 from deploy.approval import ApprovalError, approved_apps
+from deploy.link_check import UNTRUSTED, check_link
 
 # flower-supernode exits with 1 for every error; the SuperLink's refusal of an unknown key shows in its log
 # as Flower's FLEET_NODE_ACTIVATION_FAILED error.
 KEY_REFUSED_MARK = "Failed to activate SuperNode"
 CONFIG_EXIT = 2  # a problem the site must fix; restarting the agent will not help (systemd: RestartPreventExitStatus)
+PROBE_INTERVAL = 3.0  # seconds between TLS handshakes while the coordinator is unreachable
+RETRY_MIN = 2.0       # first wait after a SuperNode that could not stay connected; doubles up to max_backoff
 log = logging.getLogger("carefl.site")
 
 
@@ -114,7 +121,7 @@ def _audit(agent: AgentPlan):
     return AuditLog(agent.site.audit_log, agent.site.site_id, agent.audit_key) if agent.site.audit_log else None
 
 
-def run(agent: AgentPlan, log_dir: Path, max_backoff: float = 300.0, attempts: int | None = None) -> int:
+def run(agent: AgentPlan, log_dir: Path, max_backoff: float = 60.0, attempts: int | None = None) -> int:
     """Keep the gated SuperNode running (logging start and stop); return an exit code when retrying cannot help."""
     audit = _audit(agent)
     if audit is not None:
@@ -133,9 +140,14 @@ def run(agent: AgentPlan, log_dir: Path, max_backoff: float = 300.0, attempts: i
 
 
 def _supervise(agent: AgentPlan, log_dir: Path, max_backoff: float, attempts: int | None) -> int:
-    delay, tries, refused_since = 5.0, 0, None
+    """Wait until the coordinator answers (a TLS handshake every ``PROBE_INTERVAL`` s), run the gated
+    SuperNode until it exits, and start over: a coordinator outage of any length ends with the site
+    back online within seconds of the coordinator's return."""
+    delay, tries, refused_since = RETRY_MIN, 0, None
     log_path = log_dir / "supernode.log"
     while True:
+        if not _wait_for_coordinator(agent):
+            return CONFIG_EXIT
         tries += 1
         started = time.monotonic()
         offset = log_path.stat().st_size if log_path.exists() else 0
@@ -144,14 +156,14 @@ def _supervise(agent: AgentPlan, log_dir: Path, max_backoff: float, attempts: in
                                log_path, cwd=log_dir)  # its own group: stopping it stops its ClientApps
         try:
             code = node.popen.wait()
-        except BaseException:
-            node.stop()
-            raise
+        finally:
+            node.stop()  # whatever of its group is left (a ClientApp mid-round) goes with it
         if attempts is not None and tries >= attempts:
             return code
         if KEY_REFUSED_MARK in _log_since(log_path, offset):
-            # Flower answers an unknown key and a node it still thinks is online (restarted before its
-            # heartbeat expired, ≈ 60 s) with the same error: retry for a while, then give up.
+            # Flower answers an unknown key and a node it still thinks is online with the same error; the
+            # gate ends this site's own stale session first (deploy/gate.py), so a refusal that lasts is
+            # almost surely an unknown key: retry for a while, then give up.
             refused_since = refused_since or time.monotonic()
             if time.monotonic() - refused_since >= agent.refusal_patience:
                 log.error("the coordinator at %s does not know this site's key; send %s to the coordinator "
@@ -164,8 +176,34 @@ def _supervise(agent: AgentPlan, log_dir: Path, max_backoff: float, attempts: in
             continue
         refused_since = None
         if time.monotonic() - started > 120:
-            delay = 5.0  # it ran for a while: a new outage, start the backoff again
-        log.warning("SuperNode exited with code %s (coordinator %s unreachable or connection lost; "
-                    "see %s); retrying in %.0f s", code, agent.coordinator, log_path, delay)
+            delay = RETRY_MIN  # it ran for a while: a new outage, start the backoff again
+        log.warning("SuperNode exited with code %s (connection to the coordinator %s lost or refused; see %s); "
+                    "reconnecting in %.0f s", code, agent.coordinator, log_path, delay)
         time.sleep(delay)
         delay = min(delay * 2, max_backoff)
+
+
+def _wait_for_coordinator(agent: AgentPlan) -> bool:
+    """Block until the coordinator completes a TLS handshake; False (logged) if its certificate is not the
+    consortium's, which no retry can fix."""
+    waiting_since = last_note = None
+    while True:
+        link = check_link(agent.coordinator, agent.kit / "ca.crt")
+        if link.ok:
+            if waiting_since is not None:
+                log.info("coordinator %s reachable again after %.0f s; reconnecting", agent.coordinator,
+                         time.monotonic() - waiting_since)
+            return True
+        if link.state == UNTRUSTED:
+            log.error("%s", link.detail)
+            return False
+        now = time.monotonic()
+        if waiting_since is None:
+            waiting_since = last_note = now
+            log.warning("coordinator %s unreachable (%s); checking every %.0f s", agent.coordinator, link.detail,
+                        PROBE_INTERVAL)
+        elif now - last_note >= 300:
+            last_note = now
+            log.warning("coordinator %s still unreachable after %.0f s (%s)", agent.coordinator,
+                        now - waiting_since, link.detail)
+        time.sleep(PROBE_INTERVAL)

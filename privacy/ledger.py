@@ -44,11 +44,12 @@ class LedgerError(RuntimeError):
 class BudgetExceeded(Exception):
     """This round would take the dataset past its lifetime budget."""
 
-    def __init__(self, dataset: str, spent: float, needed: float, budget: float, delta: float) -> None:
+    def __init__(self, dataset: str, spent: float, needed: float, budget: float, delta: float,
+                 what: str = "this round") -> None:
         self.dataset, self.spent, self.needed, self.budget, self.delta = dataset, spent, needed, budget, delta
         remaining = max(budget - spent, 0.0)
         super().__init__(
-            f"privacy budget of dataset '{dataset}' would be exceeded: this round needs ε={needed - spent:.4g} "
+            f"privacy budget of dataset '{dataset}' would be exceeded: {what} needs ε={needed - spent:.4g} "
             f"(total {needed:.4g}) but only ε={remaining:.4g} of {budget:g} remains (δ={delta:g})"
         )
 
@@ -95,6 +96,17 @@ class PrivacyLedger:
 
     def spent(self, dataset: str, delta: float, accountant: str) -> float:
         return epsilon(self.history(dataset), delta, accountant)
+
+    def check_room(self, dataset: str, steps: list[tuple[float, float, int]], delta: float, budget: float,
+                   accountant: str) -> float:
+        """The ε ``dataset`` would reach after ``steps`` (σ, q, steps) more; BudgetExceeded if past ``budget``.
+        Nothing is recorded: this lets a site refuse a study it cannot finish before anyone trains."""
+        history = self.history(dataset)
+        before = epsilon(history, delta, accountant)
+        after = epsilon(history + list(steps), delta, accountant)
+        if after > budget:
+            raise BudgetExceeded(dataset, before, after, budget, delta, what="the study")
+        return after
 
     def charge(self, dataset: str, run_id: str, server_round: int, noise_multiplier: float, clip_norm: float,
                sample_rate: float, steps: int, delta: float, budget: float, accountant: str) -> Charge:

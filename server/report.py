@@ -26,7 +26,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.run_dir import METRICS_FILE, ROUNDS_FILE, SUMMARY_FILE, atomic_write_bytes, read_jsonl
+from server.run_dir import (METRICS_FILE, ROUNDS_FILE, STOPPED, SUMMARY_FILE, atomic_write_bytes, read_jsonl,
+                            stop_record)
 from shared_models.report_html import PALETTE, e, figure_img, new_figure, page
 
 REPORT_FILE = "report.html"
@@ -98,8 +99,16 @@ class RunData:
         return list(dict.fromkeys([*named, *(str(r["site"]) for r in self.metrics if "site" in r)]))
 
     @property
+    def stopped(self) -> dict | None:
+        """metrics.jsonl's record of why the run stopped (its last attempt), if it did."""
+        return stop_record(self.metrics)
+
+    @property
     def rounds_done(self) -> int:
-        return max([int(r.get("round", 0)) for r in self.rounds + self.metrics] or [0])
+        stop = self.stopped
+        unfinished = int(stop["round"]) if stop and stop.get("round") else None  # the round it stopped in
+        return max([int(r.get("round", 0)) for r in self.rounds + self.metrics
+                    if r.get("event") != STOPPED and r.get("round") != unfinished] or [0])
 
     @property
     def rounds_planned(self) -> int | None:
@@ -232,6 +241,8 @@ def _status(run: RunData) -> tuple[str, str]:
     planned = run.rounds_planned
     done = run.rounds_done
     of = f"{done} of {planned}" if planned else str(done)
+    if run.stopped is not None and run.summary is None:
+        return "bad", f"stopped after {of} round(s): {run.stopped.get('reason', 'no reason recorded')}"
     if run.run_end and run.run_end != "completed":
         return "bad", f"stopped ({run.run_end}) after {of} round(s)"
     if run.summary is not None:

@@ -48,7 +48,7 @@ class RoundRecorder:
     def on_replies(self, message_type: str, server_round: int, replies: list[tuple[str, Message]]) -> None:
         for site, reply in replies:
             if reply.has_error():
-                self._errors[site] = f"{message_type}: {reply.error.reason}"
+                self._errors.setdefault(site, f"{message_type}: {reply.error.reason}")  # its first failure
                 continue
             metrics = next(iter(reply.content.metric_records.values()))
             if message_type == MessageType.TRAIN:
@@ -56,6 +56,21 @@ class RoundRecorder:
             elif message_type == MessageType.EVALUATE:
                 self._eval[site] = _pick(metrics, EVAL_KEYS)
                 self._eval_raw[site] = dict(metrics)
+
+    def stop_round(self, server_round: int | None, site_errors: dict[str, str], reason: str) -> None:
+        """The round the run stopped in: one record for each site that has something to say — its own
+        failure, or its train reply (it trained and was charged, but its update was never aggregated)."""
+        if server_round is None:
+            return
+        for site in self.site_ids:
+            error = self._errors.get(site) or site_errors.get(site)  # the reply's own words first
+            if site in self._train and error is None:
+                error = f"round {server_round} did not complete ({reason.split(';')[0]}); update not aggregated"
+            if error is None:
+                continue
+            self.run_dir.append(METRICS_FILE, {"round": server_round, "site": site, **self._train.get(site, {}),
+                                               "error": error})
+        self._train, self._eval, self._eval_raw, self._errors = {}, {}, {}, {}
 
     def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower ``evaluate_fn``: called with round 0 before training, then after every round."""

@@ -1,6 +1,7 @@
 """The run directory: the contract between a coordinator run and everyone who reads its results.
 
-``<out>/metrics.jsonl``  one JSON record per round and site (train and test metrics, or the error)
+``<out>/metrics.jsonl``  one JSON record per round and site (train and test metrics, or the error); a run
+                       that stopped ends with ``{"event": "stopped", "round", "reason"}`` (round 0: before any)
 ``<out>/rounds.jsonl``   one JSON record per round (pooled and mean-centre metrics)
 ``<out>/final_model.pt`` the global model (state dict plus what is needed to rebuild it)
 ``<out>/summary.json``   task, model, strategy, rounds, sites, per-site and federation metrics
@@ -14,6 +15,7 @@ sees half a record.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import math
@@ -28,6 +30,19 @@ METRICS_FILE = "metrics.jsonl"
 ROUNDS_FILE = "rounds.jsonl"
 MODEL_FILE = "final_model.pt"
 SUMMARY_FILE = "summary.json"
+LOCK_FILE = ".lock"  # held (flock) by the ServerApp writing this run directory
+STOPPED = "stopped"  # the event of metrics.jsonl's record of why a run stopped
+
+
+def stop_record(records: list[dict]) -> dict | None:
+    """The record of why the run stopped, if its last attempt stopped (a later completed round clears it)."""
+    last = None
+    for record in records:
+        if record.get("event") == STOPPED:
+            last = record
+        elif last is not None and "site" in record and int(record.get("round", 0)) > int(last.get("round", 0)):
+            last = None
+    return last
 
 
 def json_safe(value):
@@ -58,11 +73,41 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(json_safe(obj), indent=2, sort_keys=True) + "\n").encode())
 
 
+class RunDirectoryBusy(RuntimeError):
+    """Another live process (a ServerApp of an earlier attempt) holds the run directory."""
+
+
 class RunDirectory:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
+        self._lock_fd: int | None = None
+
+    def claim(self, wait: float = 30.0) -> None:
+        """Hold the run directory for this process until ``release`` or its exit, however it exits: a resumed
+        run never writes beside a ServerApp of an earlier attempt that is still winding down."""
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    os.close(fd)
+                    raise RunDirectoryBusy(f"run directory {self.path} is in use by another ServerApp (pid "
+                                           f"{holder}); stop that run first (`flwr stop`)") from None
+                time.sleep(0.5)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the lock
+            self._lock_fd = None
 
     def append(self, name: str, record: dict) -> None:
         line = json.dumps(json_safe(record), sort_keys=True) + "\n"
@@ -70,6 +115,11 @@ class RunDirectory:
             fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())
+
+    def record_stop(self, reason: str, server_round: int | None) -> None:
+        """Why the run stopped, as the last record of metrics.jsonl (what `carefl` commands and the report show)."""
+        self.append(METRICS_FILE, {"event": STOPPED, "round": int(server_round or 0), "reason": reason,
+                                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
     def save_model(self, state_dict: dict, model_name: str, model_kwargs: dict) -> Path:
         """Save the global model; load with ``torch.load(path, weights_only=True)``."""

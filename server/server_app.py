@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -14,8 +17,8 @@ from server import checkpoint, feature_stats
 from server.audit import CoordinatorAudit
 from server.live_report import RunReporter
 from server.rounds import RoundRecorder
-from server.run_dir import RunDirectory
-from server.settings import RunSettings
+from server.run_dir import RunDirectory, RunDirectoryBusy
+from server.settings import RunConfigError, RunSettings
 from server.sites import SiteGrid, SiteSelectionError, discover_sites
 from server.strategies import build_strategy
 from server.validation import UpdateValidator
@@ -25,6 +28,49 @@ from shared_models.registry import build_model
 log = logging.getLogger("flwr")
 
 app = ServerApp()
+
+
+class StudyStopped(RuntimeError):
+    """The study ended for a reason the operator can act on (written to the run directory as well)."""
+
+
+# Expected ends of a study: a quorum that cannot be reached, sites that refuse or do not answer, a bad
+# checkpoint or run config. Anything else is a bug and keeps its traceback.
+STOPS = (SiteSelectionError, checkpoint.CheckpointError, RunConfigError)
+
+
+class _OneLineStops(logging.Filter):
+    """Flower logs a ServerApp's exception with its traceback; for StudyStopped one line says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, StudyStopped):
+            record.msg, record.args, record.exc_info, record.exc_text = "carefl: the study stopped: %s", (exc,), None, None
+        return True
+
+
+log.addFilter(_OneLineStops())
+
+
+def stop_with_superlink(poll: float = 1.0) -> threading.Event:
+    """Stop this ServerApp when the SuperLink that runs it is gone (killed, host crash), instead of letting
+    it retry for a minute and keep writing to a run directory that a resumed run may be using.
+
+    Flower's SuperExec, which launched this process, ends with its SuperLink; when this process's parent
+    changes, the SuperLink is gone. Flower's own SIGTERM handling then ends the run (its exit handlers
+    run). Returns the event that ends the watch (set when the run ends)."""
+    done = threading.Event()
+    parent = os.getppid()
+
+    def watch() -> None:
+        while not done.wait(poll):
+            if os.getppid() != parent:
+                log.error("carefl: the SuperLink that runs this study is gone; stopping (resume with --resume)")
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="carefl-superlink-watch", daemon=True).start()
+    return done
 
 
 def run_directory_for(settings: RunSettings, run_id: int) -> Path:
@@ -40,10 +86,44 @@ def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(dict(context.run_config))
     torch.manual_seed(settings.seed)
     run_dir = RunDirectory(run_directory_for(settings, context.run_id))
+    try:
+        run_dir.claim()
+    except RunDirectoryBusy as exc:
+        raise StudyStopped(str(exc)) from None
     log.info("carefl run %s → %s", context.run_id, run_dir.path)
+    reporter = RunReporter(run_dir.path, tensorboard=settings.tensorboard)
+    audit = None
+    watchdog = stop_with_superlink()
+    try:
+        resumed = checkpoint.load(run_dir.path) if settings.resume_from else None
+        remaining = settings.num_rounds - (resumed.round if resumed else 0)
+        sites = discover_sites(grid, settings.sites, settings.min_sites, wait=settings.round_timeout,
+                               study={"rounds": remaining})
+        model_kwargs = _model_kwargs(settings, sites)
+        log.info("sites: %s", ", ".join(f"{s.site_id} (node {s.node_id})" for s in sites))
+        audit = CoordinatorAudit(Path(settings.audit_log) if settings.audit_log else run_dir.path / "audit.jsonl",
+                                 Path(settings.audit_key) if settings.audit_key else None, context.run_id)
+        audit.run_start(_app_hash(grid), dict(context.run_config), [s.site_id for s in sites])
+        _run(grid, context, settings, run_dir, sites, model_kwargs, audit, reporter, resumed)
+    except STOPS as exc:  # an expected end: say why in the run directory, one line in the log, no traceback
+        run_dir.record_stop(str(exc), getattr(exc, "server_round", None))
+        if audit is not None:
+            audit.run_end(f"stopped: {exc}")
+        raise StudyStopped(str(exc)) from None
+    except BaseException as exc:
+        if audit is not None:
+            audit.run_end(f"failed: {type(exc).__name__}")
+        raise
+    else:
+        audit.run_end("completed")
+    finally:
+        watchdog.set()
+        reporter.close()  # report.html of the run as it ended (a stopped run too); never raises
+        run_dir.release()
 
-    sites = discover_sites(grid, settings.sites, settings.min_sites, wait=settings.round_timeout)
-    model_kwargs = {}
+
+def _model_kwargs(settings: RunSettings, sites) -> dict:
+    """What the model needs from the sites (EHR: the number of features they agree on)."""
     if settings.task == "ehr-seq":
         schema_hashes = {s.site_id: s.schema_sha256 for s in sites if s.schema_sha256 != settings.study_schema().sha256}
         if schema_hashes:
@@ -53,23 +133,8 @@ def main(grid: Grid, context: Context) -> None:
         n_features = {s.n_features for s in sites}
         if len(n_features) != 1:
             raise SiteSelectionError(f"sites disagree on the number of features: {sorted(n_features)}")
-        model_kwargs = {"n_features": n_features.pop()}
-    log.info("sites: %s", ", ".join(f"{s.site_id} (node {s.node_id})" for s in sites))
-
-    site_ids = [s.site_id for s in sites]
-    audit = CoordinatorAudit(Path(settings.audit_log) if settings.audit_log else run_dir.path / "audit.jsonl",
-                             Path(settings.audit_key) if settings.audit_key else None, context.run_id)
-    audit.run_start(_app_hash(grid), dict(context.run_config), site_ids)
-    reporter = RunReporter(run_dir.path, tensorboard=settings.tensorboard)
-    try:
-        _run(grid, context, settings, run_dir, sites, model_kwargs, audit, reporter)
-    except BaseException as exc:
-        audit.run_end(f"failed: {type(exc).__name__}")
-        raise
-    else:
-        audit.run_end("completed")
-    finally:
-        reporter.close()  # report.html of the run as it ended (a failed run too); never raises
+        return {"n_features": n_features.pop()}
+    return {}
 
 
 def _app_hash(grid: Grid) -> str:
@@ -80,14 +145,13 @@ def _app_hash(grid: Grid) -> str:
 
 
 def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirectory, sites, model_kwargs: dict,
-         audit: CoordinatorAudit, reporter: RunReporter) -> None:
+         audit: CoordinatorAudit, reporter: RunReporter, resumed: checkpoint.Checkpoint | None) -> None:
     site_ids = [s.site_id for s in sites]
     recorder = RoundRecorder(run_dir, site_ids)
     strategy = build_strategy(settings, n_sites=len(sites))
     initial = ArrayRecord(build_model(settings.model, **model_kwargs).state_dict())
     done = 0
-    if settings.resume_from:
-        resumed = checkpoint.load(run_dir.path)  # the run directory of the run being resumed
+    if resumed is not None:  # the checkpoint of the run being resumed, in this run directory
         if resumed.run_config.get("model") != settings.model:
             raise checkpoint.CheckpointError(f"checkpoint is for model '{resumed.run_config.get('model')}', "
                                              f"this run asks for '{settings.model}'")
@@ -113,7 +177,8 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
         return result
 
     site_grid = SiteGrid(grid, sites, on_replies, UpdateValidator(max_norm=settings.max_update_norm),
-                         quorum=max(1, min(settings.min_sites, len(sites))), retries=settings.round_retries)
+                         quorum=max(1, min(settings.min_sites, len(sites))), retries=settings.round_retries,
+                         wait_for_sites=settings.round_timeout)
     train_config, evaluate_config = settings.train_config(), settings.evaluate_config()
     if settings.task == "ehr-seq":  # one shared encoding, from every site's DP statistics
         stats = feature_stats.gather(grid, sites, settings.study_schema(), settings.stats_noise_multiplier,
@@ -121,15 +186,19 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
         train_config["feature-stats"] = evaluate_config["feature-stats"] = stats
     remaining = settings.num_rounds - done
     if remaining > 0:
-        result_arrays = strategy.start(
-            grid=site_grid,
-            initial_arrays=initial,
-            num_rounds=remaining,
-            timeout=settings.round_timeout,
-            train_config=ConfigRecord(train_config),
-            evaluate_config=ConfigRecord(evaluate_config),
-            evaluate_fn=end_round,
-        ).arrays
+        try:
+            result_arrays = strategy.start(
+                grid=site_grid,
+                initial_arrays=initial,
+                num_rounds=remaining,
+                timeout=settings.round_timeout,
+                train_config=ConfigRecord(train_config),
+                evaluate_config=ConfigRecord(evaluate_config),
+                evaluate_fn=end_round,
+            ).arrays
+        except SiteSelectionError as exc:  # the round's own records: who failed and why, who was charged
+            recorder.stop_round(exc.server_round, exc.site_errors, str(exc))
+            raise
     else:
         result_arrays = initial
 

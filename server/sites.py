@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from flwr.app import ArrayRecord, Error, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from server.validation import UpdateValidator
@@ -24,7 +25,21 @@ QUERY_TIMEOUT = 120.0  # one query round trip; a ClientApp process has to start 
 
 
 class SiteSelectionError(RuntimeError):
-    """The sites this run needs did not all answer."""
+    """The sites this run needs did not all answer, or a round cannot reach its quorum."""
+
+    def __init__(self, message: str, server_round: int | None = None,
+                 site_errors: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.server_round = server_round    # the round that could not complete (None: before any round)
+        self.site_errors = site_errors or {}  # site → its own (first) failure in that round
+
+
+# Flower's own replies for a site that is gone, in words an operator can act on.
+TRANSPORT_ERRORS = {
+    ErrorCode.NODE_UNAVAILABLE: "site lost: its SuperNode sent no heartbeat for 2 × 30 s (stopped, crashed or "
+                                "cut off from the coordinator)",
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "site lost: its reply expired before it reached the coordinator",
+}
 
 
 @dataclass
@@ -38,9 +53,10 @@ class SiteInfo:
     schema_sha256: str = ""  # schema-driven tasks: the study schema the site reads
 
 
-def _query(grid: Grid, node_ids: list[int]) -> tuple[list[SiteInfo], dict[int, str]]:
+def _query(grid: Grid, node_ids: list[int], study: dict | None = None) -> tuple[list[SiteInfo], dict[int, str]]:
     # A query not answered in time expires (ttl) rather than wait at the SuperLink: the node is asked anew.
-    messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY, ttl=QUERY_TIMEOUT)
+    content = RecordDict({"study": ConfigRecord(study)}) if study else RecordDict()
+    messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY, ttl=QUERY_TIMEOUT)
                 for n in node_ids]
     answered, failed = [], {}
     for reply in grid.send_and_receive(messages, timeout=QUERY_TIMEOUT):
@@ -56,11 +72,13 @@ def _query(grid: Grid, node_ids: list[int]) -> tuple[list[SiteInfo], dict[int, s
 
 
 def discover_sites(grid: Grid, wanted: tuple[str, ...], min_sites: int, wait: float,
-                   poll: float = 1.0) -> list[SiteInfo]:
+                   poll: float = 1.0, study: dict | None = None) -> list[SiteInfo]:
     """Query connected nodes until the wanted sites (or, if none named, ``min_sites``) answered.
 
     A node that does not answer within ``QUERY_TIMEOUT`` (a site still starting; one of a thousand
     simulated sites queued behind the others) is asked again at the next poll while sites are missing.
+    ``study`` (the rounds still to run) lets each site check, before anyone trains, that its policy and
+    remaining budget can take the whole study; a named site that refuses stops the run at once.
     """
     found: dict[str, SiteInfo] = {}
     asked: set[int] = set()
@@ -74,7 +92,7 @@ def discover_sites(grid: Grid, wanted: tuple[str, ...], min_sites: int, wait: fl
         again = [n for n in nodes if n in silent] if missing else []
         if new or again:
             asked.update(new)
-            answered, failed = _query(grid, new + again)
+            answered, failed = _query(grid, new + again, study)
             failures.update(failed)
             silent = (silent - set(again)) | (set(new + again) - set(failed) - {i.node_id for i in answered})
             for info in answered:
@@ -83,6 +101,11 @@ def discover_sites(grid: Grid, wanted: tuple[str, ...], min_sites: int, wait: fl
                 found[info.site_id] = info
         if wanted and all(s in found for s in wanted):
             return [found[s] for s in wanted]
+        if wanted and failures and len(failures) >= len([s for s in wanted if s not in found]) \
+                and not [n for n in nodes if n not in failures and n not in {i.node_id for i in found.values()}]:
+            # every connected node that is not a found site refused: waiting cannot change their answers
+            raise SiteSelectionError("the study cannot start, no site trained: " + "; ".join(
+                f"node {n}: {r}" for n, r in failures.items()))
         if not wanted and len(found) >= min_sites and not new:
             return sorted(found.values(), key=lambda s: s.site_id)
         if time.monotonic() > deadline:
@@ -115,7 +138,8 @@ class SiteGrid:
     """
 
     def __init__(self, grid: Grid, sites: list[SiteInfo], on_replies: RepliesHook,
-                 validator: UpdateValidator | None = None, quorum: int = 1, retries: int = 0) -> None:
+                 validator: UpdateValidator | None = None, quorum: int = 1, retries: int = 0,
+                 wait_for_sites: float = 600.0) -> None:
         self._grid = grid
         self._site_of = {s.node_id: s.site_id for s in sites}
         self._n_train = {s.site_id: s.n_train for s in sites}
@@ -123,7 +147,11 @@ class SiteGrid:
         self._validator = validator
         self._quorum = quorum
         self._retries = retries
-        self._average_by: str | None = None
+        self._wait_for_sites = wait_for_sites
+        self._short_since: float | None = None  # since when fewer than ``quorum`` of our sites are online
+        self._last_round = 0
+        self._sent_to: dict[str, int] = {}  # message id → the node it went to (Flower's own error replies
+        self._average_by: str | None = None  # come from the SuperLink, not from the node)
 
     def fuse_average(self, weighted_by_key: str) -> None:
         """Called by a FedAvg-family strategy (``server/strategies.py``): compute its weighted average in
@@ -137,8 +165,27 @@ class SiteGrid:
         return self._site_of[node_id]
 
     def get_node_ids(self) -> Iterable[int]:
+        """Our sites that are online. Flower's strategies wait (polling this every second) until ``quorum``
+        of them are; if that takes longer than ``wait_for_sites`` the run stops before the round is sent,
+        so no site is charged for a round that could not reach its quorum."""
         connected = set(self._grid.get_node_ids())
-        return [n for n in self._site_of if n in connected]
+        ours = [n for n in self._site_of if n in connected]
+        if len(ours) >= self._quorum:
+            self._short_since = None
+            return ours
+        now = time.monotonic()
+        offline = sorted(self._site_of[n] for n in self._site_of if n not in connected)
+        if self._short_since is None:
+            self._short_since = now
+            log.warning("round %d waits for sites: %d of %d online, min-sites is %d (offline: %s)",
+                        self._last_round + 1, len(ours), len(self._site_of), self._quorum, ", ".join(offline))
+        elif now - self._short_since > self._wait_for_sites:
+            raise SiteSelectionError(
+                f"round {self._last_round + 1} not started: only {len(ours)} of {len(self._site_of)} sites online "
+                f"for {self._wait_for_sites:.0f} s (offline: {', '.join(offline)}), min-sites is {self._quorum}; "
+                f"no site was sent the round, so none was charged for it",
+                self._last_round + 1, {site: "offline before the round started" for site in offline})
+        return ours
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
@@ -152,48 +199,71 @@ class SiteGrid:
         server_round = int(first.content.config_records.get("config", {}).get("server-round", 0))
         for m in messages:  # Flower leaves group_id empty; sites log (and gate) messages by round
             m.metadata.group_id = str(server_round)
+        if message_type == MessageType.TRAIN:
+            self._last_round = server_round
         if message_type != MessageType.TRAIN or self._validator is None:
-            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+            replies = self._exchange(messages, timeout)
             self._on_replies(message_type, server_round, [(self._site(r), r) for r in replies])
             return replies
 
         global_arrays = next(iter(first.content.array_records.values()))
         accepted: dict[str, Message] = {}
         norms: dict[str, float] = {}  # accepted updates' distances to the global model
-        failures: dict[str, str] = {}
-        pending = messages
+        failures: dict[str, str] = {}  # site → its first failure this round (a re-send's refusal is not news)
+        order: list[str] = []          # sites in the order they failed
+        pending, retried = messages, 0
         for attempt in range(self._retries + 1):
-            replies = list(self._grid.send_and_receive(pending, timeout=timeout))
+            replies = self._exchange(pending, timeout)
             answered = {self._site(r) for r in replies}
             checked, average = self._check(replies, global_arrays, norms)  # (the replies, their FedAvg) or None
             self._on_replies(message_type, server_round, checked)
-            for site, reply in checked:
-                if reply.has_error():
-                    failures[site] = reply.error.reason
-                else:
-                    accepted[site] = reply
-                    failures.pop(site, None)
-            for m in pending:
-                site = self._site_of[m.metadata.dst_node_id]
-                if site not in answered:
-                    failures[site] = "no reply before the round deadline"
+            lost = [(site, reply.error.reason) for site, reply in checked if reply.has_error()]
+            lost += [(self._site_of[m.metadata.dst_node_id], "no reply before the round deadline")
+                     for m in pending if self._site_of[m.metadata.dst_node_id] not in answered]
+            for site, reason in lost:
+                if site not in failures:
+                    failures[site] = reason
+                    order.append(site)
+            accepted.update({site: reply for site, reply in checked if not reply.has_error()})
             if len(accepted) >= self._quorum or attempt == self._retries:
                 break
-            pending = [_resend(m) for m in messages if self._site_of[m.metadata.dst_node_id] not in accepted]
+            online = set(self._grid.get_node_ids())
+            pending = [_resend(m) for m in messages if self._site_of[m.metadata.dst_node_id] not in accepted
+                       and m.metadata.dst_node_id in online]
+            if len(accepted) + len(pending) < self._quorum:
+                break  # the sites that failed are offline: a re-send cannot reach the quorum
+            retried += 1
             log.warning("round %d: %d valid update(s), %d needed; re-sending to %s", server_round, len(accepted),
-                        self._quorum, ", ".join(sorted(failures)))
+                        self._quorum, ", ".join(sorted(self._site_of[m.metadata.dst_node_id] for m in pending)))
         if len(accepted) < self._quorum:
+            failed = [s for s in order if s not in accepted] or ["?"]
             raise SiteSelectionError(
                 f"round {server_round}: only {len(accepted)} valid update(s), min-sites is {self._quorum} "
-                f"(after {self._retries} retr{'y' if self._retries == 1 else 'ies'}): "
-                + "; ".join(f"{s}: {r}" for s, r in sorted(failures.items())))
+                f"(re-sent {retried} time(s)); {failed[0]} failed first: {failures.get(failed[0], 'unknown')}"
+                + "".join(f"; {s}: {failures[s]}" for s in failed[1:]),
+                server_round, {s: failures[s] for s in failed if s in failures})
         result = ValidatedReplies(accepted.values())
         if average is not None and len(average[0]) == len(result) and all(a is b for a, b in zip(average[0], result)):
             result.average = (self._average_by, average[1])
         return result
 
+    def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """Flower's send_and_receive; its own error replies for a lost site are put in words."""
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self._sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        for reply in replies:
+            if reply.has_error() and reply.error.code in TRANSPORT_ERRORS:
+                log.warning("site %s: %s", self._site(reply), TRANSPORT_ERRORS[reply.error.code])
+                reply.error = Error(reply.error.code, TRANSPORT_ERRORS[reply.error.code])
+        return replies
+
     def _site(self, reply: Message) -> str:
-        return self._site_of.get(reply.metadata.src_node_id, "?")
+        """The site a reply is about: its sender, or (for Flower's replies on a lost node's behalf, which come
+        from the SuperLink) the node the message it answers was sent to."""
+        node = reply.metadata.src_node_id
+        if node not in self._site_of:
+            node = self._sent_to.get(reply.metadata.reply_to_message_id, node)
+        return self._site_of.get(node, "?")
 
     def _check(self, replies: list[Message], global_arrays,
                norms: dict[str, float]) -> tuple[list[tuple[str, Message]], tuple[list[Message], ArrayRecord] | None]:

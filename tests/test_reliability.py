@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -19,8 +20,8 @@ from privacy.accounting import epsilon
 from privacy.ledger import PrivacyLedger
 from server.checkpoint import CHECKPOINT_FILE, load
 from server.run_dir import read_jsonl
+from server.server_app import StudyStopped
 from server.server_app import app as server_app
-from server.sites import SiteSelectionError
 from tests.helpers import default_run_config, site_config
 
 CENTRES = ("cleveland", "hungarian", "switzerland", "va")
@@ -84,15 +85,68 @@ def test_a_broken_update_is_rejected_every_round_and_the_model_stays_sane(tmp_pa
     assert {r["payload"]["site"] for r in audit if r["event"] == "update"} == {"cleveland", "hungarian", "switzerland"}
 
 
-def test_too_few_valid_updates_retries_then_stops_with_the_reasons(tmp_path):
-    with pytest.raises(SiteSelectionError) as err:
-        _serve(corrupting_app(("va", "switzerland"), "nan"), _nodes(tmp_path), _config(tmp_path / "run"))
+def test_too_few_valid_updates_retries_then_stops_with_the_first_reasons_and_a_report(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(StudyStopped) as err:
+        _serve(corrupting_app(("va", "switzerland"), "nan"), _nodes(tmp_path), _config(out))
     message = str(err.value)
-    assert "round 1: only 2 valid update(s), min-sites is 3 (after 1 retry)" in message
+    assert "round 1: only 2 valid update(s), min-sites is 3 (re-sent 1 time(s))" in message
+    # the first failure is named with its own reason, not the ledger's refusal of the re-send
+    assert re.search(r"(switzerland|va) failed first: update rejected by the coordinator: .*NaN", message)
+    assert "already" not in message
     # re-sent, the round was refused by each site's ledger: never charged twice
-    assert "switzerland" in message and "va" in message and "already" in message.lower()
     rounds = PrivacyLedger(tmp_path / "sites" / "va" / "privacy-ledger.sqlite").rounds("heart-disease")
     assert [r["round"] for r in rounds] == [1]
+    # the run directory says why, per site and for the run, and the report shows it
+    records = read_jsonl(out / "metrics.jsonl")
+    stop = records[-1]
+    assert stop["event"] == "stopped" and stop["round"] == 1 and stop["reason"] == message
+    by_site = {r["site"]: r for r in records if "site" in r}
+    assert "NaN" in by_site["va"]["error"] and "NaN" in by_site["switzerland"]["error"]
+    assert "did not complete" in by_site["cleveland"]["error"] and by_site["cleveland"]["epsilon"] > 0
+    html = (out / "report.html").read_text()
+    assert "stopped after 0 of 2 round(s)" in html and "failed first" in html
+
+
+def test_a_study_a_site_cannot_afford_stops_before_anyone_trains(tmp_path):
+    """va's lifetime budget cannot hold the study: it says so at discovery, and no site is charged."""
+    nodes = _nodes(tmp_path)
+    nodes[13] = {"site-config": str(site_config(tmp_path / "sites", "va", epsilon_budget=0.05))}
+    with pytest.raises(StudyStopped) as err:
+        _serve(client_app, nodes, _config(tmp_path / "run", **{"sites": ",".join(CENTRES)}))
+    assert "site va cannot take this study's 2 round(s)" in str(err.value)
+    for centre in CENTRES:
+        ledger = tmp_path / "sites" / centre / "privacy-ledger.sqlite"
+        assert not ledger.exists() or PrivacyLedger(ledger).rounds("heart-disease") == []
+    assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]["event"] == "stopped"
+
+
+class LostSiteGrid(InProcessGrid):
+    """The real ClientApps, except that va's SuperNode is gone: Flower's SuperLink answers for it with
+    its own NODE_UNAVAILABLE reply (made by Flower's own function), sent from the SuperLink, not from va."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as a real Grid's push does
+            if msg.metadata.dst_node_id == 13 and msg.metadata.message_type == "train":
+                replies.append(create_message_error_unavailable_res_message(msg.metadata, "node_unavail"))
+            else:
+                replies += super().send_and_receive([msg], timeout=timeout)
+        return replies
+
+
+def test_a_lost_site_is_named_with_its_cause_in_the_metrics_and_the_audit_log(tmp_path):
+    out = tmp_path / "run"
+    cfg = _config(out, **{"num-server-rounds": 1})
+    grid = LostSiteGrid(client_app, _nodes(tmp_path), cfg, run_id=7)
+    server_app(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
+    va = next(r for r in read_jsonl(out / "metrics.jsonl") if r["site"] == "va")
+    assert va["error"].startswith("train: site lost: its SuperNode sent no heartbeat")
+    audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    rejections = [r["payload"] for r in audit if r["event"] == "rejection"]
+    assert [r["site"] for r in rejections] == ["va"] and "site lost" in rejections[0]["reason"]
 
 
 class Crash(RuntimeError):

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 from flwr.app import Context, RecordDict
@@ -19,6 +21,7 @@ from client.client_app import app as client_app
 from client.site import write_site_config
 from deploy.cli import app as cli
 from deploy.inprocess import InProcessGrid
+from privacy.ledger import PrivacyLedger
 from server import live_report
 from server.report import REPORT_FILE, ReportError, load_run, write_report
 from server.server_app import app as server_app
@@ -30,23 +33,39 @@ PNG = b"\x89PNG\r\n\x1a\n"
 URL = re.compile(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", re.IGNORECASE)
 
 
-def _serve(nodes: dict, out, **overrides):
+def _serve(nodes: dict, out, app=client_app, **overrides):
     cfg = default_run_config(**{"num-server-rounds": 2, "local-steps": 10, "out-dir": str(out), "round-timeout": 5,
                                 "noise-multiplier": 1.0, "target-epsilon": 0.0, **overrides})
-    server_app(InProcessGrid(client_app, nodes, cfg),
+    server_app(InProcessGrid(app, nodes, cfg),
                Context(run_id=5, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
     return out
 
 
+def spent_elsewhere_before(site: str, server_round: int):
+    """The real ClientApp; just before ``site`` trains ``server_round``, another study spends most of that
+    site's lifetime budget, so its own ledger refuses the round (the study had fit at discovery)."""
+    def app(msg, context):
+        config = msg.content.config_records.get("config")
+        path = Path(context.node_config["site-config"])
+        if (msg.metadata.message_type == "train" and path.parent.name == site
+                and int(config["server-round"]) == server_round):
+            PrivacyLedger(path.parent / "privacy-ledger.sqlite").charge(
+                "heart-disease", run_id="another-study", server_round=1, noise_multiplier=0.8, clip_norm=1.0,
+                sample_rate=0.1, steps=3000, delta=1e-4, budget=math.inf, accountant="prv")
+        return client_app(msg, context)
+    return app
+
+
 @pytest.fixture(scope="module")
 def ehr_run(tmp_path_factory):
-    """Two DP rounds, TensorBoard on; switzerland's lifetime budget (ε 6) refuses its second round."""
+    """Two DP rounds, TensorBoard on; switzerland's second round is refused by its ledger (another study
+    spent its budget in between)."""
     folder = tmp_path_factory.mktemp("ehr")
     configs = {"cleveland": site_config(folder / "sites", "cleveland"),
                "hungarian": site_config(folder / "sites", "hungarian"),
-               "switzerland": site_config(folder / "sites", "switzerland", epsilon_budget=6.0)}
+               "switzerland": site_config(folder / "sites", "switzerland", epsilon_budget=20.0)}
     nodes = {10 + i: {"site-config": str(p)} for i, p in enumerate(configs.values())}
-    return _serve(nodes, folder / "run", tensorboard=True), configs
+    return _serve(nodes, folder / "run", spent_elsewhere_before("switzerland", 2), tensorboard=True), configs
 
 
 @pytest.fixture(scope="module")
@@ -181,14 +200,16 @@ def test_tensorboard_is_a_checked_run_config_switch():
 
 def test_a_run_that_stops_still_leaves_its_report(tmp_path):
     nodes = {10: {"site-config": str(site_config(tmp_path / "sites", "cleveland"))},
-             11: {"site-config": str(site_config(tmp_path / "sites", "switzerland", epsilon_budget=6.0))}}
+             11: {"site-config": str(site_config(tmp_path / "sites", "switzerland", epsilon_budget=20.0))}}
     with pytest.raises(Exception, match="switzerland"):  # round 2: one valid update, two needed, no retry
-        _serve(nodes, tmp_path / "run", **{"round-retries": 0})
+        _serve(nodes, tmp_path / "run", spent_elsewhere_before("switzerland", 2), **{"round-retries": 0})
     page = (tmp_path / "run" / REPORT_FILE).read_text(encoding="utf-8")
     _self_contained(page)
-    assert "stopped (failed: " in page and "after 1 of 2 round(s)" in page
-    # the round that stopped it never reached metrics.jsonl; the coordinator's audit log says why
-    assert re.search(r"<td class=num>2 \(not completed\)</td><td>switzerland</td><td>train: refused by site", page)
+    assert "stopped after 1 of 2 round(s): round 2: only 1 valid update(s), min-sites is 2" in page
+    assert "switzerland failed first: refused by site privacy policy" in page
+    # the stopped round, per site: switzerland's refusal; cleveland trained (and was charged), not aggregated
+    assert re.search(r"<td class=num>2</td><td>switzerland</td><td>train: refused by site", page)
+    assert re.search(r"<td class=num>2</td><td>cleveland</td><td>round 2 did not complete", page)
     assert "ehr-logreg" in page  # the run's config, from the coordinator's audit log (no summary.json)
 
 

@@ -126,7 +126,26 @@ def test_a_run_naming_an_unapproved_site_fails_with_a_clear_message(consortium):
                                                 "sites": "site-a,site-b,site-c", "out-dir": str(root / "run-named")}))
     assert _wait_run(coord, run_id) == "finished:failed"
     log = " ".join(coord.run_log(run_id).split())
-    assert "sites site-c did not answer" in log and "site site-c: app sha256:" in log and "not approved" in log
+    assert "the study cannot start, no site trained" in log and "site site-c: app sha256:" in log
+    assert "not approved" in log and "Traceback" not in log  # an expected end: one line, no traceback
+    assert read_jsonl(root / "run-named" / "metrics.jsonl")[-1]["event"] == "stopped"
+    assert (root / "run-named" / "report.html").exists()
+
+
+def test_a_stopped_study_is_one_line_from_carefl_coordinator_run_with_its_report(consortium):
+    """What an operator sees when a study cannot start: the reason in one line, no traceback, a report."""
+    root, kits = consortium["root"], consortium["kits"]
+    out = root / "run-cli"
+    done = subprocess.run([processes.tool("carefl"), "coordinator", "run", "--kit", str(kits / "coordinator"),
+                           "--state-dir", str(root / "state"), "--sites", "site-a,site-c", "--rounds", "1",
+                           "--local-steps", "5", "--round-timeout", "60", "--out", str(out)],
+                          capture_output=True, text=True, env={**processes.flower_env(root / "cli"), "COLUMNS": "300"},
+                          timeout=300, stdin=subprocess.DEVNULL)
+    text = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 2, text
+    assert "stopped: the study cannot start, no site trained" in text and "site site-c: app sha256:" in text
+    assert f"report: {out / 'report.html'}" in text and "Traceback" not in text
+    assert "stopped after 0 of 1 round(s)" in (out / "report.html").read_text()
 
 
 def _supernode(root: Path, name: str, args: list[str]) -> tuple[int, str]:
@@ -169,6 +188,27 @@ def test_a_site_trusting_another_ca_cannot_connect(consortium, tmp_path):
         "--auth-supernode-private-key", str(kits / "site-a" / "supernode.key")])
     assert code != 0
     assert re.search(r"CERTIFICATE_VERIFY_FAILED|certificate verify failed", log), log[-2000:]
+
+
+def test_a_site_agent_with_another_ca_stops_and_names_the_certificate(consortium, tmp_path):
+    """Not an outage: retrying cannot fix a kit whose CA did not sign the coordinator's certificate."""
+    other = tmp_path / "other"
+    provision(load_consortium(_consortium(other, {"site-a": None}, 1)), other / "kits")
+    kits, coord = consortium["kits"], consortium["coord"]
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    for name in ("supernode.key", "supernode.pub", "site.toml"):
+        (kit / name).write_bytes((kits / "site-a" / name).read_bytes())
+    (kit / "supernode.key").chmod(0o600)
+    (kit / "ca.crt").write_bytes((other / "kits" / "site-a" / "ca.crt").read_bytes())
+    done = subprocess.run([processes.tool("carefl"), "site", "start", "--kit", str(kit), "--config",
+                           str(kit / "site.toml"), "--runtime-port", str(processes.free_port())],
+                          capture_output=True, text=True, env=processes.flower_env(tmp_path / "home"), timeout=120,
+                          stdin=subprocess.DEVNULL)
+    text = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 2, text
+    assert f"the coordinator at 127.0.0.1:{coord.port} presents a certificate" in text
+    assert "does not accept" in text and str(kit / "ca.crt") in text and "Traceback" not in text
 
 
 def test_a_plaintext_client_cannot_connect_to_the_tls_coordinator(consortium, tmp_path):
@@ -266,12 +306,12 @@ def test_a_self_keyed_site_is_added_and_its_agent_waits_out_a_coordinator_outage
         agent = processes.start("st-b", [processes.tool("carefl"), "site", "start", "--kit", str(own), "--config",
                                          str(config), "--runtime-port", str(processes.free_port())],
                                 env, tmp_path / "agent.log")
-        # the coordinator is down: Flower's SuperNode retries, gives up, and the agent restarts it with backoff
+        # the coordinator is down: the agent waits for it (a TLS handshake every few seconds), no SuperNode yet
         deadline = time.monotonic() + 150
-        while "retrying in" not in (tmp_path / "agent.log").read_text() and time.monotonic() < deadline:
+        while "unreachable" not in (tmp_path / "agent.log").read_text() and time.monotonic() < deadline:
             time.sleep(1)
-        assert agent.alive() and "retrying in" in (tmp_path / "agent.log").read_text()
-        assert "Connection attempt failed" in (own / "agent" / "supernode.log").read_text()
+        assert agent.alive() and "unreachable" in (tmp_path / "agent.log").read_text()
+        assert not (own / "agent" / "supernode.log").exists()
         carefl("coordinator", "start", *state, "--background")
         _wait_online(coordinator, ["st-b"], timeout=240)
     finally:

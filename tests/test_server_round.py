@@ -10,8 +10,8 @@ from flwr.app import Context, RecordDict
 
 from client.client_app import app as client_app
 from server.run_dir import read_jsonl
+from server.server_app import StudyStopped
 from server.server_app import app as server_app
-from server.sites import SiteSelectionError
 from shared_models.registry import build_model
 from deploy.inprocess import InProcessGrid
 from tests.helpers import default_run_config, site_config
@@ -80,7 +80,7 @@ def test_work_goes_only_to_the_named_sites(tmp_path):
 
 
 def test_a_named_site_that_never_answers_stops_the_run_with_its_name(tmp_path):
-    with pytest.raises(SiteSelectionError, match="nowhere"):
+    with pytest.raises(StudyStopped, match="nowhere"):
         _run(tmp_path, _nodes(tmp_path), sites="cleveland,nowhere", **{"round-timeout": 1})
 
 
@@ -113,5 +113,10 @@ def test_a_site_that_forbids_non_dp_use_refuses_to_fine_tune(tmp_path):
                                 "round-timeout": 5, "dp": False, "personalise": "finetune", "min-sites": 3})
     grid = InProcessGrid(client_app, nodes, cfg)
     server_app(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
-    errors = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["site"] == "va"]
-    assert errors and all("forbids training without differential privacy" in r["error"] for r in errors)
+    # va refuses the (non-DP) study at the handshake, before anyone trains; the others go on without it
+    query = next(m for m in grid.sent if m.metadata.dst_node_id == 13)
+    reply = client_app(query, grid.contexts[13])
+    assert reply.has_error() and "forbids training without differential privacy" in reply.error.reason
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["sites"] == ["cleveland", "hungarian",
+                                                                                    "switzerland"]
+    assert all(m.metadata.message_type == "query" for m in grid.sent if m.metadata.dst_node_id == 13)

@@ -465,10 +465,32 @@ def discover(run_dir: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     return keys, logs
 
 
+def discover_coordinator(state_dir: Path, kit: Path, site_kits: list[Path]) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Keys and logs of a real consortium: the coordinator's one audit log for all its runs
+    (``<state dir>/audit.jsonl``) with its kit's key, and, for each site kit folder given, that site's log
+    and key. A site kit is a folder holding ``audit-signing.pub`` and ``audit.jsonl`` (as a site's kit
+    does, or as a site sends them to the auditor); its name is the site id."""
+    state_dir, kit = Path(state_dir), Path(kit)
+    if not (state_dir / LOG_NAME).is_file():
+        raise AuditError(f"{state_dir} holds no {LOG_NAME}: not the --state-dir of a coordinator that ran a study")
+    keys, logs = {COORDINATOR: kit / KEY_NAME}, {COORDINATOR: state_dir / LOG_NAME}
+    for site in site_kits:
+        site = Path(site)
+        if not site.is_dir():
+            raise AuditError(f"--site {site}: not a folder (give a site's kit folder, with {KEY_NAME} and {LOG_NAME})")
+        keys[site.name], logs[site.name] = site / KEY_NAME, site / LOG_NAME
+    return keys, logs
+
+
 def audit_run_dir(run_dir: Path) -> AuditSummary:
     """Every log of a demo run directory, with the public keys of its kits: each log verified,
     each site's checked and compared with the coordinator's."""
-    keys, logs = discover(run_dir)
+    return audit_consortium(*discover(run_dir))
+
+
+def audit_consortium(keys: dict[str, Path], logs: dict[str, Path]) -> AuditSummary:
+    """Every log (actor → audit.jsonl) with its actor's public key (actor → audit-signing.pub): each log
+    verified, each site's checked and compared with the coordinator's."""
     summary = AuditSummary()
     for actor, path in logs.items():
         if actor not in keys:
@@ -488,8 +510,8 @@ def audit_run_dir(run_dir: Path) -> AuditSummary:
         site = rec["payload"].get("site")
         if rec["event"] in ("update", "site-head") and site not in known:
             coordinator.findings.append(Finding("error", "against", COORDINATOR, rec["seq"] + 1, rec["seq"],
-                                                f"{rec['event']} from '{site}', which has no kit in this run "
-                                                f"directory"))
+                                                f"{rec['event']} from '{site}', whose log and key were not "
+                                                f"given (no kit for it here)"))
     for actor, audit in audits.items():
         if actor != COORDINATOR:
             compare_with_coordinator(audit, coordinator.log)
