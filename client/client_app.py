@@ -121,14 +121,25 @@ def _check_study(context: Context, site, task, rounds: int) -> None:
     dp = DPRequest(enabled=bool(config.get("dp", True)),
                    noise_multiplier=_noise_multiplier(config, context, dataset, n),
                    clip_norm=float(config.get("clip-norm", 0.0)))
+    steps = [(dp.noise_multiplier, q, training.planned_steps(settings, n))] * rounds
+    problems = []
+    if hasattr(task, "statistics_vectors"):  # the study starts with a DP statistics release (charged as round 0)
+        stats_sigma = float(config.get("stats-noise-multiplier", 0.0))
+        steps.insert(0, (stats_sigma, MECHANISM_STEP_RATE, 1))
+        try:
+            check_stats_request(dataset.policy, stats_sigma)
+        except RequestRefused as exc:
+            problems.append(str(exc))
     try:
         check_request(dataset.policy, dp, q)
+    except RequestRefused as exc:
+        problems.append(str(exc))
+    if problems:
+        raise RequestRefused(f"site {site.site_id} cannot take this study: {'; '.join(problems)}")
+    try:
         if dp.enabled:
-            steps = [(dp.noise_multiplier, q, training.planned_steps(settings, n))] * rounds
             PrivacyLedger(site.ledger_path).check_room(dataset.name, steps, dataset.policy.delta_for(n),
                                                        dataset.policy.epsilon_budget, dataset.policy.accountant)
-    except RequestRefused as exc:
-        raise RequestRefused(f"site {site.site_id} cannot take this study: {exc}") from None
     except BudgetExceeded as exc:
         raise RequestRefused(f"site {site.site_id} cannot take this study's {rounds} round(s): {exc}") from None
 

@@ -112,7 +112,8 @@ class RunData:
 
     @property
     def rounds_planned(self) -> int | None:
-        value = (self.summary or {}).get("rounds") or self.config.get("num-server-rounds")
+        value = ((self.summary or {}).get("rounds") or self.config.get("num-server-rounds")
+                 or (self.stopped or {}).get("rounds_planned"))
         return int(value) if isinstance(value, (int, float)) else None
 
 

@@ -1,7 +1,7 @@
 """The run directory: the contract between a coordinator run and everyone who reads its results.
 
 ``<out>/metrics.jsonl``  one JSON record per round and site (train and test metrics, or the error); a run
-                       that stopped ends with ``{"event": "stopped", "round", "reason"}`` (round 0: before any)
+                       that stopped ends with ``{"event": "stopped", "round", "reason", "rounds_planned"}`` (round 0: before any)
 ``<out>/rounds.jsonl``   one JSON record per round (pooled and mean-centre metrics)
 ``<out>/final_model.pt`` the global model (state dict plus what is needed to rebuild it)
 ``<out>/summary.json``   task, model, strategy, rounds, sites, per-site and federation metrics
@@ -116,9 +116,10 @@ class RunDirectory:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def record_stop(self, reason: str, server_round: int | None) -> None:
+    def record_stop(self, reason: str, server_round: int | None, rounds_planned: int) -> None:
         """Why the run stopped, as the last record of metrics.jsonl (what `carefl` commands and the report show)."""
         self.append(METRICS_FILE, {"event": STOPPED, "round": int(server_round or 0), "reason": reason,
+                                   "rounds_planned": rounds_planned,
                                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
     def save_model(self, state_dict: dict, model_name: str, model_kwargs: dict) -> Path:

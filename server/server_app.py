@@ -106,7 +106,7 @@ def main(grid: Grid, context: Context) -> None:
         audit.run_start(_app_hash(grid), dict(context.run_config), [s.site_id for s in sites])
         _run(grid, context, settings, run_dir, sites, model_kwargs, audit, reporter, resumed)
     except STOPS as exc:  # an expected end: say why in the run directory, one line in the log, no traceback
-        run_dir.record_stop(str(exc), getattr(exc, "server_round", None))
+        run_dir.record_stop(str(exc), getattr(exc, "server_round", None), settings.num_rounds)
         if audit is not None:
             audit.run_end(f"stopped: {exc}")
         raise StudyStopped(str(exc)) from None

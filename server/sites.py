@@ -106,7 +106,7 @@ def discover_sites(grid: Grid, wanted: tuple[str, ...], min_sites: int, wait: fl
             # every connected node that is not a found site refused: waiting cannot change their answers
             raise SiteSelectionError("the study cannot start, no site trained: " + "; ".join(
                 f"node {n}: {r}" for n, r in failures.items()))
-        if not wanted and len(found) >= min_sites and not new:
+        if not wanted and len(found) >= min_sites and (not new or time.monotonic() > deadline):
             return sorted(found.values(), key=lambda s: s.site_id)
         if time.monotonic() > deadline:
             missing = [s for s in wanted if s not in found] if wanted else []

@@ -109,6 +109,8 @@ def test_an_ehr_seq_study_pools_private_statistics_then_trains_on_them(tmp_path)
 
 
 def test_a_site_whose_policy_refuses_the_release_stops_the_study_with_its_reason(tmp_path):
-    with pytest.raises(Exception, match=r"rural: .*statistics noise multiplier 5 is below the site minimum 50"):
+    # refused at the handshake, before any release: the study's statistics σ and its training σ, both named
+    with pytest.raises(Exception, match=r"site rural cannot take this study: statistics noise multiplier 5 is "
+                                        r"below the site minimum 50; noise multiplier 1 is below"):
         _study(tmp_path, strict_site="rural")
     assert not (tmp_path / "run" / STATS_FILE).exists()

@@ -453,7 +453,8 @@ def discover(run_dir: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     deployment = run_dir / "deployment"
     kits = deployment / "kits"
     if not kits.is_dir():
-        raise AuditError(f"{run_dir} has no deployment/kits folder: not the run directory of `carefl demo`")
+        raise AuditError(f"{run_dir} has no deployment/kits folder: not the run directory of `carefl demo` (a real "
+                         f"coordinator's log: `carefl audit verify --state-dir STATE --kit COORDINATOR_KIT`)")
     keys = {d.name: d / KEY_NAME for d in sorted(kits.iterdir()) if d.is_dir() and d.name != "ca"}
     logs = {COORDINATOR: deployment / COORDINATOR / LOG_NAME}
     sites = deployment / "sites"
