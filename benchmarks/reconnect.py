@@ -13,6 +13,7 @@ SuperNode gave up after 12-20 s and then hung, so no site came back from an outa
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import signal
 import statistics
@@ -31,17 +32,49 @@ def log(text: str) -> None:
     print(f"[reconnect] {text}", flush=True)
 
 
-def _online(coord) -> int:
+def _gates() -> dict[str, int]:
+    """Site → pid of its gated SuperNode (``python -m deploy.gate <sites/SITE/site.toml> …``)."""
+    gates = {}
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 3 and argv[1:3] == [b"-m", b"deploy.gate"]:
+            gates[Path(argv[3].decode()).parent.name] = pid
+    return gates
+
+
+def _online(coord, since: datetime.datetime, before: dict[str, int]) -> int:
+    """Sites connected now: online in a session activated after ``since``, or in the session they had
+    before the outage (Flower's own retries bridged it: same SuperNode process). The SuperLink's database
+    still says "online" for a site whose SuperNode is gone until that session's heartbeat expires (≤ 60 s),
+    so the status alone would count sites that are not back."""
     try:
-        ids = set(coord.site_nodes().values())
-        return sum(1 for n in coord.nodes() if str(n["node-id"]) in ids and n.get("status") == "online")
+        nodes = {str(n["node-id"]): n for n in coord.nodes()}
     except Exception:  # noqa: BLE001 - the SuperLink is still coming up
         return 0
+    gates, back = _gates(), 0
+    for site, node_id in coord.site_nodes().items():
+        node = nodes.get(node_id, {})
+        if node.get("status") != "online":
+            continue
+        try:
+            fresh = datetime.datetime.fromisoformat(str(node.get("online-at"))) >= since
+        except ValueError:
+            fresh = False
+        back += fresh or (site in before and gates.get(site) == before[site])
+    return back
 
 
-def _until_all_online(coord, n_sites: int, timeout: float = 600.0) -> float:
+def _until_all_online(fed, n_sites: int, since: datetime.datetime | None = None, before: dict[str, int] | None = None,
+                      timeout: float = 600.0) -> float:
     start = time.monotonic()
-    while _online(coord) < n_sites:
+    since = since or datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
+    while _online(fed.coordinator, since, before or {}) < n_sites:
+        dead = [agent.name for agent in fed.agents if not agent.alive()]
+        if dead:
+            raise RuntimeError(f"{', '.join(dead)} stopped; see its agent.log under the work directory")
         if time.monotonic() - start > timeout:
             raise RuntimeError(f"sites not all online {timeout:.0f} s after the SuperLink came back")
         time.sleep(0.5)
@@ -57,9 +90,10 @@ def measure(full: bool, work: Path) -> dict[str, list[float]]:
     sites = ehr_sites(work / "fed")
     with LocalFederation(work / "fed", sites) as fed:
         coord = fed.coordinator
-        _until_all_online(coord, len(sites))
+        _until_all_online(fed, len(sites))
         for repeat in range(size["repeats"]):
             for kind, seconds in size["outages"]:
+                before = _gates()
                 if kind == "kill -9":
                     link = coord.procs[-1]
                     os.kill(link.pid, signal.SIGKILL)
@@ -67,8 +101,9 @@ def measure(full: bool, work: Path) -> dict[str, list[float]]:
                 else:
                     coord.stop()
                 time.sleep(seconds)
+                since = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)  # Flower: whole seconds
                 coord.start()  # returns once the SuperLink accepts connections (and knows the site keys)
-                took = _until_all_online(coord, len(sites))
+                took = _until_all_online(fed, len(sites), since, before)
                 results[f"{kind}, {seconds} s"].append(took)
                 log(f"repeat {repeat + 1}: {kind} for {seconds} s → all {len(sites)} sites online {took:.1f} s "
                     f"after the SuperLink was back")
@@ -90,9 +125,11 @@ def figures(results: dict[str, list[float]], full: bool, n_sites: int = 4) -> li
         ours=f"all {n_sites} sites back after every outage; slowest {worst:.1f} s after the SuperLink returned",
         met=worst <= GOAL_SECONDS,
         table=markdown_table(["outage", "repeats", "median s to all online", "max s"], rows),
-        notes="Seconds from the restarted SuperLink accepting connections (and knowing the site keys) to "
-              "`flwr supernode list` showing every site online. The agent checks the link every 3 s while the "
-              "coordinator is down, then starts a SuperNode (imports, warm executor) that ends its previous "
+        notes="Seconds from the restarted SuperLink accepting connections (and knowing the site keys) to every "
+              "site connected: online in `flwr supernode list` in a session activated after the restart, or in "
+              "its old session where Flower's retries bridged the outage (the status alone still says online "
+              "for a site whose SuperNode is gone, until its heartbeat expires). The agent checks the link every 3 s "
+              "while the coordinator is down, then starts a SuperNode (imports, warm executor) that ends its previous "
               "session if the SuperLink still holds it open.",
     )]
 

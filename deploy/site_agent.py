@@ -41,6 +41,7 @@ KEY_REFUSED_MARK = "Failed to activate SuperNode"
 CONFIG_EXIT = 2  # a problem the site must fix; restarting the agent will not help (systemd: RestartPreventExitStatus)
 PROBE_INTERVAL = 3.0  # seconds between TLS handshakes while the coordinator is unreachable
 RETRY_MIN = 2.0       # first wait after a SuperNode that could not stay connected; doubles up to max_backoff
+STAYED_UP = 30.0      # a SuperNode that ran longer than this had connected: its exit starts the backoff afresh
 log = logging.getLogger("carefl.site")
 
 
@@ -175,12 +176,16 @@ def _supervise(agent: AgentPlan, log_dir: Path, max_backoff: float, attempts: in
             time.sleep(10)
             continue
         refused_since = None
-        if time.monotonic() - started > 120:
-            delay = RETRY_MIN  # it ran for a while: a new outage, start the backoff again
+        if time.monotonic() - started > STAYED_UP:
+            delay = RETRY_MIN  # it was connected and working: a new outage, start the backoff again
+        if not check_link(agent.coordinator, agent.kit / "ca.crt").ok:
+            log.warning("SuperNode exited with code %s: the coordinator %s is gone; waiting for it (see %s)",
+                        code, agent.coordinator, log_path)
+            continue  # the link check paces the wait, and reconnects within seconds of the coordinator's return
         log.warning("SuperNode exited with code %s (connection to the coordinator %s lost or refused; see %s); "
                     "reconnecting in %.0f s", code, agent.coordinator, log_path, delay)
         time.sleep(delay)
-        delay = min(delay * 2, max_backoff)
+        delay = min(delay * 2, max_backoff)  # a coordinator that answers but keeps dropping us: back off
 
 
 def _wait_for_coordinator(agent: AgentPlan) -> bool:

@@ -1,7 +1,8 @@
 """The run directory: the contract between a coordinator run and everyone who reads its results.
 
 ``<out>/metrics.jsonl``  one JSON record per round and site (train and test metrics, or the error); a run
-                       that stopped ends with ``{"event": "stopped", "round", "reason", "rounds_planned"}`` (round 0: before any)
+                       that stopped ends with ``{"event": "stopped", "round", "reason", "rounds_planned"}``
+                       (round 0: it stopped before any round)
 ``<out>/rounds.jsonl``   one JSON record per round (pooled and mean-centre metrics)
 ``<out>/final_model.pt`` the global model (state dict plus what is needed to rebuild it)
 ``<out>/summary.json``   task, model, strategy, rounds, sites, per-site and federation metrics

@@ -45,7 +45,8 @@ class _OneLineStops(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, StudyStopped):
-            record.msg, record.args, record.exc_info, record.exc_text = "carefl: the study stopped: %s", (exc,), None, None
+            record.msg, record.args = "carefl: the study stopped: %s", (exc,)
+            record.exc_info = record.exc_text = None
         return True
 
 

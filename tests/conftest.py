@@ -5,8 +5,9 @@ and rounds) start at once instead of one of them being left to run alone at the 
 from __future__ import annotations
 
 # Roughly longest first (wall time in CI); every other module keeps its place after these.
-SLOW_FIRST = ("test_outages.py", "test_secure_deployment.py", "test_fault_injection.py", "test_deployment.py", "test_seg_demo.py",
-              "test_warm_site.py", "test_imaging_ingest.py", "test_seg_federation.py", "test_reliability.py")
+SLOW_FIRST = ("test_outages.py", "test_secure_deployment.py", "test_fault_injection.py", "test_deployment.py",
+              "test_seg_demo.py", "test_warm_site.py", "test_imaging_ingest.py", "test_seg_federation.py",
+              "test_reliability.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -6,6 +6,7 @@ measured by ``benchmarks/reconnect.py``, not here."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -64,6 +65,36 @@ def _all_online(coord) -> bool:
     return set(coord.site_nodes().values()) <= online
 
 
+def _gates(kits: Path) -> dict[str, int]:
+    """Site → pid of its gated SuperNode."""
+    return {site: pid for pid, cmd in _cmdlines().items() for site in SITES
+            if "deploy.gate" in cmd and str(kits / site / "site.toml") in cmd}
+
+
+def _all_back(coord, kits: Path, since: datetime.datetime, before: dict[str, int]) -> bool:
+    """Every site connected after an outage: online in a session activated after ``since``, or still in the
+    session it had before (the same SuperNode process: Flower's retries bridged the outage). The status
+    alone would count a site whose SuperNode is gone, until the old session's heartbeat expires."""
+    try:
+        nodes = {str(n["node-id"]): n for n in coord.nodes()}
+    except Exception:  # noqa: BLE001 - the SuperLink is still starting
+        return False
+    gates = _gates(kits)
+    for site, node_id in coord.site_nodes().items():
+        node = nodes.get(node_id, {})
+        fresh = datetime.datetime.fromisoformat(str(node.get("online-at") or "1970-01-01T00:00:00+00:00")) >= since
+        if node.get("status") != "online" or not (fresh or gates.get(site) == before.get(site)):
+            return False
+    return True
+
+
+def _restart(coord):
+    """Start the coordinator again; the moment it was back (UTC)."""
+    since = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)  # Flower reports whole seconds
+    coord.start()
+    return since
+
+
 def _crash(coord) -> None:
     """``kill -9`` of the SuperLink process alone, as a host crash or an OOM kill leaves it."""
     link = coord.procs[-1]
@@ -91,25 +122,29 @@ def test_sites_reconnect_by_themselves_after_every_outage_and_the_study_resumes(
     assert _serverapps(coord.port)
 
     # 1. crash: the study's ServerApp must not live on (and write to the run directory) without its SuperLink
+    before = _gates(kits)
     _crash(coord)
     _wait_for(lambda: not _serverapps(coord.port), 30, "the orphaned ServerApp to stop")
     time.sleep(2)
-    coord.start()
-    _wait_for(lambda: _all_online(coord), 120, "every site back after a 2 s outage")
+    since = _restart(coord)
+    _wait_for(lambda: _all_back(coord, kits, since, before), 120, "every site back after a 2 s outage")
 
     # 2. and 3. crashes that outlast Flower's own retries (the SuperNodes give up after ~15 s)
     for seconds in (30, 120):
+        before = _gates(kits)
         _crash(coord)
         time.sleep(seconds)
         assert all(agent in _cmdlines() for agent in agents)  # the agents wait; nobody restarts them
-        coord.start()
-        _wait_for(lambda: _all_online(coord), 120, f"every site back after a {seconds} s outage")
+        since = _restart(coord)
+        _wait_for(lambda: _all_back(coord, kits, since, before), 120, f"every site back after a {seconds} s outage")
+        assert set(_gates(kits).values()).isdisjoint(before.values())  # new SuperNodes, started by the agents
 
     # 4. a graceful stop (what `carefl coordinator stop` does) and a start
+    before = _gates(kits)
     coord.stop()
     time.sleep(10)
-    coord.start()
-    _wait_for(lambda: _all_online(coord), 120, "every site back after a graceful restart")
+    since = _restart(coord)
+    _wait_for(lambda: _all_back(coord, kits, since, before), 120, "every site back after a graceful restart")
 
     # the study resumes from its checkpoint; no site was touched
     done = load(out).round
