@@ -113,7 +113,7 @@ def _check_study(context: Context, site, task, rounds: int) -> None:
     budget hold all ``rounds`` of them? A refusal here (RequestRefused / BudgetExceeded, sent as the
     reason) stops the study at discovery, so no site is charged for a round this site would refuse."""
     config = dict(context.run_config)
-    if rounds <= 0 or not hasattr(task, "train"):
+    if rounds <= 0:
         return
     dataset, n = task.dataset, task.n_train
     settings = training.TrainSettings.from_config(config)

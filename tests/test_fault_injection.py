@@ -7,14 +7,13 @@ import json
 import math
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
 from server.checkpoint import load
 from server.run_dir import read_jsonl
-from tests.helpers import default_run_config
+from tests.helpers import default_run_config, wait_for
 from tests.test_secure_deployment import _wait_online, _wait_run, running_consortium
 
 SITES = {"cleveland": "cleveland", "hungarian": "hungarian", "switzerland": "switzerland", "va": "va"}
@@ -30,15 +29,6 @@ def _gate_pgid(config: Path) -> int | None:
         if "deploy.gate" in cmd and str(config) in cmd:
             return os.getpgid(pid)
     return None
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +48,10 @@ def test_a_site_dies_mid_round_then_the_coordinator_crashes_and_the_study_resume
     config = default_run_config(**{"num-server-rounds": 3, "local-steps": 20, "min-sites": 3, "round-timeout": 60,
                                    "sites": "", "out-dir": str(out)})
     coord.submit(config)
-    _wait_for(lambda: va_log.read_text().count("Receiving: train message") > seen, 120, "va's first train message")
+    wait_for(lambda: va_log.read_text().count("Receiving: train message") > seen, 120, "va's first train message")
     os.killpg(_gate_pgid(kits / "va" / "site.toml"), signal.SIGKILL)  # va's SuperNode dies mid-round
 
-    _wait_for(lambda: (out / "checkpoint.pt").exists(), 300, "the checkpoint of round 1")
+    wait_for(lambda: (out / "checkpoint.pt").exists(), 300, "the checkpoint of round 1")
     coord.stop()  # SuperLink, SuperExec and the ServerApp: the coordinator host goes down
     assert not (out / "summary.json").exists() and load(out).round >= 1
     first = read_jsonl(out / "rounds.jsonl")[0]

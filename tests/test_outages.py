@@ -19,7 +19,7 @@ import pytest
 from deploy import processes
 from server.checkpoint import load
 from server.run_dir import read_jsonl
-from tests.helpers import default_run_config
+from tests.helpers import default_run_config, wait_for
 from tests.test_secure_deployment import _wait_run, running_consortium
 
 SITES = {"cleveland": "cleveland", "hungarian": "hungarian", "va": "va"}
@@ -46,15 +46,6 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except (OSError, IndexError):
         return True
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def _all_online(coord) -> bool:
@@ -118,16 +109,16 @@ def test_sites_reconnect_by_themselves_after_every_outage_and_the_study_resumes(
     for key in ("audit-log", "audit-key"):  # as `carefl coordinator run`: the coordinator's one log in its state dir
         config.pop(key)
     coord.submit(config)
-    _wait_for(lambda: (out / "checkpoint.pt").exists(), 300, "the checkpoint of round 1")
+    wait_for(lambda: (out / "checkpoint.pt").exists(), 300, "the checkpoint of round 1")
     assert _serverapps(coord.port)
 
     # 1. crash: the study's ServerApp must not live on (and write to the run directory) without its SuperLink
     before = _gates(kits)
     _crash(coord)
-    _wait_for(lambda: not _serverapps(coord.port), 30, "the orphaned ServerApp to stop")
+    wait_for(lambda: not _serverapps(coord.port), 30, "the orphaned ServerApp to stop")
     time.sleep(2)
     since = _restart(coord)
-    _wait_for(lambda: _all_back(coord, kits, since, before), 120, "every site back after a 2 s outage")
+    wait_for(lambda: _all_back(coord, kits, since, before), 120, "every site back after a 2 s outage")
 
     # 2. and 3. crashes that outlast Flower's own retries (the SuperNodes give up after ~15 s)
     for seconds in (30, 120):
@@ -136,7 +127,7 @@ def test_sites_reconnect_by_themselves_after_every_outage_and_the_study_resumes(
         time.sleep(seconds)
         assert all(agent in _cmdlines() for agent in agents)  # the agents wait; nobody restarts them
         since = _restart(coord)
-        _wait_for(lambda: _all_back(coord, kits, since, before), 120, f"every site back after a {seconds} s outage")
+        wait_for(lambda: _all_back(coord, kits, since, before), 120, f"every site back after a {seconds} s outage")
         assert set(_gates(kits).values()).isdisjoint(before.values())  # new SuperNodes, started by the agents
 
     # 4. a graceful stop (what `carefl coordinator stop` does) and a start
@@ -144,7 +135,7 @@ def test_sites_reconnect_by_themselves_after_every_outage_and_the_study_resumes(
     coord.stop()
     time.sleep(10)
     since = _restart(coord)
-    _wait_for(lambda: _all_back(coord, kits, since, before), 120, "every site back after a graceful restart")
+    wait_for(lambda: _all_back(coord, kits, since, before), 120, "every site back after a graceful restart")
 
     # the study resumes from its checkpoint; no site was touched
     done = load(out).round
@@ -173,13 +164,13 @@ def test_a_restarted_site_ends_its_stale_session_instead_of_waiting_a_minute(con
     """A site's SuperNode killed (its agent restarts it): the SuperLink still holds the old session open
     for up to 60 s; the new one ends it and is online at once, not refused until the heartbeat expires."""
     coord, kits = consortium["coord"], consortium["kits"]
-    _wait_for(lambda: _all_online(coord), 120, "every site online")
+    wait_for(lambda: _all_online(coord), 120, "every site online")
     gate = next(pid for pid, cmd in _cmdlines().items()
                 if "deploy.gate" in cmd and str(kits / "va" / "site.toml") in cmd)
     supernode_log = kits / "va" / "agent" / "supernode.log"
     seen = supernode_log.read_text().count("previous session")
     os.killpg(os.getpgid(gate), signal.SIGKILL)
-    _wait_for(lambda: supernode_log.read_text().count("previous session") > seen, 60,
+    wait_for(lambda: supernode_log.read_text().count("previous session") > seen, 60,
               "the new SuperNode to end the stale session")
-    _wait_for(lambda: _all_online(coord), 30, "va online again")
+    wait_for(lambda: _all_online(coord), 30, "va online again")
     assert "refused to activate" not in (consortium["root"] / "va" / "agent.log").read_text()
