@@ -45,6 +45,9 @@ CONFIGS = {
                          "0.606–0.711 (ε = 0.1) … 0.685 (ε = 1), δ = 1e-4…1e-1, steps under-counted"),
     "fedavg-dp-eps1": ({**DP_SETTINGS, "strategy": "fedavg", "target-epsilon": 1.0},
                        "0.685 ± 0.055 (ε = 1, δ = 1e-4, steps under-counted)"),
+    # full-batch DP steps (q = 1 at every site), few of them: the regime of DP fine-tuning (issue 15)
+    "fedavg-dp-eps1-fullbatch": ({**DP_SETTINGS, "strategy": "fedavg", "target-epsilon": 1.0, "batch-size": 256,
+                                  "local-steps": 2, "lr": 2.0}, "0.685 ± 0.055 (ε = 1, δ = 1e-4, steps under-counted)"),
     "fedavg-dp-eps4": ({**DP_SETTINGS, "strategy": "fedavg", "target-epsilon": 4.0},
                        "0.700–0.705 (ε = 5, δ = 1e-4…1e-1, steps under-counted)"),
 }
@@ -65,7 +68,8 @@ def run_federated(label: str, seed: int, data_dir: Path, out: Path) -> dict:
     for i, centre in enumerate(heart_disease.CENTRES):
         site_toml = write_site_config(out / "sites" / centre / "site.toml", centre,
                                       heart_disease.centre_file(data_dir, centre), device="cpu",
-                                      epsilon_budget=100.0, delta=DP_DELTA, allow_non_dp=not config["dp"])
+                                      epsilon_budget=100.0, delta=DP_DELTA, allow_non_dp=not config["dp"],
+                                      max_sample_rate=1.0)
         nodes[10 + i] = {"site-config": str(site_toml)}
     run_config = app_run_config(**{**config, "seed": seed, "out-dir": str(out / "run"), "min-sites": 4,
                                        "target-epsilon": config.get("target-epsilon", 0.0)})

@@ -25,6 +25,7 @@ from privacy.policy import DPRequest, RequestRefused, check_request, check_stats
 from shared_models.feature_stats import l2_bound
 from shared_models.metrics import PERSONAL_PREFIX
 from shared_models.registry import build_model, model_names
+from shared_models.trainable import freeze_except
 
 log = logging.getLogger("carefl.site")
 
@@ -223,12 +224,16 @@ def train(msg: Message, context: Context, audit) -> Message:
                    clip_norm=float(config.get("clip-norm", 0.0)))
     check_request(dataset.policy, dp, q)
     model = _model_from(msg, task.model_kwargs)
+    which = str(config.get("train-params", "all"))
+    trained = freeze_except(model, which)  # frozen ones: not trained, not noised, not sent
+    dimension = sum(p.numel() for p in model.parameters() if p.requires_grad)
     delta = dataset.policy.delta_for(n)
     charge = PrivacyLedger(site.ledger_path).charge(
         dataset.name, run_id=str(context.run_id), server_round=int(config["server-round"]),
         noise_multiplier=dp.noise_multiplier if dp.enabled else 0.0, clip_norm=dp.clip_norm, sample_rate=q,
         steps=training.planned_steps(settings, n), delta=delta,
-        budget=dataset.policy.epsilon_budget if dp.enabled else math.inf, accountant=dataset.policy.accountant)
+        budget=dataset.policy.epsilon_budget if dp.enabled else math.inf, accountant=dataset.policy.accountant,
+        trained_parameters=dimension)
     if audit is not None:
         budget = dataset.policy.epsilon_budget if dp.enabled else math.inf
         audit.append("dp-round", {
@@ -237,7 +242,11 @@ def train(msg: Message, context: Context, audit) -> Message:
             "noise_multiplier": dp.noise_multiplier if dp.enabled else 0.0, "clip_norm": dp.clip_norm,
             "sample_rate": q, "steps": training.planned_steps(settings, n), "accountant": dataset.policy.accountant,
             "delta": delta, "epsilon_before": charge.epsilon_before, "epsilon_after": charge.epsilon_after,
-            "epsilon_budget": budget, "budget_left": budget - charge.epsilon_after, "n": n})
+            "epsilon_budget": budget, "budget_left": budget - charge.epsilon_after, "n": n,
+            "train_params": which, "trained_parameters": dimension,
+            "model_in_sha256": msg.content["arrays"].object_id,
+            **({"init_checkpoint_sha256": str(config["init-checkpoint-sha256"])}
+               if config.get("init-checkpoint-sha256") else {})})
     if not dp.enabled:
         log.warning("NON-DP ROUND on dataset '%s' (allow_non_dp = true): its ε is now unbounded", dataset.name)
     metrics = task.train(model, settings, device_for(site), dp, site.max_physical_batch)
@@ -245,9 +254,10 @@ def train(msg: Message, context: Context, audit) -> Message:
         raise RuntimeError("sample rate used in training differs from the one charged; weights withheld")
     privacy = {"dp": 1.0 if dp.enabled else 0.0, "epsilon": charge.epsilon_after, "delta": delta,
                "noise-multiplier": dp.noise_multiplier if dp.enabled else 0.0, "clip-norm": dp.clip_norm,
-               "sample-rate": q}
+               "sample-rate": q, "trained-parameters": dimension}
+    state = model.cpu().state_dict()
     reply = RecordDict({
-        "arrays": ArrayRecord(model.cpu().state_dict()),
+        "arrays": ArrayRecord(state if which == "all" else {name: state[name] for name in trained}),
         "metrics": MetricRecord({"num-examples": n, **metrics, **privacy}),
     })
     return Message(reply, reply_to=msg)

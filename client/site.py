@@ -148,7 +148,8 @@ def load_site_config(path: Path) -> SiteConfig:
 
 def write_site_config(path: Path, site_id: str, data_path: Path, ledger: str = "privacy-ledger.sqlite",
                       device: str = "auto", dataset: str = HEART_DISEASE, coordinator: str = "",
-                      approved_apps: tuple[str, ...] = (), **settings) -> Path:
+                      approved_apps: tuple[str, ...] = (), max_physical_batch: int | None = None,
+                      **settings) -> Path:
     """Write a one-dataset site config file (demo and provisioning).
 
     ``data_path`` is the tabular extract, or for imaging the manifest (pass ``manifest=True``);
@@ -167,6 +168,7 @@ def write_site_config(path: Path, site_id: str, data_path: Path, ledger: str = "
 
     lines = ["[site]", f"id = {value(site_id)}", f"device = {value(device)}", f"ledger = {value(ledger)}"]
     lines += [f"coordinator = {value(coordinator)}"] if coordinator else []
+    lines += [f"max_physical_batch = {max_physical_batch}"] if max_physical_batch else []
     lines += ["", "[approval]", f"apps = {value(list(approved_apps))}"]
     lines += ["", f"[datasets.{dataset}]", f"{'manifest' if manifest else 'path'} = {value(Path(data_path).resolve())}"]
     lines += [f"{k} = {value(v)}" for k, v in settings.items() if v is not None]

@@ -6,6 +6,7 @@ Errors a person can fix are printed as one clear line (exit code 2); no tracebac
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -31,8 +32,9 @@ from deploy.coordinator import DeploymentError
 from deploy.provision import ProvisionError
 from deploy.local import LocalFederation
 from deploy.runs import check_run_config, console, follow
-from server.settings import STRATEGIES, RunConfigError
+from server.settings import SEG_DP_FINETUNE, STRATEGIES, RunConfigError
 from server.sites import SiteSelectionError
+from shared_models.public_checkpoint import PublicCheckpointError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="carefl: federated learning for hospitals.")
 data_app = typer.Typer(no_args_is_help=True, help="Get and check the public data sets.")
@@ -53,7 +55,7 @@ data_app.command("synth-ehr")(cli_ehr.synth_ehr)
 data_app.command("validate-extract")(cli_ehr.validate_extract)
 
 USER_ERRORS = (SiteError, DeploymentError, RunConfigError, SiteSelectionError, LedgerError, PolicyError,
-               ProvisionError, ApprovalError, AuditError)
+               ProvisionError, ApprovalError, AuditError, PublicCheckpointError)
 
 DataDir = typer.Option(None, "--data-dir", help="Data directory (else $CAREFL_DATA, else ~/.cache/carefl).")
 
@@ -89,6 +91,7 @@ def demo(
     target_epsilon: Optional[float] = typer.Option(None, help="Study ε each site sizes its noise for (default 4)."),
     epsilon_budget: float = typer.Option(10.0, help="Lifetime ε budget written into each demo site's policy."),
     seg_cases: int = typer.Option(30, min=4, help="seg: hippocampus cases per site (DICOM written per run)."),
+    pretrain_epochs: int = typer.Option(60, min=1, help="seg: epochs of the public model (built once, then cached)."),
     tensorboard: bool = cli_report.TensorBoardFlag,
 ) -> None:
     """A real consortium on 127.0.0.1: kits, TLS, authenticated sites that approved the app, then one run."""
@@ -107,11 +110,14 @@ def demo(
         extra = {"task": "ehr-seq", "model": model or "ehr-gru-attn", "schema": "diabetes-visits", "batch-size": 40,
                  "optimizer": "adam", "lr": lr or 0.01, "local-steps": 0, "local-epochs": 2}
     else:
-        console.print(f"writing synthetic DICOM (MR series + SEG) for 3 sites, {seg_cases} cases each …")
+        public = _public_hippocampus_model(data_dir, pretrain_epochs)
+        console.print(f"writing synthetic DICOM (MR series + SEG) for 3 sites, {seg_cases} cases each, "
+                      f"each through its own scanner's shift …")
         configs = _dicomize(out / "deployment" / "sites", 3, seg_cases, epsilon_budget, data_dir)
         sites = dict(configs)
-        extra = {"task": "seg", "model": model or "seg-unet3d", "batch-size": 4, "optimizer": "adam",
-                 "lr": lr or 2e-3, "local-epochs": 2}
+        # DP fine-tuning of the public model: norms + head, full-batch SGD steps (server/settings.py)
+        extra = {"task": "seg", "model": model or "seg-unet3d", **SEG_DP_FINETUNE, "init-checkpoint": str(public),
+                 **({"lr": lr} if lr else {}), **({"local-steps": local_steps} if local_steps else {})}
     extra.update({"sites": ",".join(sites), "out-dir": str(out), **cli_report.tensorboard_config(tensorboard)})
     if target_epsilon is not None:
         extra["target-epsilon"] = target_epsilon
@@ -120,6 +126,29 @@ def demo(
                   f"{len(sites)} site agents on 127.0.0.1; logs in {out / 'deployment'}")
     with LocalFederation(out / "deployment", sites) as fed:
         follow(fed, run_config, out)
+
+
+def _public_hippocampus_model(data_dir: Optional[Path], epochs: int) -> Path:
+    """The coordinator's public model (public MSD cases, no DP), built on first use and cached by the hash of
+    everything it depends on ($CAREFL_CACHE, default ~/.cache/carefl)."""
+    from rich.progress import Progress
+
+    from deploy.pretrain import PretrainSettings, cached_hippocampus_model
+
+    root, _ = resolve_data_dir(data_dir)
+    cache = Path(os.environ.get("CAREFL_CACHE") or Path.home() / ".cache" / "carefl").expanduser()
+    started = time.monotonic()
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task("pretraining the public model (first use only)", total=epochs)
+        path, built = cached_hippocampus_model(root, cache, PretrainSettings(epochs=epochs),
+                                               on_epoch=lambda *_: progress.advance(bar))
+    from shared_models.public_checkpoint import load
+
+    provenance = load(path).provenance
+    console.print(f"public model {path.name}: {provenance['train_cases']} public cases, no DP, held-out Dice "
+                  f"{provenance['held_out_mean_dice']}; " + (f"built in {time.monotonic() - started:.0f} s"
+                                                             if built else "from the cache"))
+    return path
 
 
 def _synthetic_ehr_sites(deployment: Path, epsilon_budget: float) -> dict[str, Path]:

@@ -1,7 +1,7 @@
 """The deployment commands: provisioning kits, the coordinator's SuperLink, the site agent.
 
     carefl provision consortium.toml --out kits/
-    carefl coordinator start|stop|status|run|add-site|app-hash
+    carefl coordinator start|stop|status|run|add-site|app-hash|pretrain
     carefl site keygen|approve|start
 
 Registered on the main ``carefl`` command by deploy/cli.py.
@@ -24,7 +24,7 @@ from deploy.approval import app_hash, approve
 from deploy.coordinator import APP_DIR, Coordinator, DeploymentError, running_superlink, stop_background
 from deploy.provision import add_site, load_consortium, provision, write_keygen
 from deploy.runs import check_run_config, console, follow
-from server.settings import STRATEGIES
+from server.settings import SEG_DP_FINETUNE, STRATEGIES
 
 coordinator_app = typer.Typer(no_args_is_help=True, help="Commands for the consortium's coordinator.")
 
@@ -124,6 +124,10 @@ def coordinator_run(
     max_update_norm: Optional[float] = typer.Option(None, min=0, help="Reject an update farther than this (L2) "
                                                     "from the global model (default 0: off)."),
     byzantine_sites: Optional[int] = typer.Option(None, min=0, help="krum / multikrum: sites that may be hostile."),
+    init_checkpoint: Optional[Path] = typer.Option(None, help="seg: start from this public checkpoint (`carefl "
+                                                   "coordinator pretrain`) and DP fine-tune it (server/settings.py: "
+                                                   "SEG_DP_FINETUNE)."),
+    train_params: Optional[str] = typer.Option(None, help="all | decoder | norms-head: what the sites train."),
     trim_beta: Optional[float] = typer.Option(None, help="fedtrimmedavg: fraction cut at each end (default 0.2)."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default <state-dir>/runs/<time>-<task>)."),
     tensorboard: bool = cli_report.TensorBoardFlag,
@@ -152,8 +156,15 @@ def coordinator_run(
     out = (out or coord.state_dir / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{task}").resolve()
     extra = {"task": task, "sites": ",".join(names), "out-dir": str(out), "min-sites": min_sites or len(names),
              **cli_report.tensorboard_config(tensorboard)}
-    if task == "seg":
+    if task == "seg" and init_checkpoint is not None:
+        extra.update({"model": model or "seg-unet3d", **SEG_DP_FINETUNE, "init-checkpoint": str(init_checkpoint.resolve()),
+                      **({"lr": lr} if lr else {}), **({"local-steps": local_steps} if local_steps else {})})
+    elif task == "seg":
         extra.update({"model": model or "seg-unet3d", "batch-size": 4, "optimizer": "adam", "lr": lr or 2e-3})
+    elif init_checkpoint is not None:
+        raise SiteError("--init-checkpoint is offered for task seg (a public U-Net)")
+    if train_params is not None:
+        extra["train-params"] = train_params
     if target_epsilon is not None:
         extra["target-epsilon"] = target_epsilon
     knobs = {"round-timeout": round_timeout, "round-retries": round_retries, "max-update-norm": max_update_norm,
@@ -162,6 +173,50 @@ def coordinator_run(
     run_config = check_run_config(rounds, strategy, model, lr, local_steps, extra)
     console.print(f"app sha256:{app_hash(coord.app_dir)} (each site must have approved it)")
     follow(coord, run_config, out)
+
+
+@coordinator_app.command("pretrain")
+def coordinator_pretrain(
+    out: Path = typer.Option(..., "--out", help="The checkpoint file to write (its provenance goes beside it, .json)."),
+    dataset: str = typer.Option("hippocampus", help="hippocampus: the public set of MSD Task04 (every 5th case); "
+                                                  "or give --manifest for public data of your own."),
+    manifest: Optional[Path] = typer.Option(None, help="A manifest of public cases (case_id,image,mask,split); "
+                                                       "its test split is held out to judge the model."),
+    dataset_name: Optional[str] = typer.Option(None, help="With --manifest: the public data set's name."),
+    licence: Optional[str] = typer.Option(None, help="With --manifest: the licence that makes it public."),
+    epochs: int = typer.Option(60, min=1),
+    lr: float = typer.Option(2e-3, min=0.0),
+    seed: int = typer.Option(0),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the public data set is (default "
+                                                                      "$CAREFL_DATA or ./data)."),
+) -> None:
+    """Train the study's starting model, without DP, on public data (never a site's), with its provenance."""
+    from rich.progress import Progress
+
+    from client.data_dir import resolve_data_dir
+    from client.imaging import hippocampus
+    from client.imaging.manifest import read_manifest
+    from deploy.pretrain import PretrainSettings, hippocampus_public_cases, pretrain
+
+    if manifest is not None:
+        if not dataset_name or not licence:
+            raise SiteError("with --manifest also give --dataset-name and --licence: the checkpoint records both")
+        cases, name, licence_text = read_manifest(manifest), dataset_name, licence
+    elif dataset == "hippocampus":
+        cases = hippocampus_public_cases(resolve_data_dir(data_dir)[0])
+        name = f"MSD Task04 Hippocampus (public set: every {hippocampus.PUBLIC_EVERY}th case)"
+        licence_text = hippocampus.LICENCE
+    else:
+        raise SiteError(f"unknown public data set '{dataset}'; available: hippocampus (or --manifest)")
+    settings = PretrainSettings(epochs=epochs, lr=lr, seed=seed)
+    console.print(f"pretraining {settings.model} on {len(cases)} public case(s) of {name}, no DP, {epochs} epochs")
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task("epochs", total=epochs)
+        digest = pretrain(cases, set(hippocampus.LABELS), settings, out, out.parent / ".preprocessed", name,
+                          licence_text, on_epoch=lambda *_: progress.advance(bar))
+    provenance = out.with_suffix(".json")
+    console.print(f"wrote {out} (weights sha256:{digest}); provenance in {provenance}")
+    console.print(f"start a study from it: carefl coordinator run … --init-checkpoint {out}")
 
 
 @coordinator_app.command("add-site")

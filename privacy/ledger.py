@@ -1,6 +1,7 @@
 """The site's privacy ledger: what each dataset has spent, kept on the site's disk (SQLite).
 
-One row per training round that released weights: run id, round, σ, C, q, steps, δ and ε after.
+One row per training round that released weights: run id, round, σ, C, q, steps, δ, ε after and
+the number of parameters the round trained (d: fine-tuning a few of them is what makes DP work).
 The accountant's state for a dataset is the merged list of its (σ, q, steps) — so ε composes
 across rounds, runs and studies, and survives agent and SuperNode restarts. A round is charged
 *before* training, in one transaction with the budget check: a crash after the charge can only
@@ -32,9 +33,12 @@ CREATE TABLE IF NOT EXISTS rounds (
     epsilon_before   REAL    NOT NULL,
     epsilon_after    REAL    NOT NULL,
     recorded_at      TEXT    NOT NULL,
+    trained_parameters INTEGER,           -- d: how many numbers the round trained, noised and sent
     UNIQUE (dataset, run_id, round)
 );
 """
+# Ledgers written before the trained dimension was recorded gain the column (their rows keep NULL).
+MIGRATIONS = (("trained_parameters", "ALTER TABLE rounds ADD COLUMN trained_parameters INTEGER"),)
 
 
 class LedgerError(RuntimeError):
@@ -74,6 +78,10 @@ class PrivacyLedger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as db:
                 db.executescript(SCHEMA)
+                columns = {row[1] for row in db.execute("PRAGMA table_info(rounds)")}
+                for column, statement in MIGRATIONS:
+                    if column not in columns:
+                        db.execute(statement)
         except (OSError, sqlite3.Error) as exc:
             raise LedgerError(f"privacy ledger {self.path} cannot be opened: {exc}") from None
 
@@ -109,7 +117,8 @@ class PrivacyLedger:
         return after
 
     def charge(self, dataset: str, run_id: str, server_round: int, noise_multiplier: float, clip_norm: float,
-               sample_rate: float, steps: int, delta: float, budget: float, accountant: str) -> Charge:
+               sample_rate: float, steps: int, delta: float, budget: float, accountant: str,
+               trained_parameters: int | None = None) -> Charge:
         """Check the budget and record the round, atomically; raise BudgetExceeded or AlreadyCharged."""
         try:
             db = self._connect()
@@ -128,9 +137,10 @@ class PrivacyLedger:
                 raise BudgetExceeded(dataset, before, after, budget, delta)
             db.execute(
                 "INSERT INTO rounds (dataset, run_id, round, noise_multiplier, clip_norm, sample_rate, steps, "
-                "accountant, delta, epsilon_before, epsilon_after, recorded_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "accountant, delta, epsilon_before, epsilon_after, recorded_at, trained_parameters) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (dataset, run_id, server_round, noise_multiplier, clip_norm, sample_rate, steps, accountant, delta,
-                 before, after, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+                 before, after, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), trained_parameters),
             )
             db.execute("COMMIT")
             return Charge(dataset, before, after, delta, accountant)

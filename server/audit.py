@@ -22,9 +22,10 @@ class CoordinatorAudit:
         self.log = AuditLog(path, "coordinator", key)
         self.run_id = str(run_id)
 
-    def run_start(self, app_sha256: str, config: dict, sites: list[str]) -> None:
+    def run_start(self, app_sha256: str, config: dict, sites: list[str], init_model: dict | None = None) -> None:
+        """``init_model``: the public checkpoint the study starts from (its weights' hash and provenance)."""
         self.log.append("run-start", {"run_id": self.run_id, "app_sha256": app_sha256, "config": config,
-                                      "sites": sites})
+                                      "sites": sites, **({"init_model": init_model} if init_model else {})})
 
     def on_replies(self, message_type: str, server_round: int, replies: list[tuple[str, Message]]) -> None:
         for site, reply in replies:

@@ -291,6 +291,13 @@ def _style_rounds_axis(ax, run: RunData) -> None:
     ax.grid(True, alpha=0.3)
 
 
+def _on_unit_scale(ax, key: str) -> None:
+    """Dice, accuracy, AUC, F1 … are drawn on their natural 0–1 scale, so a rise from 0.01 to 0.03 looks as
+    small as it is; losses keep an automatic scale."""
+    if "loss" not in key:
+        ax.set_ylim(0, 1.02)
+
+
 def _baseline_lines(ax, baselines: dict, key: str, task: str, color: str = "#555") -> list:
     """Each baseline of ``key`` as a horizontal line (one dash style per baseline)."""
     styles = ((0, (6, 3)), (0, (6, 2, 1, 2)), (0, (1, 2)), (0, (10, 4)))
@@ -318,6 +325,7 @@ def _plot_federation(run: RunData) -> str:
             ax.plot(xs, ys, marker="^", markersize=4, linestyle=":", color=PALETTE[i % len(PALETTE)],
                     label=f"{label}, fine-tuned at each site")
         _baseline_lines(ax, run.baselines, key, task, color=PALETTE[i % len(PALETTE)])
+    _on_unit_scale(ax, keys[0][0])
     _style_rounds_axis(ax, run)
     ax.set_title("federation metrics per round (from the sites' aggregate test metrics)", fontsize=10)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
@@ -373,6 +381,7 @@ def _plot_sites(run: RunData, keys: list[str], title: str, alt: str, federation:
             ax.set_title(_label(key, task), fontsize=10)
         else:
             ax.set_ylabel(_label(key, task))
+        _on_unit_scale(ax, key)
         _style_rounds_axis(ax, run)
     for ax in axes[len(keys):]:
         ax.set_visible(False)
@@ -446,6 +455,15 @@ def _overview(run: RunData) -> str:
         ("sites", e(", ".join(run.sites) or "—")),
         ("differential privacy", dp_html),
     ]
+    init = s.get("init_model") if isinstance(s.get("init_model"), dict) else None
+    if init or cfg.get("init-checkpoint"):
+        what = (f"public checkpoint, weights sha256 {str(init.get('weights_sha256', ''))[:16]}…: "
+                f"{init.get('dataset', '?')} ({init.get('train_cases', '?')} training cases, licence "
+                f"{init.get('licence', '?')}), no DP, costs the sites no ε" if init else str(cfg["init-checkpoint"]))
+        rows.append(("initial model", e(what)))
+    train_params = s.get("train_params") or cfg.get("train-params")
+    if train_params and train_params != "all":
+        rows.append(("trained at the sites", e(f"{train_params} (the rest frozen: not trained, noised or sent)")))
     if _number(s.get("seconds")) is not None:
         rows.append(("duration", e(f"{s['seconds']:.0f} s")))
     if s.get("data_note"):

@@ -22,8 +22,10 @@ from server.settings import RunConfigError, RunSettings
 from server.sites import SiteGrid, SiteSelectionError, discover_sites
 from server.strategies import build_strategy
 from server.validation import UpdateValidator
+from shared_models import public_checkpoint
 from shared_models.metrics import SCORE_BINS
 from shared_models.registry import build_model
+from shared_models.trainable import trained_names
 
 log = logging.getLogger("flwr")
 
@@ -104,8 +106,10 @@ def main(grid: Grid, context: Context) -> None:
         log.info("sites: %s", ", ".join(f"{s.site_id} (node {s.node_id})" for s in sites))
         audit = CoordinatorAudit(Path(settings.audit_log) if settings.audit_log else run_dir.path / "audit.jsonl",
                                  Path(settings.audit_key) if settings.audit_key else None, context.run_id)
-        audit.run_start(_app_hash(grid), dict(context.run_config), [s.site_id for s in sites])
-        _run(grid, context, settings, run_dir, sites, model_kwargs, audit, reporter, resumed)
+        public = _public_model(settings, model_kwargs)
+        audit.run_start(_app_hash(grid), dict(context.run_config), [s.site_id for s in sites],
+                        init_model=_provenance_summary(public))
+        _run(grid, context, settings, run_dir, sites, model_kwargs, audit, reporter, resumed, public)
     except STOPS as exc:  # an expected end: say why in the run directory, one line in the log, no traceback
         run_dir.record_stop(str(exc), getattr(exc, "server_round", None), settings.num_rounds)
         if audit is not None:
@@ -138,6 +142,33 @@ def _model_kwargs(settings: RunSettings, sites) -> dict:
     return {}
 
 
+def _public_model(settings: RunSettings, model_kwargs: dict) -> public_checkpoint.PublicCheckpoint | None:
+    """The study's round-0 model from ``init-checkpoint``, checked to be this study's architecture."""
+    if not settings.init_checkpoint:
+        return None
+    try:
+        public = public_checkpoint.load(Path(settings.init_checkpoint))
+    except public_checkpoint.PublicCheckpointError as exc:
+        raise checkpoint.CheckpointError(str(exc)) from None
+    if public.model != settings.model:
+        raise checkpoint.CheckpointError(f"init checkpoint {settings.init_checkpoint} is for model '{public.model}', "
+                                         f"this study trains '{settings.model}'")
+    try:
+        build_model(settings.model, **model_kwargs).load_state_dict(public.state_dict)
+    except RuntimeError:
+        raise checkpoint.CheckpointError(f"init checkpoint {settings.init_checkpoint} does not fit model "
+                                         f"'{settings.model}' as this study builds it") from None
+    return public
+
+
+def _provenance_summary(public: public_checkpoint.PublicCheckpoint | None) -> dict | None:
+    """What the audit log and the report say about the initial model (provenance, minus the case list)."""
+    if public is None:
+        return None
+    return {"weights_sha256": public.sha256, "model": public.model,
+            **{k: v for k, v in public.provenance.items() if k not in ("case_ids", "weights_sha256")}}
+
+
 def _app_hash(grid: Grid) -> str:
     try:
         return str(grid.run.fab_hash)
@@ -146,11 +177,14 @@ def _app_hash(grid: Grid) -> str:
 
 
 def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirectory, sites, model_kwargs: dict,
-         audit: CoordinatorAudit, reporter: RunReporter, resumed: checkpoint.Checkpoint | None) -> None:
+         audit: CoordinatorAudit, reporter: RunReporter, resumed: checkpoint.Checkpoint | None,
+         public: public_checkpoint.PublicCheckpoint | None) -> None:
     site_ids = [s.site_id for s in sites]
     recorder = RoundRecorder(run_dir, site_ids)
     strategy = build_strategy(settings, n_sites=len(sites))
-    initial = ArrayRecord(build_model(settings.model, **model_kwargs).state_dict())
+    model = build_model(settings.model, **model_kwargs)
+    initial = public.array_record() if public is not None else ArrayRecord(model.state_dict())
+    trained = None if settings.train_params == "all" else trained_names(model, settings.train_params)
     done = 0
     if resumed is not None:  # the checkpoint of the run being resumed, in this run directory
         if resumed.run_config.get("model") != settings.model:
@@ -179,8 +213,10 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
 
     site_grid = SiteGrid(grid, sites, on_replies, UpdateValidator(max_norm=settings.max_update_norm),
                          quorum=max(1, min(settings.min_sites, len(sites))), retries=settings.round_retries,
-                         wait_for_sites=settings.round_timeout)
+                         wait_for_sites=settings.round_timeout, trained=trained)
     train_config, evaluate_config = settings.train_config(), settings.evaluate_config()
+    if public is not None:  # each site logs it beside the hash of the model it receives
+        train_config["init-checkpoint-sha256"] = public.sha256
     if settings.task == "ehr-seq":  # one shared encoding, from every site's DP statistics
         stats = feature_stats.gather(grid, sites, settings.study_schema(), settings.stats_noise_multiplier,
                                      run_dir.path, on_replies=audit.on_replies).to_json()
@@ -217,6 +253,8 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
         "dataset": {"ehr": "heart-disease", "seg": "hippocampus"}.get(settings.task, settings.schema),
         "model": settings.model,
         "strategy": settings.strategy,
+        "train_params": settings.train_params,
+        "init_model": _provenance_summary(public),
         "rounds": settings.num_rounds,
         "rounds_completed": recorder.last_round.get("round", 0),
         "sites": site_ids,

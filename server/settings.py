@@ -7,10 +7,17 @@ from dataclasses import dataclass
 from shared_models.registry import UnknownModelError, get_spec
 from shared_models.schema import Schema, SchemaError, builtin_schema
 from shared_models.train_request import TrainSettings
+from shared_models.trainable import TRAINABLE
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 TASKS = ("ehr", "seg", "ehr-seq")
 PERSONALISATION = ("none", "finetune")
+
+# DP fine-tuning of a public U-Net (init-checkpoint): the scale and shift of every normalisation layer and
+# the output layer (924 numbers) trained with a few full-batch SGD steps, clipped near the per-patient
+# gradient norm (≈ 0.2 on public data). Chosen on public data only: docs/RESULTS.md, "DP segmentation".
+SEG_DP_FINETUNE = {"train-params": "norms-head", "optimizer": "sgd", "lr": 1.0, "batch-size": 64, "local-steps": 2,
+                   "local-epochs": 1, "clip-norm": 0.2}
 
 
 class RunConfigError(ValueError):
@@ -52,6 +59,8 @@ class RunSettings:
     finetune_steps: int = 100  # local steps of that fine-tuning (same optimizer, lr and batch as training)
     schema: str = ""           # ehr-seq: the study's schema, shipped in the app (shared_models/schemas/<name>.toml)
     stats_noise_multiplier: float = 10.0  # ehr-seq: σ of each site's DP feature-statistics release
+    train_params: str = "all"  # which parameters the sites train (shared_models/trainable.py); the rest stay frozen
+    init_checkpoint: str = ""  # a public checkpoint (carefl coordinator pretrain): the round-0 global model
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> "RunSettings":
@@ -88,6 +97,7 @@ class RunSettings:
             tensorboard=cfg.get("tensorboard", False) is True,
             personalise=str(cfg.get("personalise", "none")).lower(), finetune_steps=int(cfg.get("finetune-steps", 100)),
             schema=str(cfg.get("schema", "")), stats_noise_multiplier=float(cfg.get("stats-noise-multiplier", 10.0)),
+            train_params=str(cfg.get("train-params", "all")), init_checkpoint=str(cfg.get("init-checkpoint", "")),
         )
         if s.task not in TASKS:
             problems.append(f"task '{s.task}' is not one of {', '.join(TASKS)}")
@@ -135,6 +145,10 @@ class RunSettings:
                 problems.append(f"'schema' (task ehr-seq): {exc}")
             if not s.stats_noise_multiplier > 0:
                 problems.append("'stats-noise-multiplier' must be > 0 (the feature statistics are a DP release)")
+        if s.train_params not in TRAINABLE:
+            problems.append(f"'train-params' must be one of {', '.join(TRAINABLE)}")
+        elif s.train_params == "decoder" and s.task != "seg":
+            problems.append("'train-params' = \"decoder\" needs a U-Net (task seg)")
         if len(set(s.sites)) != len(s.sites):
             problems.append("'sites' names a site twice")
         if problems:
@@ -146,7 +160,7 @@ class RunSettings:
         return {"model": self.model, "local-steps": self.local_steps, "local-epochs": self.local_epochs,
                 "batch-size": self.batch_size, "optimizer": self.optimizer, "lr": self.lr, "seed": self.seed,
                 "dp": self.dp, "noise-multiplier": self.noise_multiplier, "target-epsilon": self.target_epsilon,
-                "clip-norm": self.clip_norm, "num-server-rounds": self.num_rounds,
+                "clip-norm": self.clip_norm, "num-server-rounds": self.num_rounds, "train-params": self.train_params,
                 **({"stats-noise-multiplier": self.stats_noise_multiplier} if self.task == "ehr-seq" else {})}
 
     def study_schema(self) -> Schema:

@@ -139,8 +139,9 @@ class SiteGrid:
 
     def __init__(self, grid: Grid, sites: list[SiteInfo], on_replies: RepliesHook,
                  validator: UpdateValidator | None = None, quorum: int = 1, retries: int = 0,
-                 wait_for_sites: float = 600.0) -> None:
+                 wait_for_sites: float = 600.0, trained: list[str] | None = None) -> None:
         self._grid = grid
+        self._trained = trained  # None: sites send every array; else only these (the rest stay frozen)
         self._site_of = {s.node_id: s.site_id for s in sites}
         self._n_train = {s.site_id: s.n_train for s in sites}
         self._on_replies = on_replies
@@ -207,6 +208,8 @@ class SiteGrid:
             return replies
 
         global_arrays = next(iter(first.content.array_records.values()))
+        reference = global_arrays if self._trained is None else ArrayRecord(
+            {name: global_arrays[name] for name in self._trained})  # what a valid reply holds
         accepted: dict[str, Message] = {}
         norms: dict[str, float] = {}  # accepted updates' distances to the global model
         failures: dict[str, str] = {}  # site → its first failure this round (a re-send's refusal is not news)
@@ -215,7 +218,7 @@ class SiteGrid:
         for attempt in range(self._retries + 1):
             replies = self._exchange(pending, timeout)
             answered = {self._site(r) for r in replies}
-            checked, average = self._check(replies, global_arrays, norms)  # (the replies, their FedAvg) or None
+            checked, average = self._check(replies, reference, norms)  # (the replies, their FedAvg) or None
             self._on_replies(message_type, server_round, checked)
             lost = [(site, reply.error.reason) for site, reply in checked if reply.has_error()]
             lost += [(self._site_of[m.metadata.dst_node_id], "no reply before the round deadline")
@@ -244,8 +247,18 @@ class SiteGrid:
                 server_round, {s: failures[s] for s in failed if s in failures})
         result = ValidatedReplies(accepted.values())
         if average is not None and len(average[0]) == len(result) and all(a is b for a, b in zip(average[0], result)):
-            result.average = (self._average_by, average[1])
+            result.average = (self._average_by, self._with_frozen(average[1], global_arrays))
+        if self._trained is not None:  # after the audit hashed what the sites sent
+            for reply in result:
+                key = next(iter(reply.content.array_records))
+                reply.content[key] = self._with_frozen(reply.content.array_records[key], global_arrays)
         return result
+
+    @staticmethod
+    def _with_frozen(trained: ArrayRecord, global_arrays: ArrayRecord) -> ArrayRecord:
+        """A whole model: the trained arrays, and the global model's own for every frozen one."""
+        return ArrayRecord({name: trained[name] if name in trained else array
+                            for name, array in global_arrays.items()})
 
     def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
         """Flower's send_and_receive; its own error replies for a lost site are put in words."""

@@ -48,9 +48,9 @@ _REGISTRY: dict[str, ModelSpec] = {
         ModelSpec("ehr-gru-attn", "ehr-seq", _ehr_gru_attn,
                   "GRU (Opacus DPGRU, 32) over a patient's visits + attention pooling; forward(x, lengths)"),
         ModelSpec("seg-unet2d", "seg", _seg_unet2d,
-                  "MONAI 2-D U-Net (16,32,64,128), instance norm, ReLU, 1×1-conv + pixel-shuffle up-sampling; DP-ready"),
+                  "MONAI 2-D U-Net (16,32,64,128), affine instance norm, ReLU, 1×1-conv + pixel-shuffle up-sampling; DP-ready"),
         ModelSpec("seg-unet3d", "seg", _seg_unet3d,
-                  "MONAI 3-D U-Net (16,32,64,128), instance norm, ReLU, 1×1-conv + pixel-shuffle up-sampling; DP-ready"),
+                  "MONAI 3-D U-Net (16,32,64,128), affine instance norm, ReLU, 1×1-conv + pixel-shuffle up-sampling; DP-ready"),
     )
 }
 

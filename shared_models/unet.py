@@ -2,8 +2,11 @@
 
 What makes a U-Net DP-safe and robust here, and why (measured facts in the Opacus notes, §1, §6):
 
-- **Normalisation per sample**: instance norm (MONAI default, ``affine=False``, no running stats) or
-  ``("group", {"num_groups": G})``. BatchNorm mixes patients in a batch, so one patient's gradient
+- **Normalisation per sample**: instance norm with a learned scale and shift (``affine=True``, no
+  running stats; ``DEFAULT_NORM``) or ``("group", {"num_groups": G})``. The affine parameters are
+  few (678 in the default 3-D U-Net) and are what a site fine-tunes under DP to adapt a public model
+  to its scanner (``shared_models/trainable.py``). Affine instance norm is computed as GroupNorm with
+  one group per channel (identical maths): torch's affine instance norm fails on an empty batch. BatchNorm mixes patients in a batch, so one patient's gradient
   would depend on the others and per-patient clipping would not bound anyone's influence; it is refused.
 - **No layer without an Opacus grad sampler.** Opacus computes per-sample gradients of Conv, Linear
   and the norms with its own formulas; every other layer with parameters (MONAI's default PReLU, and
@@ -39,7 +42,7 @@ from monai.networks.nets import UNet
 from monai.networks.utils import icnr_init
 from torch import nn
 
-__all__ = ["SubpixelUNet", "check_dp_compatible", "functorch_fallback_layers", "unet2d", "unet3d"]
+__all__ = ["DEFAULT_NORM", "SubpixelUNet", "check_dp_compatible", "functorch_fallback_layers", "unet2d", "unet3d"]
 
 # Layers with parameters for which Opacus 1.6 has its own per-sample-gradient formula (hooks mode).
 NATIVE_GRAD_SAMPLERS: tuple[type[nn.Module], ...] = (
@@ -48,6 +51,7 @@ NATIVE_GRAD_SAMPLERS: tuple[type[nn.Module], ...] = (
 )
 
 DEFAULT_CHANNELS = (16, 32, 64, 128)
+DEFAULT_NORM = ("instance", {"affine": True})
 DEFAULT_STRIDES = (2, 2, 2)
 
 
@@ -78,7 +82,9 @@ class SubpixelUNet(UNet):
                 subunits=1, act=self.act, norm=self.norm, dropout=self.dropout, bias=self.bias,
                 last_conv_only=is_top, adn_ordering=self.adn_ordering,
             ))
-        return nn.Sequential(*layers)
+        decoder = nn.Sequential(*layers)
+        decoder.carefl_decoder = True  # shared_models/trainable.py: "decoder" trains these blocks
+        return decoder
 
 
 def functorch_fallback_layers(model: nn.Module) -> list[str]:
@@ -135,19 +141,33 @@ def _build(spatial_dims: int, in_channels: int, out_channels: int, channels: Seq
         strides=strides, kernel_size=kernel_size, num_res_units=int(num_res_units),
         act=tuple(act) if isinstance(act, list) else act, norm=_norm_arg(norm, normed), dropout=dropout,
     )
+    _affine_instance_as_group(model)
     model.min_spatial_multiple = math.prod(strides)  # inputs must be multiples of this per axis
     return check_dp_compatible(model)
 
 
+def _affine_instance_as_group(model: nn.Module) -> None:
+    """Compute each affine instance norm as GroupNorm with one group per channel: the same maths
+    (per patient and channel, over the spatial axes, biased variance, same ε), the same parameter
+    names and shapes, but torch's affine ``instance_norm`` fails on an empty batch, which Poisson
+    sampling produces, while ``group_norm`` does not (and Opacus has its own sampler for it)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.affine:
+            parent_name, _, attr = name.rpartition(".")
+            group = nn.GroupNorm(module.num_features, module.num_features, eps=module.eps, affine=True)
+            group.load_state_dict(module.state_dict())
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, group)
+
+
 def unet2d(*, in_channels: int = 1, out_channels: int = 3, channels: Sequence[int] = DEFAULT_CHANNELS,
-           strides: Sequence[int] = DEFAULT_STRIDES, num_res_units: int = 1, norm="instance", act="relu",
+           strides: Sequence[int] = DEFAULT_STRIDES, num_res_units: int = 1, norm=DEFAULT_NORM, act="relu",
            dropout: float = 0.0, kernel_size: int = 3) -> SubpixelUNet:
     """2-D U-Net on slices, e.g. 64×64; one slice per patient item keeps DP patient-level."""
     return _build(2, in_channels, out_channels, channels, strides, num_res_units, norm, act, dropout, kernel_size)
 
 
 def unet3d(*, in_channels: int = 1, out_channels: int = 3, channels: Sequence[int] = DEFAULT_CHANNELS,
-           strides: Sequence[int] = DEFAULT_STRIDES, num_res_units: int = 1, norm="instance", act="relu",
+           strides: Sequence[int] = DEFAULT_STRIDES, num_res_units: int = 1, norm=DEFAULT_NORM, act="relu",
            dropout: float = 0.0, kernel_size: int = 3) -> SubpixelUNet:
     """3-D U-Net on patches of one patient, e.g. 32³ or 48³ (MSD hippocampus: 3 classes)."""
     return _build(3, in_channels, out_channels, channels, strides, num_res_units, norm, act, dropout, kernel_size)

@@ -35,8 +35,8 @@ def _flower_pids_mentioning(marker: str) -> list[int]:
     return found
 
 
-def _carefl(args: list[str], tmp_path: Path, timeout: float) -> subprocess.CompletedProcess:
-    env = {**os.environ, **NO_PHONE_HOME, "CAREFL_DATA": str(data_dir()), "COLUMNS": "120"}
+def _carefl(args: list[str], tmp_path: Path, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **NO_PHONE_HOME, "CAREFL_DATA": str(data_dir()), "COLUMNS": "120", **(env or {})}
     try:
         return subprocess.run(CAREFL + args, env=env, capture_output=True, text=True, timeout=timeout,
                               cwd=tmp_path, stdin=subprocess.DEVNULL)

@@ -275,3 +275,24 @@ def test_many_sites_are_drawn_as_their_range_not_one_line_each(tmp_path, monkeyp
     page = write_report(run).read_text(encoding="utf-8")
     _self_contained(page)
     assert {"accuracy", "auc", "train_loss", "epsilon"} <= set(drawn)
+
+
+def test_quality_metrics_are_drawn_on_their_natural_scale(seg_run, monkeypatch):
+    """Dice (and accuracy, AUC) panels span 0–1, so a rise from 0.01 to 0.03 looks as small as it is;
+    a loss keeps its own scale."""
+    from server import report
+
+    out, _ = seg_run
+    drawn = []
+    monkeypatch.setattr(report, "figure_img", lambda fig, alt: drawn.append(fig) or "")
+    run = load_run(out)
+    report._plot_federation(run)
+    report._plot_sites(run, ["dice"], "t", "a")
+    federation, sites = drawn
+    assert federation.axes[0].get_ylim() == (0.0, 1.02) and sites.axes[0].get_ylim() == (0.0, 1.02)
+    from matplotlib.figure import Figure
+
+    loss = Figure().subplots()
+    loss.plot([1, 2], [5.0, 7.0])
+    report._on_unit_scale(loss, "train_loss")
+    assert loss.get_ylim()[1] > 7.0
