@@ -21,7 +21,7 @@ The file belongs to the hospital; the coordinator never sees or sets it::
     delta = 1e-4                          # default: a power of ten ≥ 10× below 1/N
     min_noise_multiplier = 0.5
     max_clip_norm = 10.0
-    max_sample_rate = 0.25
+    max_sample_rate = 0.25                # 1.0 allows full-batch DP steps (DP fine-tuning)
     accountant = "prv"                    # or "rdp"
     allow_non_dp = false
 

@@ -180,15 +180,16 @@ def coordinator_pretrain(
     out: Path = typer.Option(..., "--out", help="The checkpoint file to write (its provenance goes beside it, .json)."),
     dataset: str = typer.Option("hippocampus", help="hippocampus: the public set of MSD Task04 (every 5th case); "
                                                   "or give --manifest for public data of your own."),
-    manifest: Optional[Path] = typer.Option(None, help="A manifest of public cases (case_id,image,mask,split); "
-                                                       "its test split is held out to judge the model."),
+    manifest: Optional[Path] = typer.Option(None, help="A manifest of public cases (case_id,image,mask,split; "
+                                                       "labels 0, 1, 2 as seg-unet3d has); its test split is "
+                                                       "held out to judge the model."),
     dataset_name: Optional[str] = typer.Option(None, help="With --manifest: the public data set's name."),
     licence: Optional[str] = typer.Option(None, help="With --manifest: the licence that makes it public."),
     epochs: int = typer.Option(60, min=1),
     lr: float = typer.Option(2e-3, min=0.0),
     seed: int = typer.Option(0),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the public data set is (default "
-                                                                      "$CAREFL_DATA or ./data)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the public data set is (else "
+                                                                      "$CAREFL_DATA, else ~/.cache/carefl)."),
 ) -> None:
     """Train the study's starting model, without DP, on public data (never a site's), with its provenance."""
     from rich.progress import Progress
