@@ -33,7 +33,7 @@ from benchmarks.figures import Figure, markdown_table
 from client import training
 from client.data_dir import resolve_data_dir
 from client.imaging import hippocampus
-from client.imaging.manifest import Case, default_split
+from client.imaging.manifest import default_split
 from client.imaging.preprocess import PreprocessCache, PreprocessSpec
 from client.segmentation import PatientVolumes, evaluate
 from deploy.pretrain import PretrainSettings, cached_hippocampus_model

@@ -44,3 +44,25 @@ def wait_for(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def hippocampus_cases():
+    """The MSD hippocampus cases beside the repo (skip if absent)."""
+    from client.imaging import hippocampus
+
+    root = REPO.parent / "shared" / "data"
+    if not (root / hippocampus.FOLDER).is_dir():
+        pytest.skip(f"hippocampus data not found under {root}")
+    return hippocampus.cases(root)
+
+
+def hippocampus_site(folder: Path, site_id: str, site_cases, max_sample_rate: float = 0.6) -> Path:
+    """A site config for ``site_cases`` (every third case in the test split), DP policy for small crops."""
+    from client.imaging import hippocampus
+    from client.site import write_site_config
+
+    rows = [(c.case_id, c.image, c.label, "test" if i % 3 == 2 else "train") for i, c in enumerate(site_cases)]
+    manifest = hippocampus.write_manifest(folder / site_id / "hippocampus.csv", rows)
+    return write_site_config(folder / site_id / "site.toml", site_id, manifest, device="cpu",
+                             dataset="hippocampus", manifest=True, labels=[0, 1, 2], epsilon_budget=50.0,
+                             delta=1e-3, max_sample_rate=max_sample_rate, min_noise_multiplier=0.3)

@@ -9,28 +9,20 @@ from flwr.app import Context, RecordDict
 
 from client.client_app import app as client_app
 from client.imaging import hippocampus
-from client.site import write_site_config
 from privacy.ledger import PrivacyLedger
 from server.run_dir import read_jsonl
 from server.server_app import app as server_app
 from deploy.inprocess import InProcessGrid
-from tests.helpers import REPO, default_run_config
+from tests.helpers import default_run_config, hippocampus_cases, hippocampus_site
 
 
 @pytest.fixture(scope="module")
 def cases():
-    root = REPO.parent / "shared" / "data"
-    if not (root / hippocampus.FOLDER).is_dir():
-        pytest.skip(f"hippocampus data not found under {root}")
-    return hippocampus.cases(root)
+    return hippocampus_cases()
 
 
 def _site(folder, site_id, site_cases):
-    rows = [(c.case_id, c.image, c.label, "test" if i % 3 == 2 else "train") for i, c in enumerate(site_cases)]
-    manifest = hippocampus.write_manifest(folder / site_id / "hippocampus.csv", rows)
-    return write_site_config(folder / site_id / "site.toml", site_id, manifest, device="cpu",
-                             dataset="hippocampus", manifest=True, labels=[0, 1, 2], epsilon_budget=50.0,
-                             delta=1e-3, max_sample_rate=0.6, min_noise_multiplier=0.3)
+    return hippocampus_site(folder, site_id, site_cases)
 
 
 def test_two_round_dp_unet_federation(tmp_path, cases):

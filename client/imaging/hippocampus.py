@@ -79,7 +79,6 @@ def shifted_image(array, site_id: str):
     from monai.transforms import AdjustContrast, RandBiasField
 
     image = np.asarray(array, dtype=np.float32)
-    rng = np.random.default_rng(3)
     if site_id == "site-1":
         return np.asarray(AdjustContrast(gamma=2.5)(image[None]))[0]
     if site_id == "site-2":
@@ -95,7 +94,8 @@ def shifted_image(array, site_id: str):
         size = thick.shape[2:]
         low = torch.nn.functional.interpolate(thick, size=(max(1, round(size[0] / 4)), *size[1:]), mode="area")
         back = torch.nn.functional.interpolate(low, size=size, mode="trilinear", align_corners=False)[0, 0].numpy()
-        return back + rng.normal(0.0, 0.15 * float(image[image > 0].std() or 1.0), back.shape).astype(np.float32)
+        scale = 0.15 * float(image[image > 0].std() or 1.0)
+        return back + np.random.default_rng(3).normal(0.0, scale, back.shape).astype(np.float32)
     raise ValueError(f"no acquisition shift defined for '{site_id}'")
 
 
