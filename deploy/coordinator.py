@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -215,20 +214,10 @@ def running_superlink(state_dir: Path) -> dict | None:
 
 
 def stop_background(state_dir: Path, grace: float = 10.0) -> bool:
-    """Stop the SuperLink (and its process group) that ``--background`` left running."""
+    """Stop the SuperLink (and everything it started) that ``--background`` left running."""
     info = running_superlink(state_dir)
     if info is None:
         return False
-    pgid = int(info["pid"])
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and processes.group_alive(pgid):
-            time.sleep(0.1)
-        if not processes.group_alive(pgid):
-            break
+    processes.stop_tree(int(info["pid"]), grace)
     (Path(state_dir) / PID_FILE).unlink(missing_ok=True)
     return True

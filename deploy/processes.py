@@ -1,7 +1,7 @@
 """Start and stop the Flower processes we own, by process id, leaving nothing behind.
 
-Each process leads its own process group, so its children (SuperExec, ServerApp, ClientApp
-processes that Flower spawns) are stopped with it.
+Each process leads its own process group; stopping it stops that group and every group its
+descendants lead (Flower starts some children in new sessions), so nothing Flower spawned outlives it.
 """
 
 from __future__ import annotations
@@ -68,21 +68,59 @@ class Managed:
         return self.popen.poll() is None
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the whole process group (or just the process), then SIGKILL whatever is left."""
-        send = os.killpg if self.own_group else os.kill
-        alive = (lambda: group_alive(self.pid)) if self.own_group else (lambda: self.popen.poll() is None)
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            try:
-                send(self.pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and alive():
-                self.popen.poll()
-                time.sleep(0.1)
-            if not alive():
-                break
+        """Stop the process with everything it started (see ``stop_tree``)."""
+        if self.own_group:
+            stop_tree(self.pid, grace)
+        else:
+            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+                try:
+                    os.kill(self.pid, sig)
+                except ProcessLookupError:
+                    break
+                deadline = time.monotonic() + wait
+                while time.monotonic() < deadline and self.popen.poll() is None:
+                    time.sleep(0.1)
+                if self.popen.poll() is not None:
+                    break
         self.popen.poll()
+
+
+def stop_tree(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM the process group ``pid`` leads and every group its descendants lead, then SIGKILL the rest.
+
+    Flower's SuperLink starts its SuperExec in a new session (``start_new_session``), and the SuperExec
+    starts the ServerApp / simulation process, so stopping only the SuperLink's group would leave them
+    running until they notice their parent is gone.
+    """
+    groups = {pid} | {_pgid_of(p) for p in _descendants(pid)}
+    groups.discard(-1)
+    groups.discard(os.getpgid(0))  # never our own group
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for pgid in groups:
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(group_alive(g) for g in groups):
+            time.sleep(0.1)
+        if not any(group_alive(g) for g in groups):
+            return
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` in the parent tree (children first found, then theirs)."""
+    children: dict[int, list[int]] = {}
+    for p in _pids():
+        fields = _stat_fields(p)
+        if fields:
+            children.setdefault(int(fields[1]), []).append(p)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def group_alive(pgid: int) -> bool:
