@@ -138,8 +138,8 @@ def snapshot_app(folder: Path) -> Path:
 def plain_flower(root: Path, n_sites: int = 4):
     """SuperLink (TLS, node auth, --database, as carefl's) and n stock flower-supernode processes."""
     from deploy import processes
-    from deploy.coordinator import Coordinator
-    from deploy.provision import load_consortium, provision
+    from deploy.coordinator.superlink import Coordinator
+    from deploy.coordinator.provision import load_consortium, provision
 
     spec = root / "consortium.toml"
     root.mkdir(parents=True, exist_ok=True)
@@ -187,7 +187,7 @@ def _wait_run(status_of, run_id: int, timeout: float) -> str:
 
 def run_noop(coord, app: Path, rounds: int, out: Path) -> list[float]:
     """Seconds of each round after the first (ServerApp evaluate_fn to evaluate_fn)."""
-    from deploy.coordinator import CONNECTION, toml_value
+    from deploy.coordinator.superlink import CONNECTION, toml_value
     overrides = out.with_suffix(".toml")
     overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in
                                  {"num-server-rounds": rounds, "out": str(out)}.items()))
@@ -202,8 +202,8 @@ def run_noop(coord, app: Path, rounds: int, out: Path) -> list[float]:
 
 # -- carefl federations --------------------------------------------------------------------------------
 def ehr_sites(root: Path) -> dict[str, Path]:
-    from client.data_dir import resolve_data_dir
-    from client.heart_disease import centre_file
+    from deploy.datasets.data_dir import resolve_data_dir
+    from client.ingest.heart_disease import centre_file
     from client.site import write_site_config
     data, _ = resolve_data_dir(None)
     return {c: write_site_config(root / "sites" / c / "site.toml", c, centre_file(data, c), device="cpu",
@@ -212,9 +212,9 @@ def ehr_sites(root: Path) -> dict[str, Path]:
 
 def seg_sites(root: Path, cases_per_site: int) -> dict[str, Path]:
     """3 hippocampus sites from the NIfTI data (no DICOM step: that is ingestion, not a round)."""
-    from client.data_dir import resolve_data_dir
-    from client.imaging import hippocampus
-    from client.imaging.manifest import default_split
+    from deploy.datasets.data_dir import resolve_data_dir
+    from deploy.datasets import hippocampus
+    from client.ingest.imaging.manifest import default_split
     from client.site import write_site_config
     data, _ = resolve_data_dir(None)
     configs = {}
@@ -386,7 +386,7 @@ def _log(text: str) -> None:
 
 
 def measure(full: bool, work: Path, log=_log) -> dict:
-    from deploy.local import LocalFederation
+    from deploy.demo.loopback import LocalFederation
 
     size = FULL if full else QUICK
     app = snapshot_app(work / "app")

@@ -1,8 +1,8 @@
 """Fed-Heart-Disease quality, without and with patient-level DP, beside FLamby's published table.
 
-The FLamby split exactly (four real hospitals = four sites, ``client/heart_disease.py``). Federated
+The FLamby split exactly (four real hospitals = four sites, ``client/ingest/heart_disease.py``). Federated
 rows run the real ServerApp and ClientApps — site configs, policy, ledger, Opacus DP — over the
-in-process transport (``deploy/inprocess.py``); pooled and local rows train the same model with
+in-process transport (``deploy/demo/inprocess.py``); pooled and local rows train the same model with
 FLamby's own recipe (Adam 1e-3, 50 epochs, batch 4) in a plain loop. Metric: accuracy at 0.5 on each
 centre's test split, averaged over the four centres (FLamby's "avg"), mean ± sd over seeds 42….
 
@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from benchmarks.figures import Figure, markdown_table
-from client import heart_disease, training
-from client.data_dir import resolve_data_dir
+from client import training
+from client.ingest import heart_disease
+from deploy.datasets.data_dir import resolve_data_dir
 from server.run_dir import SUMMARY_FILE
 from shared_models.registry import build_model
 
@@ -62,8 +63,8 @@ FLAMBY_LOCAL = {"cleveland": "0.722 ± 0.021", "hungarian": "0.629 ± 0.017", "s
 def run_federated(label: str, seed: int, data_dir: Path, out: Path) -> dict:
     """One federated study through the real apps; returns its summary.json."""
     from client.site import write_site_config
-    from deploy.inprocess import run_in_process
-    from deploy.runs import app_run_config
+    from deploy.demo.inprocess import run_in_process
+    from deploy.coordinator.follow import app_run_config
 
     config, _ = CONFIGS[label]
     nodes = {}

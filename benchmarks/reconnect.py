@@ -33,14 +33,14 @@ def log(text: str) -> None:
 
 
 def _gates() -> dict[str, int]:
-    """Site → pid of its gated SuperNode (``python -m deploy.gate <sites/SITE/site.toml> …``)."""
+    """Site → pid of its gated SuperNode (``python -m deploy.site.gate <sites/SITE/site.toml> …``)."""
     gates = {}
     for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if len(argv) > 3 and argv[1:3] == [b"-m", b"deploy.gate"]:
+        if len(argv) > 3 and argv[1:3] == [b"-m", b"deploy.site.gate"]:
             gates[Path(argv[3].decode()).parent.name] = pid
     return gates
 
@@ -83,7 +83,7 @@ def _until_all_online(fed, n_sites: int, since: datetime.datetime | None = None,
 
 def measure(full: bool, work: Path) -> dict[str, list[float]]:
     from benchmarks.deployment_overhead import ehr_sites
-    from deploy.local import LocalFederation
+    from deploy.demo.loopback import LocalFederation
 
     size = FULL if full else QUICK
     results: dict[str, list[float]] = {f"{kind}, {seconds} s": [] for kind, seconds in size["outages"]}

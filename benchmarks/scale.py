@@ -11,7 +11,7 @@ flwr-simulation with the ServerApp, Ray's GCS/raylet/workers) as the sum of ever
 shared pages counted once — sampled every 0.5 s; the SuperLink's own peak RSS and the size of its
 state database show whether the message store grows.
 
-Virtual site i uses centre i mod 4 (``client/heart_disease.py: partition_for``); a centre's training
+Virtual site i uses centre i mod 4 (``client/ingest/heart_disease.py: partition_for``); a centre's training
 rows are split among its sites while each share keeps ≥ 8 rows, beyond that sites share shards.
 """
 
@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.figures import Figure, markdown_table
-from client.data_dir import resolve_data_dir
-from deploy.coordinator import CONNECTION, Coordinator, toml_value
+from deploy.datasets.data_dir import resolve_data_dir
+from deploy.coordinator.superlink import CONNECTION, Coordinator, toml_value
 from server.run_dir import ROUNDS_FILE, SUMMARY_FILE
 
 ROUNDS = 3

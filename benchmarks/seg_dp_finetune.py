@@ -3,7 +3,7 @@
 The experiment of docs/RESULTS.md ("Hippocampus with public pretraining and shifted sites"):
 
 - MSD hippocampus is split into a public set (every 5th case, 52) the coordinator pretrains on
-  without DP (``deploy/pretrain.py``), and three private sites (round-robin over the other 208).
+  without DP (``deploy/coordinator/pretrain.py``), and three private sites (round-robin over the other 208).
 - Each site's images pass through a fixed acquisition shift (``hippocampus.SCANNER_SHIFTS``: a
   contrast curve, a coil bias field, thick slices with noise), so the public model is a baseline
   the federation has to beat.
@@ -12,7 +12,7 @@ The experiment of docs/RESULTS.md ("Hippocampus with public pretraining and shif
   at ε ∈ {1, 4, 8} (δ = 1e-3 < 1/N at every site) over several seeds.
 
 Federated rows run the real ServerApp and ClientApps (site configs, policy, ledger, DP engine) over
-the in-process transport (deploy/inprocess.py); each run has fresh ledgers. Fine-tuning settings
+the in-process transport (deploy/demo/inprocess.py); each run has fresh ledgers. Fine-tuning settings
 were chosen on public data only (``--tune``: the public set under its own shift, "public-tuning").
 
     python -m benchmarks.seg_dp_finetune --rows public,local,fedavg,dp-scratch,dp-ft --seeds 3
@@ -31,12 +31,12 @@ import torch
 
 from benchmarks.figures import Figure, markdown_table
 from client import training
-from client.data_dir import resolve_data_dir
-from client.imaging import hippocampus
-from client.imaging.manifest import default_split
-from client.imaging.preprocess import PreprocessCache, PreprocessSpec
+from deploy.datasets.data_dir import resolve_data_dir
+from deploy.datasets import hippocampus
+from client.ingest.imaging.manifest import default_split
+from client.ingest.imaging.preprocess import PreprocessCache, PreprocessSpec
 from client.segmentation import PatientVolumes, evaluate
-from deploy.pretrain import PretrainSettings, cached_hippocampus_model
+from deploy.coordinator.pretrain import PretrainSettings, cached_hippocampus_model
 from server.settings import SEG_DP_FINETUNE
 from shared_models import public_checkpoint
 from shared_models.registry import build_model
@@ -65,7 +65,7 @@ def write_sites(data_dir: Path, out: Path) -> dict[str, Path]:
 
 
 def site_volumes(manifests: dict[str, Path], cache_dir: Path) -> dict[str, tuple[PatientVolumes, PatientVolumes]]:
-    from client.imaging.manifest import read_manifest
+    from client.ingest.imaging.manifest import read_manifest
 
     cache = PreprocessCache(cache_dir, PreprocessSpec(), set(hippocampus.LABELS))
     sites = {}
@@ -87,8 +87,8 @@ def federated(manifests: dict[str, Path], out: Path, settings: dict, dp: bool, e
               init: Path | None, seed: int) -> dict[str, float]:
     """One study with the real apps in-process; returns each site's test Dice after the last round."""
     from client.site import write_site_config
-    from deploy.inprocess import run_in_process
-    from deploy.runs import app_run_config
+    from deploy.demo.inprocess import run_in_process
+    from deploy.coordinator.follow import app_run_config
 
     nodes = {}
     for i, (site, manifest) in enumerate(manifests.items()):

@@ -1,9 +1,9 @@
 """Hippocampus segmentation: centralised, local-only and FedAvg (with or without DP) on the same data.
 
 Same model, loss, preprocessing and test cases everywhere (the 3 synthetic sites of
-client/imaging/hippocampus.py, each site's test split by case id). Centralised and local runs train
+deploy/datasets/hippocampus.py, each site's test split by case id). Centralised and local runs train
 in-process; FedAvg runs the real ServerApp and ClientApps (site configs, policy, ledger, DP) over the
-in-process transport of deploy/inprocess.py. One epoch of centralised training and one FedAvg round
+in-process transport of deploy/demo/inprocess.py. One epoch of centralised training and one FedAvg round
 of one local epoch take the same number of gradient steps in total.
 
     python -m benchmarks.seg_results --mode centralised --epochs 40
@@ -23,10 +23,10 @@ import torch
 
 from benchmarks.figures import Figure, markdown_table
 from client import training
-from client.data_dir import resolve_data_dir
-from client.imaging import hippocampus
-from client.imaging.manifest import Case, default_split
-from client.imaging.preprocess import PreprocessCache, PreprocessSpec
+from deploy.datasets.data_dir import resolve_data_dir
+from deploy.datasets import hippocampus
+from client.ingest.imaging.manifest import Case, default_split
+from client.ingest.imaging.preprocess import PreprocessCache, PreprocessSpec
 from client.segmentation import PatientVolumes, evaluate
 from shared_models.registry import build_model
 from shared_models.seg_losses import DiceCE
@@ -63,8 +63,8 @@ def train_and_test(train: PatientVolumes, tests: dict[str, PatientVolumes], epoc
 
 def fedavg(data_dir: Path, out: Path, rounds: int, lr: float, batch: int, dp: bool, target_epsilon: float) -> dict:
     from client.site import write_site_config
-    from deploy.inprocess import run_in_process
-    from deploy.runs import app_run_config
+    from deploy.demo.inprocess import run_in_process
+    from deploy.coordinator.follow import app_run_config
     from server.run_dir import read_jsonl
 
     nodes = {}

@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import Dataset
 
 from client.errors import SiteError
-from client.imaging.manifest import Case, read_manifest, validate
-from client.imaging.preprocess import PreprocessCache, PreprocessSpec
+from client.ingest.imaging.manifest import Case, read_manifest, validate
+from client.ingest.imaging.preprocess import PreprocessCache, PreprocessSpec
 from client.site import DatasetConfig, SiteConfig
 from shared_models.seg_metrics import seg_report
 

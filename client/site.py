@@ -13,7 +13,7 @@ The file belongs to the hospital; the coordinator never sees or sets it::
     cache = "cache"                       # preprocessed imaging cases, keyed by content hash
 
     [approval]                            # app versions (FAB sha256) allowed to run here
-    apps = ["3f5c…"]                      # `carefl site approve`; enforced by deploy/gate.py
+    apps = ["3f5c…"]                      # `carefl site approve`; enforced by deploy/site/gate.py
 
     [datasets.heart-disease]
     path = "/data/uci_heart_disease/processed.cleveland.data"
@@ -41,7 +41,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from client import heart_disease
+from client.ingest import heart_disease
 from client.errors import SiteError
 from privacy.policy import DatasetPolicy, PolicyError
 

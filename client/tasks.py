@@ -11,9 +11,10 @@ import hashlib
 import numpy as np
 import torch
 
-from client import ehr_ingest, segmentation, training
+from client import segmentation, training
+from client.ingest import ehr as ehr_ingest
 from client.audit import combined_hash
-from client.imaging.preprocess import PreprocessSpec
+from client.ingest.imaging.preprocess import PreprocessSpec
 from client.errors import SiteError
 from client.site import TASK_DATASET, DatasetConfig, SiteConfig
 from privacy.policy import DPRequest

@@ -1,7 +1,7 @@
 """Self-contained HTML reports: one file, plots inline as base64 PNG, no external URL.
 
-Shared by the privacy audit report (privacy/audit/report.py), the coordinator's run report
-(server/report.py) and a site's local report (client/site_report.py). Figures are plain
+Shared by the privacy audit report (privacy/auditor/report.py), the coordinator's run report
+(server/report.py) and a site's local report (deploy/site/report.py). Figures are plain
 ``matplotlib.figure.Figure`` objects rendered by Agg: no pyplot, so no global state and no GUI
 backend, and the caller's matplotlib backend is left alone. matplotlib is imported on first use.
 """

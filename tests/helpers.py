@@ -21,7 +21,7 @@ def data_dir() -> Path:
 
 def site_config(folder: Path, centre: str, **policy) -> Path:
     """A real site config file for one hospital of the real data, with a ledger beside it."""
-    from client.heart_disease import centre_file
+    from client.ingest.heart_disease import centre_file
     from client.site import write_site_config
 
     policy = {"epsilon_budget": 10.0, "delta": 1e-4, **policy}
@@ -31,7 +31,7 @@ def site_config(folder: Path, centre: str, **policy) -> Path:
 
 def default_run_config(**overrides) -> dict:
     """The app's own run config from pyproject.toml, with overrides."""
-    from deploy.runs import app_run_config
+    from deploy.coordinator.follow import app_run_config
 
     return app_run_config(**overrides)
 
@@ -48,7 +48,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 def hippocampus_cases():
     """The MSD hippocampus cases beside the repo (skip if absent)."""
-    from client.imaging import hippocampus
+    from deploy.datasets import hippocampus
 
     root = REPO.parent / "shared" / "data"
     if not (root / hippocampus.FOLDER).is_dir():
@@ -58,7 +58,7 @@ def hippocampus_cases():
 
 def hippocampus_site(folder: Path, site_id: str, site_cases, max_sample_rate: float = 0.6) -> Path:
     """A site config for ``site_cases`` (every third case in the test split), DP policy for small crops."""
-    from client.imaging import hippocampus
+    from deploy.datasets import hippocampus
     from client.site import write_site_config
 
     rows = [(c.case_id, c.image, c.label, "test" if i % 3 == 2 else "train") for i, c in enumerate(site_cases)]

@@ -3,7 +3,7 @@
 dp-accounting against the site's Opacus numbers, the CLI and the report.
 
 Nothing under test is mocked: logs are written by AuditLog with real Ed25519 keys, ε of the
-"site" comes from privacy.accounting (Opacus), kits for --run-dir come from deploy.provision.
+"site" comes from privacy.accounting (Opacus), kits for --run-dir come from deploy.coordinator.provision.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from deploy.cli_audit import audit_app
+from deploy.cli.audit import audit_app
 from privacy.accounting import epsilon as opacus_epsilon
 from privacy.audit import AuditLog, canonical, record_hash
-from privacy.audit.epsilon import Composition, recompute
-from privacy.audit.epsilon import epsilon as audit_epsilon
+from privacy.auditor.epsilon import Composition, recompute
+from privacy.auditor.epsilon import epsilon as audit_epsilon
 from privacy.audit.log import GENESIS, sign
-from privacy.audit.verify import (
+from privacy.auditor.verify import (
     AuditError,
     audit_logs,
     check_against,
@@ -671,7 +671,7 @@ def test_cli_verify_clean_edited_and_json(deployment, tmp_path):
 
 def _demo_run_dir(root: Path) -> Path:
     """The layout `carefl demo` leaves: kits from the real provisioning, logs per participant."""
-    from deploy.provision import load_consortium, provision
+    from deploy.coordinator.provision import load_consortium, provision
     deployment = root / "deployment"
     deployment.mkdir(parents=True)
     spec = deployment / "consortium.toml"

@@ -20,7 +20,8 @@ from flwr.app import (DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, 
                       RecordDict)
 from flwr.app.message import make_message
 
-from client import client_app, heart_disease
+from client import client_app
+from client.ingest import heart_disease
 from shared_models.registry import build_model, model_names
 
 SERVER_NODE, SITE_NODE = 1, 42

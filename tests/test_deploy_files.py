@@ -697,7 +697,7 @@ def test_command_line_parses_with_the_real_cli(source, argv, tmp_path):
     import click
     import typer
 
-    from deploy import cli
+    from deploy.cli import main as cli
 
     args, paths = _reroot(argv, tmp_path)
     command, names = typer.main.get_command(cli.app), ["carefl"]

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from deploy.approval import app_hash, approved_apps
-from deploy.coordinator import APP_DIR
+from deploy.site.approval import app_hash, approved_apps
+from deploy.coordinator.superlink import APP_DIR
 from deploy.processes import NO_PHONE_HOME
 from tests.helpers import data_dir
 
 CAREFL = [sys.executable, "-m", "deploy.cli"]
 FLOWER_BINARIES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
-                   "flwr-clientapp", "flwr-simulation", "deploy.gate", "deploy.warm", "bin/carefl")
+                   "flwr-clientapp", "flwr-simulation", "deploy.site.gate", "deploy.site.warm", "bin/carefl")
 
 
 def _flower_pids_mentioning(marker: str) -> list[int]:

@@ -6,10 +6,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from client.imaging.dicom_series import declares_deidentified, phi_attributes
-from client.imaging.dicomize import dicomize_case, rescale_for
-from client.imaging.io import read_image, read_mask
-from client.imaging.volume import ImagingError
+from client.ingest.imaging.dicom_series import declares_deidentified, phi_attributes
+from deploy.datasets.dicomize import dicomize_case, rescale_for
+from client.ingest.imaging.io import read_image, read_mask
+from client.ingest.imaging.volume import ImagingError
 from tests.test_imaging_io import shared_data
 
 NAMES = {1: "anterior hippocampus", 2: "posterior hippocampus"}

@@ -1,7 +1,7 @@
 """Study schemas and schema-driven ingestion of site extracts, on real files.
 
 The heart-disease tests read the real UCI files ($CAREFL_DATA; skipped when absent); the others
-write real CSV extracts with the synthetic generator (client/synthetic_ehr.py) or by hand.
+write real CSV extracts with the synthetic generator (deploy/datasets/synthetic_ehr.py) or by hand.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from client import ehr_ingest, heart_disease
-from client.ehr_ingest import ExtractRejected, FeatureStats, NumericStats
-from client.synthetic_ehr import ROW_VIOLATIONS, profiles, synthesize, write_violation_extract
+from client.ingest import ehr as ehr_ingest
+from client.ingest import heart_disease
+from client.ingest.ehr import ExtractRejected, FeatureStats, NumericStats
+from deploy.datasets.synthetic_ehr import ROW_VIOLATIONS, profiles, synthesize, write_violation_extract
 from shared_models.schema import SchemaError, builtin_schema, load_schema, parse_schema
 from tests import helpers
 
@@ -320,7 +321,7 @@ def test_histories_are_sorted_by_visit_time_truncated_and_labelled_by_rule(tmp_p
 
 def test_synthetic_sites_are_deterministic_and_differ_in_population(tmp_path):
     runner = CliRunner()
-    from deploy.cli import app
+    from deploy.cli.main import app
     for out in ("a", "b"):
         result = runner.invoke(app, ["data", "synth-ehr", "--out", str(tmp_path / out), "--seed", "11",
                                      "--patients", "120", "--violations"])

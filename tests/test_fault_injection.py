@@ -26,7 +26,7 @@ def _gate_pgid(config: Path) -> int | None:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "deploy.gate" in cmd and str(config) in cmd:
+        if "deploy.site.gate" in cmd and str(config) in cmd:
             return os.getpgid(pid)
     return None
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from client import ehr_ingest
+from client.ingest import ehr as ehr_ingest
 from client.client_app import app as client_app
 from client.site import write_site_config
-from client.synthetic_ehr import synthesize
-from deploy.inprocess import InProcessGrid
+from deploy.datasets.synthetic_ehr import synthesize
+from deploy.demo.inprocess import InProcessGrid
 from privacy.accounting import epsilon, plan_noise, sample_rate
 from privacy.gaussian import noisy_sum
 from privacy.ledger import PrivacyLedger
@@ -26,7 +26,7 @@ from tests.helpers import data_dir, default_run_config
 
 @pytest.fixture(scope="module")
 def heart_extract():
-    from client.heart_disease import centre_file
+    from client.ingest.heart_disease import centre_file
     return ehr_ingest.load_extract(centre_file(data_dir(), "cleveland"), builtin_schema("heart-disease"))
 
 

@@ -14,7 +14,8 @@ import pytest
 
 from tests import helpers
 
-from client import fetch, heart_disease
+from deploy.datasets import fetch
+from client.ingest import heart_disease
 from client.errors import DataFormatError, SiteError
 
 
@@ -139,8 +140,8 @@ def test_hippocampus_archive_is_unpacked_into_the_layout_the_product_reads(tmp_p
     """The network is the only thing replaced: a local archive of two real cases stands in for MSD's."""
     import tarfile
 
-    from client.fetch import fetch_hippocampus
-    from client.imaging import hippocampus
+    from deploy.datasets.fetch import fetch_hippocampus
+    from deploy.datasets import hippocampus
 
     cases = hippocampus.cases(helpers.data_dir())[:2]
     archive = tmp_path / "src.tar"

@@ -18,7 +18,7 @@ import pytest
 from tests import helpers
 from sklearn.model_selection import train_test_split
 
-from client import heart_disease
+from client.ingest import heart_disease
 from client.errors import DataFormatError, DataNotFoundError, SiteError
 
 # FLamby's documented per-centre split sizes (train, test) and rows dropped for a missing value.

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from client.errors import SiteError
-from client.imaging import hippocampus
-from client.imaging.dicomize import dicomize_case
-from client.imaging.manifest import default_split, read_manifest, validate
-from client.imaging.preprocess import PreprocessCache, PreprocessSpec
+from deploy.datasets import hippocampus
+from deploy.datasets.dicomize import dicomize_case
+from client.ingest.imaging.manifest import default_split, read_manifest, validate
+from client.ingest.imaging.preprocess import PreprocessCache, PreprocessSpec
 from tests import helpers
 
 LABELS = {0, 1, 2}

@@ -26,13 +26,13 @@ from pydicom.uid import (
 )
 
 from client.errors import SiteError
-from client.imaging.dicom_series import (
+from client.ingest.imaging.dicom_series import (
     declares_deidentified,
     phi_attributes,
     read_dicom_series,
 )
-from client.imaging.io import read_image, read_mask
-from client.imaging.volume import ImagingError, Volume
+from client.ingest.imaging.io import read_image, read_mask
+from client.ingest.imaging.volume import ImagingError, Volume
 from tests import helpers
 
 PLANTED_NAME = "DOE^JANE^XYZZY"
@@ -382,7 +382,7 @@ def test_a_dicom_image_is_not_a_mask(hippo, tmp_path):
 # --- PHI -----------------------------------------------------------------------------------------
 
 def test_phi_attributes_lists_keywords_never_values(tmp_path):
-    from client.imaging.dicom_series import PHI_KEYWORDS
+    from client.ingest.imaging.dicom_series import PHI_KEYWORDS
 
     ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     for element in list(ds.iterall()):

@@ -59,7 +59,7 @@ def _all_online(coord) -> bool:
 def _gates(kits: Path) -> dict[str, int]:
     """Site → pid of its gated SuperNode."""
     return {site: pid for pid, cmd in _cmdlines().items() for site in SITES
-            if "deploy.gate" in cmd and str(kits / site / "site.toml") in cmd}
+            if "deploy.site.gate" in cmd and str(kits / site / "site.toml") in cmd}
 
 
 def _all_back(coord, kits: Path, since: datetime.datetime, before: dict[str, int]) -> bool:
@@ -166,7 +166,7 @@ def test_a_restarted_site_ends_its_stale_session_instead_of_waiting_a_minute(con
     coord, kits = consortium["coord"], consortium["kits"]
     wait_for(lambda: _all_online(coord), 120, "every site online")
     gate = next(pid for pid, cmd in _cmdlines().items()
-                if "deploy.gate" in cmd and str(kits / "va" / "site.toml") in cmd)
+                if "deploy.site.gate" in cmd and str(kits / "va" / "site.toml") in cmd)
     supernode_log = kits / "va" / "agent" / "supernode.log"
     seen = supernode_log.read_text().count("previous session")
     os.killpg(os.getpgid(gate), signal.SIGKILL)

@@ -13,11 +13,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from deploy import gate
-from deploy.approval import ApprovalError, app_hash, approve, approved_apps
-from deploy.coordinator import APP_DIR
+from deploy.site import gate
+from deploy.site.approval import ApprovalError, app_hash, approve, approved_apps
+from deploy.coordinator.superlink import APP_DIR
 from deploy.processes import flower_env, tool
-from deploy.provision import ProvisionError, add_site, load_consortium, provision, write_keygen
+from deploy.coordinator.provision import ProvisionError, add_site, load_consortium, provision, write_keygen
 
 
 def _consortium(tmp_path: Path, body: str = "", hosts='["fl.example.org", "10.1.2.3"]') -> Path:

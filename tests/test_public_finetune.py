@@ -14,12 +14,12 @@ from flwr.app import Context, RecordDict
 
 from client import training
 from client.client_app import app as client_app
-from client.imaging import hippocampus
-from client.imaging.manifest import Case
+from deploy.datasets import hippocampus
+from client.ingest.imaging.manifest import Case
 from client.segmentation import PatientVolumes
-from deploy.inprocess import InProcessGrid
-from deploy.pretrain import PretrainSettings, pretrain
-from privacy.audit.epsilon import recompute
+from deploy.demo.inprocess import InProcessGrid
+from deploy.coordinator.pretrain import PretrainSettings, pretrain
+from privacy.auditor.epsilon import recompute
 from privacy.ledger import PrivacyLedger
 from privacy.policy import DPRequest
 from server.run_dir import read_jsonl

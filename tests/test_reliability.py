@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, Context, RecordDict
 
 from client.client_app import app as client_app
 from client.tasks import EhrTask
-from deploy.inprocess import InProcessGrid
+from deploy.demo.inprocess import InProcessGrid
 from privacy.accounting import epsilon
 from privacy.ledger import PrivacyLedger
 from server.checkpoint import CHECKPOINT_FILE, load

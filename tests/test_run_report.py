@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from client.client_app import app as client_app
 from client.site import write_site_config
-from deploy.cli import app as cli
-from deploy.inprocess import InProcessGrid
+from deploy.cli.main import app as cli
+from deploy.demo.inprocess import InProcessGrid
 from privacy.ledger import PrivacyLedger
 from server import live_report
 from server.report import REPORT_FILE, ReportError, load_run, write_report
@@ -71,7 +71,7 @@ def ehr_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def seg_run(tmp_path_factory):
     """One imaging round on two sites of three hippocampus cases each (small crops)."""
-    from client.imaging import hippocampus
+    from deploy.datasets import hippocampus
 
     root = REPO.parent / "shared" / "data"
     if not (root / hippocampus.FOLDER).is_dir():

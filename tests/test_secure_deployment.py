@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from client.heart_disease import centre_file
+from client.ingest.heart_disease import centre_file
 from deploy import processes
-from deploy.approval import app_hash, approve
-from deploy.coordinator import Coordinator
-from deploy.provision import load_consortium, provision, write_keygen
+from deploy.site.approval import app_hash, approve
+from deploy.coordinator.superlink import Coordinator
+from deploy.coordinator.provision import load_consortium, provision, write_keygen
 from server.run_dir import read_jsonl
 from tests.helpers import data_dir, default_run_config
 

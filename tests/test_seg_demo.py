@@ -6,7 +6,7 @@ import json
 
 import csv
 
-from client.imaging import hippocampus
+from deploy.datasets import hippocampus
 from shared_models import public_checkpoint
 from tests.helpers import data_dir
 from tests.test_deployment import _carefl

@@ -8,11 +8,11 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from client.client_app import app as client_app
-from client.imaging import hippocampus
+from deploy.datasets import hippocampus
 from privacy.ledger import PrivacyLedger
 from server.run_dir import read_jsonl
 from server.server_app import app as server_app
-from deploy.inprocess import InProcessGrid
+from deploy.demo.inprocess import InProcessGrid
 from tests.helpers import default_run_config, hippocampus_cases, hippocampus_site
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from client import ehr_ingest
-from client.synthetic_ehr import synthesize
+from client.ingest import ehr as ehr_ingest
+from deploy.datasets.synthetic_ehr import synthesize
 from privacy.dp_sgd import make_private
 from shared_models.registry import build_model, get_spec, model_names
 from shared_models.schema import builtin_schema

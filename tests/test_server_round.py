@@ -13,7 +13,7 @@ from server.run_dir import read_jsonl
 from server.server_app import StudyStopped
 from server.server_app import app as server_app
 from shared_models.registry import build_model
-from deploy.inprocess import InProcessGrid
+from deploy.demo.inprocess import InProcessGrid
 from tests.helpers import default_run_config, site_config
 
 CENTRES = ("cleveland", "hungarian", "switzerland", "va")

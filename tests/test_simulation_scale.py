@@ -9,7 +9,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client import heart_disease
+from client.ingest import heart_disease
 from server import sites
 from tests.helpers import data_dir
 

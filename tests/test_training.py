@@ -11,7 +11,8 @@ from tests import helpers
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from client import heart_disease, training
+from client import training
+from client.ingest import heart_disease
 from shared_models.ehr import binary_loss
 from shared_models.registry import build_model
 

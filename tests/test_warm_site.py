@@ -1,4 +1,4 @@
-"""Warm sites (deploy/warm.py): ClientApps forked from a pre-imported executor, with the code gate,
+"""Warm sites (deploy/site/warm.py): ClientApps forked from a pre-imported executor, with the code gate,
 fresh app code per approved FAB and the ledger charged per round exactly as with Flower's own
 per-message processes. Real processes on 127.0.0.1, plus in-process checks of what a fork resets."""
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy import warm
-from deploy.approval import app_hash, approve
+from deploy.site import warm
+from deploy.site.approval import app_hash, approve
 from privacy.ledger import PrivacyLedger
 from tests.helpers import default_run_config
 from tests.test_secure_deployment import _wait_run, running_consortium
@@ -118,7 +118,7 @@ def test_a_forked_child_gets_fresh_random_streams_and_keeps_no_module_of_ours():
 
     first, second = json.loads(_in_fork(child)), json.loads(_in_fork(child))
     assert first[0] != second[0] and first[1] != second[1]
-    assert first[2] == [] and "deploy.warm" in sys.modules  # only the child forgot them
+    assert first[2] == [] and "deploy.site.warm" in sys.modules  # only the child forgot them
 
 
 def test_app_modules_must_come_from_the_installed_fab(tmp_path, monkeypatch):

@@ -1,0 +1,372 @@
+"""Read one DICOM series (a folder of slices, or multi-frame files) into a (z, y, x) LPS Volume.
+
+Hospitals export series as loose files in any order, sometimes compressed, sometimes as one
+enhanced multi-frame file; a silent mistake here (a missing slice, two series mixed, a wrong
+slice order) would corrupt training without any visible error, so every such case is refused
+with a message that names the file and the reason and never a value read from the file.
+
+Geometry: slices are sorted by ImagePositionPatient projected on the slice normal
+n = row cosine × column cosine (ascending), so the affine's columns are
+(n · slice gap, column cosine · row spacing, row cosine · column spacing) and its origin is the
+first sorted slice's position. Such an affine always has a negative determinant; the NIfTI reader
+(``client.ingest.imaging.io``) produces the same handedness so both paths agree voxel for voxel.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.pixels import get_decoder
+from pydicom.sequence import Sequence
+from pydicom.uid import UID
+
+from client.ingest.imaging.volume import ImagingError, Volume
+
+log = logging.getLogger("carefl.imaging")
+
+# Attributes that identify a patient (or the people and places around the patient), after the
+# HIPAA Safe Harbor identifiers and DICOM PS3.15 Annex E. Only their KEYWORDS are ever reported.
+# Not listed on purpose: dates/times of the study (quasi-identifiers every image carries), UIDs,
+# age and sex; the site's de-identification profile governs those.
+PHI_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientBirthName",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "PatientMotherBirthName",
+    "OtherPatientIDs",
+    "OtherPatientIDsSequence",
+    "OtherPatientNames",
+    "PatientInsurancePlanCodeSequence",
+    "MedicalRecordLocator",
+    "MilitaryRank",
+    "BranchOfService",
+    "EthnicGroup",
+    "Occupation",
+    "PatientReligiousPreference",
+    "RegionOfResidence",
+    "CountryOfResidence",
+    "PatientComments",
+    "AdditionalPatientHistory",
+    "ResponsiblePerson",
+    "ReferringPhysicianName",
+    "ReferringPhysicianAddress",
+    "ReferringPhysicianTelephoneNumbers",
+    "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy",
+    "PhysiciansOfRecord",
+    "RequestingPhysician",
+    "OperatorsName",
+    "InstitutionName",
+    "InstitutionAddress",
+    "AccessionNumber",
+)
+
+# Which package decodes each compressed transfer syntax (pydicom's own plugin names).
+_DECODER_PACKAGES = {
+    "1.2.840.10008.1.2.4.50": "pillow or pylibjpeg-libjpeg",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg (pillow only for 8-bit)",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg (or python-gdcm)",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg (or python-gdcm)",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": "pylibjpeg-libjpeg or pyjpegls",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": "pylibjpeg-libjpeg or pyjpegls",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90": "pylibjpeg-openjpeg",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91": "pylibjpeg-openjpeg",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": "pylibjpeg-openjpeg",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202": "pylibjpeg-openjpeg",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203": "pylibjpeg-openjpeg",  # HTJ2K
+    "1.2.840.10008.1.2.5": "pylibjpeg-rle",  # RLE Lossless
+}
+
+DUPLICATE_MM = 0.01  # slices closer than this along the normal are the same position
+GAP_RTOL, GAP_ATOL_MM = 0.01, 0.01  # a gap may differ from the median by max(1 %, 0.01 mm)
+ORIENT_TOL = 1e-4  # direction cosines, unitless
+SPACING_RTOL = 1e-4  # pixel spacing between files
+
+
+@dataclass
+class _Frame:
+    path: Path
+    ds: Dataset
+    index: int  # frame number inside the file (0 for single-frame files)
+    position: np.ndarray
+    row_cos: np.ndarray  # direction of increasing column index
+    col_cos: np.ndarray  # direction of increasing row index
+    pixel_spacing: np.ndarray  # (between rows, between columns) mm
+    slope: float
+    intercept: float
+
+    @property
+    def where(self) -> str:
+        multi = int(self.ds.get("NumberOfFrames", 1) or 1) > 1
+        return f"{self.path.name} (frame {self.index + 1})" if multi else self.path.name
+
+
+def series_files(folder: Path, case: str | None = None) -> list[Path]:
+    """Every file of a series folder, sorted; hidden files and a DICOMDIR index are skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImagingError(folder, "not a folder (a DICOM series is read from its folder)", case)
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR")
+    if not files:
+        raise ImagingError(folder, "no DICOM files in the folder", case)
+    return files
+
+
+def read_file(path: Path, case: str | None = None, *, header_only: bool = False) -> Dataset:
+    """One DICOM file; a non-DICOM or unreadable file becomes an ImagingError naming it."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=header_only)
+    except InvalidDicomError:
+        raise ImagingError(path, "not a DICOM file (no DICOM preamble / file meta header)", case) from None
+    except Exception as exc:  # noqa: BLE001 - pydicom's messages may quote values; keep only the type
+        raise ImagingError(path, f"unreadable DICOM file ({type(exc).__name__})", case) from None
+
+
+def read_dicom_series(folder: Path, *, case: str | None = None) -> Volume:
+    """All files of ``folder`` as one float32 (z, y, x) Volume, rescaled (HU for CT)."""
+    folder = Path(folder)
+    datasets = [(p, read_file(p, case)) for p in series_files(folder, case)]
+
+    # Some anonymisers blank SeriesInstanceUID; such files count as one series of their own
+    # (the geometry checks below still catch two stacks mixed in one folder).
+    series: dict[str, list[Path]] = {}
+    for path, ds in datasets:
+        uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+        series.setdefault(uid, []).append(path)
+    if "" in series and len(series) == 1:
+        log.info("%s: no SeriesInstanceUID in the files (anonymised?); reading the folder as one series", folder)
+    if len(series) > 1:
+        raise ImagingError(folder, f"mixed series: {len(series)} series in one folder "
+                                   f"(export one series per folder)", case)
+
+    frames = [frame for path, ds in datasets for frame in _frames_of(path, ds, case)]
+    _check_consistent(frames, case)
+    first = frames[0]
+    normal = np.cross(first.row_cos, first.col_cos)
+    frames, gap = _sorted_along(frames, normal, case)
+
+    rows, cols = int(first.ds.Rows), int(first.ds.Columns)
+    array = np.empty((len(frames), rows, cols), dtype=np.float32)
+    pixels: dict[Path, np.ndarray] = {}
+    for z, frame in enumerate(frames):
+        if frame.path not in pixels:
+            pixels[frame.path] = _decode(frame.path, frame.ds, case)
+        stored = pixels[frame.path][frame.index]
+        array[z] = (stored.astype(np.float64) * frame.slope + frame.intercept).astype(np.float32)
+
+    row_spacing, col_spacing = (float(v) for v in first.pixel_spacing)
+    affine = np.eye(4)
+    affine[:3, 0] = normal * gap
+    affine[:3, 1] = first.col_cos * row_spacing
+    affine[:3, 2] = first.row_cos * col_spacing
+    affine[:3, 3] = frames[0].position
+    modality = str(first.ds.get("Modality", "") or "").strip().upper()
+    return Volume(array=array, spacing=(float(gap), row_spacing, col_spacing), affine=affine,
+                  modality=modality)
+
+
+def _frames_of(path: Path, ds: Dataset, case: str | None) -> list[_Frame]:
+    """The geometry of every frame of one file (classic: one frame; enhanced: functional groups)."""
+    if not any(kw in ds for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise ImagingError(path, "no pixel data (not an image, or the file is truncated)", case)
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise ImagingError(path, "colour image (SamplesPerPixel > 1); a grey-scale CT/MR series is expected", case)
+    for kw in ("Rows", "Columns"):
+        if not ds.get(kw):
+            raise ImagingError(path, f"no {kw}", case)
+    try:
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise ImagingError(path, "NumberOfFrames is not an integer", case) from None
+    if n_frames > 1 and "PerFrameFunctionalGroupsSequence" not in ds:
+        raise ImagingError(path, "multi-frame file without PerFrameFunctionalGroupsSequence: "
+                                 "no position per frame", case)
+    if "PerFrameFunctionalGroupsSequence" in ds and len(ds.PerFrameFunctionalGroupsSequence) != n_frames:
+        raise ImagingError(path, "PerFrameFunctionalGroupsSequence does not have one item per frame", case)
+
+    frames = []
+    for i in range(n_frames):
+        get = functools.partial(_functional, ds, i)  # (sequence, keyword) → value for frame i
+        position = _numbers(path, get("PlanePositionSequence", "ImagePositionPatient"), 3,
+                            "ImagePositionPatient", case)
+        orientation = _numbers(path, get("PlaneOrientationSequence", "ImageOrientationPatient"), 6,
+                               "ImageOrientationPatient", case)
+        spacing = _numbers(path, get("PixelMeasuresSequence", "PixelSpacing"), 2, "PixelSpacing", case)
+        if np.any(spacing <= 0):
+            raise ImagingError(path, "PixelSpacing is not positive", case)
+        row_cos, col_cos = orientation[:3], orientation[3:]
+        if (abs(np.linalg.norm(row_cos) - 1) > 1e-3 or abs(np.linalg.norm(col_cos) - 1) > 1e-3
+                or abs(float(row_cos @ col_cos)) > 1e-3):
+            raise ImagingError(path, "ImageOrientationPatient is not two orthogonal unit vectors", case)
+        slope = get("PixelValueTransformationSequence", "RescaleSlope")
+        intercept = get("PixelValueTransformationSequence", "RescaleIntercept")
+        try:
+            slope = 1.0 if slope in (None, "") else float(slope)
+            intercept = 0.0 if intercept in (None, "") else float(intercept)
+        except (TypeError, ValueError):
+            raise ImagingError(path, "RescaleSlope / RescaleIntercept is not a number", case) from None
+        frames.append(_Frame(path, ds, i, position, row_cos / np.linalg.norm(row_cos),
+                             col_cos / np.linalg.norm(col_cos), spacing, slope, intercept))
+    return frames
+
+
+def _functional(ds: Dataset, frame: int, sequence: str, keyword: str):
+    """An attribute from the frame's functional group, else the shared group, else the top level."""
+    groups = []
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        groups.append(ds.PerFrameFunctionalGroupsSequence[frame])
+    if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
+        groups.append(ds.SharedFunctionalGroupsSequence[0])
+    for group in groups:
+        items = group.get(sequence)
+        if items and keyword in items[0]:
+            return items[0].get(keyword)
+    return ds.get(keyword)
+
+
+def _numbers(path: Path, value, count: int, keyword: str, case: str | None) -> np.ndarray:
+    if value is None or value == "":
+        raise ImagingError(path, f"no {keyword}", case)
+    try:
+        numbers = np.array([float(v) for v in (value if count > 1 else [value])], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ImagingError(path, f"{keyword} is not numeric", case) from None
+    if numbers.shape != (count,) or not np.all(np.isfinite(numbers)):
+        raise ImagingError(path, f"{keyword} does not hold {count} finite numbers", case)
+    return numbers
+
+
+def _check_consistent(frames: list[_Frame], case: str | None) -> None:
+    first = frames[0]
+    for frame in frames[1:]:
+        if (int(frame.ds.Rows), int(frame.ds.Columns)) != (int(first.ds.Rows), int(first.ds.Columns)):
+            raise ImagingError(frame.path, f"Rows/Columns differ from {first.path.name} in the same series", case)
+        if (np.abs(frame.row_cos - first.row_cos).max() > ORIENT_TOL
+                or np.abs(frame.col_cos - first.col_cos).max() > ORIENT_TOL):
+            raise ImagingError(frame.path, f"ImageOrientationPatient differs from {first.path.name} "
+                                           f"in the same series", case)
+        if not np.allclose(frame.pixel_spacing, first.pixel_spacing, rtol=SPACING_RTOL, atol=0):
+            raise ImagingError(frame.path, f"PixelSpacing differs from {first.path.name} in the same series", case)
+
+
+def _sorted_along(frames: list[_Frame], normal: np.ndarray, case: str | None) -> tuple[list[_Frame], float]:
+    """Frames sorted along the normal, and the slice gap; refuses duplicates, gaps and shear."""
+    distance = np.array([f.position @ normal for f in frames])
+    order = np.argsort(distance, kind="stable")
+    frames = [frames[i] for i in order]
+    distance = distance[order]
+    folder = frames[0].path.parent
+    if len(frames) == 1:
+        return frames, _single_slice_gap(frames[0])
+    gaps = np.diff(distance)
+    for k in np.flatnonzero(gaps < DUPLICATE_MM):
+        raise ImagingError(folder, f"duplicate slice position: {frames[k].where} and {frames[k + 1].where} "
+                                   f"lie at the same place on the slice normal", case)
+    median = float(np.median(gaps))
+    for k in np.flatnonzero(np.abs(gaps - median) > max(GAP_RTOL * median, GAP_ATOL_MM)):
+        raise ImagingError(folder, f"inconsistent slice spacing: the gap between {frames[k].where} and "
+                                   f"{frames[k + 1].where} is {gaps[k] / median:.2f}× the median gap "
+                                   f"(a missing slice, or slices of different spacing)", case)
+    steps = np.diff(np.stack([f.position for f in frames]), axis=0)
+    in_plane = steps - np.outer(gaps, normal)
+    if np.linalg.norm(in_plane, axis=1).max() > max(GAP_RTOL * median, GAP_ATOL_MM):
+        raise ImagingError(folder, "slices are not stacked along the slice normal (gantry tilt or "
+                                   "sheared acquisition); resample the series first", case)
+    return frames, float(distance[-1] - distance[0]) / (len(frames) - 1)
+
+
+def _single_slice_gap(frame: _Frame) -> float:
+    """One slice has no neighbour: SpacingBetweenSlices, else SliceThickness, else 1 mm."""
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        value = _functional(frame.ds, frame.index, "PixelMeasuresSequence", keyword)
+        try:
+            if value not in (None, "") and float(value) > 0:
+                return float(value)
+        except (TypeError, ValueError):
+            pass
+    return 1.0
+
+
+def _decode(path: Path, ds: Dataset, case: str | None) -> np.ndarray:
+    """Stored pixel values as (frames, rows, cols); names the package when no decoder is installed."""
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if not ts:
+        raise ImagingError(path, "no TransferSyntaxUID in the file meta header", case)
+    ts = UID(str(ts))
+    label = f"transfer syntax {ts.name} ({ts})" if ts.name != ts else f"transfer syntax {ts}"
+    if ts.is_compressed:
+        try:
+            decoder = get_decoder(ts)
+        except NotImplementedError:
+            raise ImagingError(path, f"unsupported {label}: no pydicom pixel decoder exists for it", case) from None
+        if not decoder.is_available:
+            package = _DECODER_PACKAGES.get(str(ts)) or "; ".join(decoder.missing_dependencies)
+            raise ImagingError(path, f"cannot decode {label}: no pixel decoder installed; "
+                                     f"install {package}", case)
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        array = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - keep only the type: messages can quote header values
+        if not ts.is_compressed:
+            raise ImagingError(path, f"pixel data is shorter or longer than Rows × Columns × frames "
+                                     f"needs (file truncated?) ({type(exc).__name__})", case) from None
+        raise ImagingError(path, f"pixel data could not be decoded as {label}; the file may be truncated "
+                                 f"or corrupt ({type(exc).__name__})", case) from None
+    array = np.asarray(array)
+    if n_frames == 1 and array.ndim == 2:
+        array = array[np.newaxis]
+    if array.shape != (n_frames, int(ds.Rows), int(ds.Columns)):
+        raise ImagingError(path, "decoded pixel data does not have Rows × Columns × frames samples", case)
+    return array
+
+
+def _header_datasets(source: Path | Dataset, case: str | None = None) -> list[Dataset]:
+    if isinstance(source, Dataset):
+        return [source]
+    source = Path(source)
+    files = [source] if source.is_file() else series_files(source, case)
+    return [read_file(p, case, header_only=True) for p in files]
+
+
+def _non_empty(value) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, Sequence):
+        return len(value) > 0
+    if isinstance(value, (list, tuple, MultiValue)):
+        return any(_non_empty(v) for v in value)
+    if isinstance(value, bytes):
+        return value.strip(b"\x00 ") != b""
+    return str(value).strip("\x00 ^=") != ""  # a PersonName of only separators is empty
+
+
+def phi_attributes(folder_or_dataset: Path | Dataset, *, case: str | None = None) -> list[str]:
+    """Sorted KEYWORDS of PHI_KEYWORDS attributes with a non-empty value anywhere (nested sequences
+    included) in any file of the folder, the file, or the dataset. Never returns a value."""
+    found = set()
+    for ds in _header_datasets(folder_or_dataset, case):
+        for element in ds.iterall():
+            if element.keyword in PHI_KEYWORDS and _non_empty(element.value):
+                found.add(element.keyword)
+    return sorted(found)
+
+
+def declares_deidentified(folder_or_dataset: Path | Dataset, *, case: str | None = None) -> bool:
+    """True when every file says PatientIdentityRemoved = YES (a claim, checked by phi_attributes)."""
+    return all(str(ds.get("PatientIdentityRemoved", "") or "").strip().upper() == "YES"
+               for ds in _header_datasets(folder_or_dataset, case))

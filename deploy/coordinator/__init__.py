@@ -1,0 +1,1 @@
+"""Coordinator operations: kits and TLS, the SuperLink, public pretraining, following a run."""

@@ -1,0 +1,1 @@
+"""Federations on one machine: a loopback consortium of real processes, and an in-process transport."""
