@@ -31,14 +31,11 @@ from privacy.audit import AuditLog, canonical, record_hash
 from privacy.auditor.epsilon import Composition, recompute
 from privacy.auditor.epsilon import epsilon as audit_epsilon
 from privacy.audit.log import GENESIS, sign
-from privacy.auditor.verify import (
-    AuditError,
-    audit_logs,
-    check_against,
-    check_site,
-    load_public_key,
-    verify_log,
-)
+from privacy.auditor.chain import verify_log
+from privacy.auditor.checks import check_against, check_site
+from privacy.auditor.keys import load_public_key
+from privacy.auditor.results import AuditError
+from privacy.auditor.verify import audit_logs
 
 PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -18,16 +18,9 @@ import typer
 from rich.table import Table
 
 from deploy.coordinator.follow import console
-from privacy.auditor.verify import (
-    COORDINATOR,
-    AuditError,
-    AuditSummary,
-    audit_consortium,
-    audit_logs,
-    audit_run_dir,
-    discover,
-    discover_coordinator,
-)
+from privacy.auditor.discover import discover, discover_coordinator
+from privacy.auditor.results import COORDINATOR, AuditError, AuditSummary
+from privacy.auditor.verify import audit_consortium, audit_logs, audit_run_dir
 
 audit_app = typer.Typer(no_args_is_help=True, help="Verify signed audit logs and report on them (auditors).")
 

@@ -14,13 +14,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from privacy.auditor.epsilon import DatasetEpsilon
-from privacy.auditor.verify import (
-    COORDINATOR,
-    ActorAudit,
-    audit_actor,
-    compare_with_coordinator,
-    verify_log,
-)
+from privacy.auditor.chain import verify_log
+from privacy.auditor.results import COORDINATOR, ActorAudit
+from privacy.auditor.verify import audit_actor, compare_with_coordinator
 from shared_models.report_html import e, figure_img, new_figure, page
 
 
