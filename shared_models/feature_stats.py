@@ -37,7 +37,7 @@ class NumericStats:
 class FeatureStats:
     """What normalisation and encoding need: per numeric/date feature mean and std, per categorical
     feature a count (any non-negative weight) for each of its schema values, in schema order.
-    Federated statistics supply these shared by all sites; ``client.ingest.ehr.local_stats``
+    Federated statistics supply these shared by all sites; ``client.ingest.ehr_encode.local_stats``
     computes them from one site's rows."""
 
     schema_sha256: str

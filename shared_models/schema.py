@@ -3,7 +3,7 @@
 Hospitals do not hand-edit a loader per study: the schema says which column is the label (and its
 positive values), which identifies the patient, which orders a patient's visits, and which columns
 are features — numeric (unit, plausible range), categorical (allowed values) or date — plus how a
-missing value is handled and how features are encoded. ``client/ingest/ehr.py`` reads an extract
+missing value is handled and how features are encoded. ``client/ingest/ehr_extract.py`` reads an extract
 with it; docs/EHR.md is the format reference.
 
 Coordinator and sites prove they hold the same schema by ``Schema.sha256``: sha256 over a canonical
@@ -23,10 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
+import tomllib
 
 FORMAT = 1  # version of this schema format (part of the hash)
 KINDS = ("numeric", "categorical", "date")

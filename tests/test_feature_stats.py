@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from client.ingest import ehr as ehr_ingest
+from client.ingest import ehr_encode, ehr_extract
 from client.client_app import app as client_app
 from client.site import write_site_config
 from deploy.datasets.synthetic_ehr import synthesize
@@ -27,7 +27,7 @@ from tests.helpers import data_dir, default_run_config
 @pytest.fixture(scope="module")
 def heart_extract():
     from client.ingest.heart_disease import centre_file
-    return ehr_ingest.load_extract(centre_file(data_dir(), "cleveland"), builtin_schema("heart-disease"))
+    return ehr_extract.load_extract(centre_file(data_dir(), "cleveland"), builtin_schema("heart-disease"))
 
 
 def test_exact_sum_decodes_to_the_pooled_statistics(heart_extract):
@@ -36,7 +36,7 @@ def test_exact_sum_decodes_to_the_pooled_statistics(heart_extract):
     vectors = patient_vectors(schema, heart_extract.values, rows)
     assert vectors.shape == (len(rows), len(layout(schema)))
     assert (np.linalg.norm(vectors, axis=1) <= l2_bound(schema) + 1e-9).all()
-    shared, local = decode(schema, vectors.sum(axis=0)), ehr_ingest.local_stats(heart_extract)
+    shared, local = decode(schema, vectors.sum(axis=0)), ehr_encode.local_stats(heart_extract)
     for name, st in local.numeric.items():
         assert shared.numeric[name].mean == pytest.approx(st.mean, rel=1e-9, abs=1e-9)
         assert shared.numeric[name].std == pytest.approx(st.std, rel=1e-6)

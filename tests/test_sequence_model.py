@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.ingest import ehr as ehr_ingest
+from client.ingest import ehr_encode, ehr_extract
 from deploy.datasets.synthetic_ehr import synthesize
 from privacy.dp_sgd import make_private
 from shared_models.registry import build_model, get_spec, model_names
@@ -15,15 +15,15 @@ from shared_models.schema import builtin_schema
 from shared_models.sequence import HistoryDataset, VisitAttentionGRU, collate_histories
 
 SCHEMA = builtin_schema("diabetes-visits")
-F = len(ehr_ingest.feature_names(SCHEMA))
+F = len(ehr_encode.feature_names(SCHEMA))
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """One synthetic site's extract → validated → encoded per-patient histories."""
     path = synthesize(tmp_path_factory.mktemp("ehr"), sites=1, seed=2, patients=24)["metro"]
-    extract = ehr_ingest.load_extract(path, SCHEMA)
-    seqs, y = ehr_ingest.histories(extract, ehr_ingest.local_stats(extract))
+    extract = ehr_extract.load_extract(path, SCHEMA)
+    seqs, y = ehr_encode.histories(extract, ehr_encode.local_stats(extract))
     assert len({len(s) for s in seqs}) > 2  # really variable lengths
     return seqs, y
 

@@ -97,7 +97,7 @@ def synth_ehr(
     violations: bool = typer.Option(False, help="Also write violations.csv: every kind of schema violation."),
 ) -> None:
     """Synthetic longitudinal diabetes visits per site (shared_models/schemas/diabetes-visits.toml); all identifiers fake."""
-    from client.ingest.ehr import read_extract
+    from client.ingest.ehr_extract import read_extract
     from deploy.datasets.synthetic_ehr import synthesize, write_violation_extract
 
     schema = builtin_schema("diabetes-visits")
@@ -118,7 +118,7 @@ def validate_extract(
     as_json: bool = typer.Option(False, "--json", help="Print only the counts (what may leave the site)."),
 ) -> None:
     """Check an extract against a study schema: every problem at once, row numbers, never a value (exit 1 if any)."""
-    from client.ingest.ehr import read_extract
+    from client.ingest.ehr_extract import read_extract
 
     try:
         report = read_extract(extract, _schema(schema)).report

@@ -1,4 +1,4 @@
-"""A site's tabular EHR extract, read against the study schema: validated rows, then model inputs.
+"""Reading and validating a site's tabular EHR extract against the study schema → ``Extract``.
 
 A hospital points its agent at its own extract and the study's schema (``shared_models/schema.py``)
 instead of hand-editing a loader. Validation never stops at the first problem: every header problem
@@ -8,11 +8,11 @@ in it: reasons are built from the schema (names, ranges, allowed values), and he
 the schema are named by position, since a headerless file puts patient data there. Only
 ``ValidationReport.counts()`` may be logged or sent; rows that fail are excluded and counted.
 
+Kept apart from encoding (``ehr_encode.py``): it is all that ``carefl site validate`` and ``carefl data
+validate-extract`` run, and its rule — the report never carries a value — is easiest to audit alone.
+
 CSV only (any delimiter, UTF-8, optional BOM): carefl installs no Parquet reader (pyarrow is not in
 ``requirements.lock.txt``), so a Parquet extract is refused with that reason — export it as CSV.
-
-Encoding takes the normalisation statistics as an input (``FeatureStats``) so that every site can
-normalise and encode identically with shared statistics; ``local_stats`` is the purely local fallback.
 """
 
 from __future__ import annotations
@@ -24,16 +24,14 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 
 from client.errors import DataFormatError, DataNotFoundError
-from shared_models.feature_stats import FeatureStats, NumericStats
 from shared_models.schema import ExtractFormat, Feature, Schema, level_text
 
 MAX_ROWS_SHOWN = 10
-Z_EPS = 1e-9  # z = (x - mean) / (std + Z_EPS), FLamby's form (client/ingest/heart_disease.py)
 ROW = "(row)"  # the "column" of problems that concern a whole row
 HEADER = "(header)"
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -224,13 +222,14 @@ def _header(records: list, schema: Schema, fmt: ExtractFormat,
 
 
 def _looks_like_data(text: str) -> bool:
-    if text in ("", "?"):
-        return True
+    return text in ("", "?") or _number(text) is not None or _parse_time(text) is not None
+
+
+def _number(text: str) -> float | None:
     try:
-        float(text)
-        return True
+        return float(text)
     except ValueError:
-        return _parse_time(text) is not None
+        return None
 
 
 def _parse_time(text: str) -> dt.datetime | None:
@@ -241,6 +240,11 @@ def _parse_time(text: str) -> dt.datetime | None:
     if value.tzinfo is not None:
         value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
     return value
+
+
+def _seconds(when: dt.datetime) -> float:
+    """Seconds since 1970 of a naive (UTC) date-time."""
+    return (when - _EPOCH).total_seconds()
 
 
 @dataclass
@@ -257,6 +261,7 @@ def _rows(records: list, schema: Schema, columns: dict[str, int], width: int,
           report: ValidationReport) -> _Parsed:
     out = _Parsed()
     markers = set(schema.missing.markers)
+    drop_row = "missing value (policy drop-row)" if schema.missing.policy == "drop-row" else None
     for index, (number, fields) in enumerate(records):
         out.rows.append(number)
         if len(fields) != width:  # shifted cells would only produce misleading reasons: not parsed
@@ -270,30 +275,27 @@ def _rows(records: list, schema: Schema, columns: dict[str, int], width: int,
             continue
         problems: list[tuple[str, str]] = []
 
-        def cell(column: str) -> str | None:
+        def cell(column: str, missing: str | None = None) -> str | None:
+            """The cell's text; None if absent or a missing marker, then ``missing`` is the reason to
+            report if the file has the column."""
             i = columns.get(column)
-            if i is None or i >= len(fields):
+            text = fields[i].strip() if i is not None and i < len(fields) else None
+            if text is None or text in markers:
+                if missing and column in columns:
+                    problems.append((column, missing))
                 return None
-            text = fields[i].strip()
-            return None if text in markers else text
+            return text
 
         if schema.patient_id:
-            pid = cell(schema.patient_id)
-            if pid is None and schema.patient_id in columns:
-                problems.append((schema.patient_id, "missing patient id"))
-            out.ids.append(pid)
+            out.ids.append(cell(schema.patient_id, "missing patient id"))
         if schema.visits:
-            when = cell(schema.visits.time)
+            when = cell(schema.visits.time, "missing visit time")
             parsed = _parse_time(when) if when is not None else None
-            if when is None and schema.visits.time in columns:
-                problems.append((schema.visits.time, "missing visit time"))
-            elif when is not None and parsed is None:
+            if when is not None and parsed is None:
                 problems.append((schema.visits.time, "not a date or date-time (ISO 8601, e.g. 2024-03-31)"))
-            out.times.append((parsed - _EPOCH).total_seconds() if parsed else math.nan)
-        label_text = cell(schema.label.column)
+            out.times.append(_seconds(parsed) if parsed else math.nan)
+        label_text = cell(schema.label.column, "missing label")
         if label_text is None:
-            if schema.label.column in columns:
-                problems.append((schema.label.column, "missing label"))
             out.labels.append(math.nan)
         else:
             level = _level(label_text, schema.label.values)
@@ -303,10 +305,8 @@ def _rows(records: list, schema: Schema, columns: dict[str, int], width: int,
             else:
                 out.labels.append(1.0 if schema.label.values[level] in schema.label.positive else 0.0)
         for feature in schema.features:
-            text = cell(feature.name)
+            text = cell(feature.name, drop_row)
             value, reason = (math.nan, None) if text is None else _feature_value(feature, text)
-            if text is None and feature.name in columns and schema.missing.policy == "drop-row":
-                reason = "missing value (policy drop-row)"
             if reason:
                 problems.append((feature.name, reason))
             out.values[feature.name].append(value)
@@ -320,13 +320,9 @@ def _rows(records: list, schema: Schema, columns: dict[str, int], width: int,
 
 
 def _level(text: str, values: tuple) -> int | None:
-    if values and isinstance(values[0], float):
-        try:
-            number = float(text)
-        except ValueError:
-            return None
-        return next((i for i, v in enumerate(values) if v == number), None)
-    return next((i for i, v in enumerate(values) if v == text), None)
+    """Index of ``text`` among the schema's values (numeric levels compare as numbers)."""
+    key = _number(text) if values and isinstance(values[0], float) else text
+    return None if key is None else next((i for i, v in enumerate(values) if v == key), None)
 
 
 def _not_allowed(values: tuple) -> str:
@@ -335,9 +331,8 @@ def _not_allowed(values: tuple) -> str:
 
 def _feature_value(feature: Feature, text: str) -> tuple[float, str | None]:
     if feature.kind == "numeric":
-        try:
-            value = float(text)
-        except ValueError:
+        value = _number(text)
+        if value is None:
             return math.nan, "not a number"
         if not math.isfinite(value):
             return math.nan, "not a finite number"
@@ -352,7 +347,7 @@ def _feature_value(feature: Feature, text: str) -> tuple[float, str | None]:
         return math.nan, "not a date (ISO 8601, e.g. 2024-03-31)"
     if (feature.earliest and when.date() < feature.earliest) or (feature.latest and when.date() > feature.latest):
         return math.nan, f"date out of range {feature.range_text()}"
-    return (when - _EPOCH).total_seconds() / _SECONDS_PER_YEAR, None
+    return _seconds(when) / _SECONDS_PER_YEAR, None
 
 
 def _check_patients(schema: Schema, out: _Parsed, report: ValidationReport) -> None:
@@ -393,155 +388,14 @@ def _assemble(schema: Schema, report: ValidationReport, out: _Parsed) -> Extract
         else np.zeros(len(out.rows), dtype=bool)
     report.rows_kept = int(keep.sum())
     idx = np.flatnonzero(keep)
-    values = {f.name: np.asarray(out.values[f.name], dtype=np.float64).reshape(-1)[idx] if out.rows
-              else np.zeros(0) for f in schema.features}
+
+    def kept(items: list, dtype=np.float64) -> np.ndarray:  # [] (nothing read) gives an empty array
+        return np.asarray(items, dtype=dtype).reshape(-1)[idx]
+
     return Extract(
-        schema=schema, report=report, values=values,
-        labels=np.asarray(out.labels, dtype=np.float64).reshape(-1)[idx] if out.rows else np.zeros(0),
-        rows=np.asarray(out.rows, dtype=np.int64).reshape(-1)[idx] if out.rows else np.zeros(0, np.int64),
+        schema=schema, report=report, values={f.name: kept(out.values[f.name]) for f in schema.features},
+        labels=kept(out.labels), rows=kept(out.rows, np.int64),
         patient_ids=tuple(out.ids[i] for i in idx) if schema.patient_id else None,
-        times=np.asarray(out.times, dtype=np.float64).reshape(-1)[idx] if schema.visits and out.rows
-        else (np.zeros(0) if schema.visits else None),
+        times=kept(out.times) if schema.visits else None,
     )
 
-
-# ---------------------------------------------------------------------------------------------------
-# encoding: statistics are an input, so every site can encode with the same (shared) statistics
-
-
-def local_stats(extract: Extract, rows: Sequence[int] | np.ndarray | None = None) -> FeatureStats:
-    """Statistics of this site's own rows (e.g. its train split) — the fallback without federation."""
-    schema = extract.schema
-    idx = np.arange(len(extract)) if rows is None else np.asarray(rows, dtype=np.int64)
-    scalar = [f.name for f in schema.features if f.kind != "categorical"]
-    numeric: dict[str, NumericStats] = {}
-    if scalar:
-        m = np.stack([extract.values[name][idx] for name in scalar], axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            if np.isnan(m).any():
-                means, stds = np.nanmean(m, axis=0), np.nanstd(m, axis=0)
-            else:  # as FLamby computes them (one axis-0 reduction), so encodings match bit for bit
-                means, stds = m.mean(axis=0), m.std(axis=0)
-        for name, mean, std in zip(scalar, means, stds):
-            observed = bool(np.isfinite(mean))
-            numeric[name] = NumericStats(float(mean) if observed else 0.0, float(std) if observed else 1.0)
-    categories = {}
-    for f in schema.features:
-        if f.kind == "categorical":
-            v = extract.values[f.name][idx]
-            v = v[~np.isnan(v)].astype(np.int64)
-            categories[f.name] = tuple(float(c) for c in np.bincount(v, minlength=len(f.values)))
-    return FeatureStats(schema.sha256, numeric, categories)
-
-
-def feature_names(schema: Schema) -> tuple[str, ...]:
-    """The encoded columns, fixed by the schema alone (every site has the same ``n_features``)."""
-    names: list[str] = []
-    for f in schema.features:
-        if f.kind == "numeric":
-            names.append(f.name)
-        elif f.kind == "date":
-            names.append(f"{f.name}:years")
-        else:
-            names += [f"{f.name}={level_text(v)}" for v in _kept_levels(schema, f)[1]]
-    if schema.missing.policy == "indicator":
-        names += [f"{f.name}:missing" for f in schema.features]
-    return tuple(names)
-
-
-def _kept_levels(schema: Schema, f: Feature) -> tuple[range, tuple]:
-    start = 1 if schema.encoding.one_hot == "drop-first" else 0
-    return range(start, len(f.values)), f.values[start:]
-
-
-def raw_matrix(extract: Extract, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-    """Unscaled design matrix (numeric values, one-hot 0/1), NaN where missing, no indicator columns."""
-    schema = extract.schema
-    idx = np.arange(len(extract)) if rows is None else np.asarray(rows, dtype=np.int64)
-    cols = []
-    for f in schema.features:
-        v = extract.values[f.name][idx]
-        if f.kind != "categorical":
-            cols.append(v)
-            continue
-        for level in _kept_levels(schema, f)[0]:
-            col = (v == level).astype(np.float64)
-            col[np.isnan(v)] = np.nan
-            cols.append(col)
-    return np.stack(cols, axis=1) if cols else np.zeros((len(idx), 0))
-
-
-def encode(extract: Extract, stats: FeatureStats, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-    """Model inputs [rows, len(feature_names)] float32: missing values imputed with the statistics'
-    means (one-hot columns: the category frequencies), z-scored, indicator columns appended."""
-    schema = extract.schema
-    stats.check(schema)
-    idx = np.arange(len(extract)) if rows is None else np.asarray(rows, dtype=np.int64)
-    cols, missing = [], []
-    for f in schema.features:
-        v = extract.values[f.name][idx]
-        absent = np.isnan(v)
-        missing.append(absent.astype(np.float64))
-        if f.kind != "categorical":
-            st = stats.numeric[f.name]
-            cols.append((np.where(absent, st.mean, v) - st.mean) / _scale(st.std))
-            continue
-        counts = np.asarray(stats.categories[f.name], dtype=np.float64)
-        freq = counts / counts.sum() if counts.sum() > 0 else np.zeros_like(counts)
-        for level in _kept_levels(schema, f)[0]:
-            col = np.where(absent, freq[level], (v == level).astype(np.float64))
-            if schema.encoding.standardize == "all":
-                p = freq[level]
-                col = (col - p) / _scale(math.sqrt(p * (1.0 - p)))
-            cols.append(col)
-    if schema.missing.policy == "indicator":
-        cols += missing
-    x = np.stack(cols, axis=1) if cols else np.zeros((len(idx), 0))
-    return x.astype(np.float32)
-
-
-def _scale(std: float) -> float:
-    """FLamby's ``std + 1e-9``; a constant column (std 0) is only centred, so a value the statistics
-    never saw (e.g. a category absent from every site) becomes 1, not 1e9."""
-    return std + Z_EPS if std > 0 else 1.0
-
-
-def tabular(extract: Extract, stats: FeatureStats,
-            rows: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One row per patient: (x [N, F] float32, y [N] float32)."""
-    if extract.schema.visits is not None:
-        raise ValueError(f"schema {extract.schema.name} has visits: use histories(), one sample per patient")
-    idx = np.arange(len(extract)) if rows is None else np.asarray(rows, dtype=np.int64)
-    return encode(extract, stats, idx), extract.labels[idx].astype(np.float32)
-
-
-def patient_rows(extract: Extract) -> list[np.ndarray]:
-    """Per patient (first-appearance order), the row indices of its visits in time order, keeping the
-    schema's ``max_visits`` most recent. Split and sample by these: one DP sample is one patient."""
-    schema = extract.schema
-    if schema.visits is None or extract.patient_ids is None or extract.times is None:
-        raise ValueError(f"schema {schema.name} has no [visits]: each row is one patient")
-    groups: dict[str, list[int]] = {}
-    for index, pid in enumerate(extract.patient_ids):
-        groups.setdefault(pid, []).append(index)
-    out = []
-    for indices in groups.values():
-        ordered = np.asarray(indices, dtype=np.int64)[np.argsort(extract.times[indices], kind="stable")]
-        if schema.visits.max_visits:
-            ordered = ordered[-schema.visits.max_visits:]
-        out.append(ordered)
-    return out
-
-
-def histories(extract: Extract, stats: FeatureStats, patients: Sequence[np.ndarray] | None = None
-              ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Per patient its visits encoded [T_i, F] float32 (time order) and one label: the label of every
-    visit (rule ``constant``, validated) or of the last visit (rule ``last-visit``)."""
-    groups = patient_rows(extract) if patients is None else list(patients)
-    if not groups:
-        return [], np.zeros(0, np.float32)
-    x = encode(extract, stats, np.concatenate(groups))
-    bounds = np.cumsum([0] + [len(g) for g in groups])
-    seqs = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    y = np.array([extract.labels[g[-1]] for g in groups], dtype=np.float32)
-    return seqs, y
