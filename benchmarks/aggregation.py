@@ -22,13 +22,12 @@ import tracemalloc
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
-from flwr.supercore.task_identity import TaskIdentity
 
 from benchmarks.figures import Figure, markdown_table
 from benchmarks.timing import interleaved_medians
+from deploy.site.flower_seam import as_transported, set_task_identity
 from server import strategies
+from server.flower_seam import array_bytes
 from server.sites import SiteGrid, SiteInfo
 from server.validation import UpdateValidator, as_ndarray
 
@@ -37,8 +36,7 @@ UPDATES, ARRAYS, SIZE = 20, 10, 1_000_000  # 20 updates × 10 arrays × 1M float
 
 def received(record: RecordDict) -> RecordDict:
     """The record as a ServerApp holds it after a pull: deflated to Flower's objects and inflated back."""
-    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(record).items()}
-    return inflate_object_from_contents(record.object_id, contents)
+    return as_transported(record)
 
 
 class PreparedGrid:
@@ -55,7 +53,7 @@ class PreparedGrid:
 
 
 def build_round(seed: int = 0):
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    set_task_identity(task_id=1, run_id=1, node_id=0)
     rng = np.random.default_rng(seed)
     base = [rng.standard_normal(SIZE, dtype=np.float32) for _ in range(ARRAYS)]
     global_arrays = received(RecordDict({"arrays": ArrayRecord(base)}))["arrays"]
@@ -157,11 +155,12 @@ def run(full: bool) -> list[Figure]:
     def audit_hashes():
         for r in replies:
             for a in r.content["arrays"].values():
-                hashlib.sha256(a.data).hexdigest()
+                hashlib.sha256(array_bytes(a)).hexdigest()
 
     default = carefl(strategies.FedAvg())
     ours, theirs = default(), flower_fedavg()
-    assert all(ours[k].data == theirs[k].data for k in theirs.keys()), "carefl's FedAvg differs from Flower's"
+    assert all(array_bytes(ours[k]) == array_bytes(theirs[k]) for k in theirs.keys()), \
+        "carefl's FedAvg differs from Flower's"
     del ours, theirs
 
     f = UPDATES // 10  # robust strategies assume f Byzantine sites

@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from client.site import SiteConfig
 from privacy.audit import AuditLog
+from server.flower_seam import serialized_size
 
 log = logging.getLogger("carefl.site")
 HEAD_RECORD = "audit-head"  # the ConfigRecord of a reply that carries the site's signed log head
@@ -36,7 +37,7 @@ def message_fields(msg: Message) -> dict:
 def arrays_digest(arrays: ArrayRecord) -> tuple[str, int]:
     """Flower's own content id of the arrays (sha256 of their serialisation: the coordinator sees the
     same value for what it receives) and their size in bytes."""
-    return arrays.object_id, sum(len(a.data) for a in arrays.values())
+    return arrays.object_id, serialized_size(arrays)
 
 
 def combined_hash(*parts: str) -> str:

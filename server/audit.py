@@ -13,6 +13,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Message, MessageType
 
 from privacy.audit import AuditLog
+from server.flower_seam import serialized_size
 
 HEAD_RECORD = "audit-head"  # as written by client/audit.py
 
@@ -39,7 +40,7 @@ class CoordinatorAudit:
                 metrics = {k: v for record in content.metric_records.values() for k, v in record.items()}
                 self.log.append("update", {"run_id": self.run_id, "round": server_round, "site": site,
                                            "arrays_sha256": arrays.object_id,
-                                           "arrays_bytes": sum(len(a.data) for a in arrays.values()),
+                                           "arrays_bytes": serialized_size(arrays),
                                            "metrics": metrics})
             head = content.config_records.get(HEAD_RECORD)
             if head is not None:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from server.flower_seam import NODE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, replace_content_with_error
 from server.validation import UpdateValidator
 
 log = logging.getLogger("flwr")
@@ -36,9 +36,9 @@ class SiteSelectionError(RuntimeError):
 
 # Flower's own replies for a site that is gone, in words an operator can act on.
 TRANSPORT_ERRORS = {
-    ErrorCode.NODE_UNAVAILABLE: "site lost: its SuperNode sent no heartbeat for 2 × 30 s (stopped, crashed or "
+    NODE_UNAVAILABLE: "site lost: its SuperNode sent no heartbeat for 2 × 30 s (stopped, crashed or "
                                 "cut off from the coordinator)",
-    ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "site lost: its reply expired before it reached the coordinator",
+    REPLY_MESSAGE_UNAVAILABLE: "site lost: its reply expired before it reached the coordinator",
 }
 
 
@@ -314,9 +314,7 @@ class SiteGrid:
 def _rejected(reply: Message, reason: str) -> Message:
     """The reply with its content replaced by an error: it is reported and logged, never aggregated."""
     log.warning("rejected update from node %s: %s", reply.metadata.src_node_id, reason)
-    reply.__dict__["_content"] = None  # Flower allows content or error, not both
-    reply.error = Error(CODE_REJECTED, f"update rejected by the coordinator: {reason}")
-    return reply
+    return replace_content_with_error(reply, Error(CODE_REJECTED, f"update rejected by the coordinator: {reason}"))
 
 
 def _resend(message: Message) -> Message:

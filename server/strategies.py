@@ -17,9 +17,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from server.flower_seam import aggregate_arrayrecords, check_and_log_replies, trim_mean
 from server.metrics import pooled_evaluate_metrics
 from server.settings import RunSettings
 from server.validation import CHUNK, accumulate, as_ndarray, to_array
@@ -69,7 +68,7 @@ class _ViewsFedAvg(flwr_strategy.FedAvg):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         fused = getattr(replies, "average", None)  # server.sites.ValidatedReplies
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        valid, _ = check_and_log_replies(self, replies, is_train=True)
         if not valid:
             return None, None
         contents = [m.content for m in valid]
@@ -108,7 +107,7 @@ class FedMedian(flwr_strategy.FedMedian):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        valid, _ = check_and_log_replies(self, replies, is_train=True)
         if not valid:
             return None, None
         arrays = ArrayRecord()
@@ -122,7 +121,7 @@ class FedTrimmedAvg(flwr_strategy.FedTrimmedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        valid, _ = check_and_log_replies(self, replies, is_train=True)
         if not valid:
             return None, None
         arrays = ArrayRecord()
@@ -158,7 +157,7 @@ def krum_select(contents: list[RecordDict], num_malicious_nodes: int, num_nodes_
 class _ViewsMultiKrum(flwr_strategy.MultiKrum):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        valid, _ = check_and_log_replies(self, replies, is_train=True)
         if not valid:
             return None, None
         chosen = krum_select([m.content for m in valid], self.num_malicious_nodes, self.num_nodes_to_select)

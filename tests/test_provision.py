@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from deploy.site import gate
+from deploy.site import approval_hook as gate
 from deploy.site.approval import ApprovalError, app_hash, approve, approved_apps
 from deploy.coordinator.superlink import APP_DIR
 from deploy.processes import flower_env, tool

@@ -9,7 +9,8 @@ code a deployment runs. Not a deployment: no TLS, no processes, no SuperLink.
 from __future__ import annotations
 
 from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+
+from deploy.site.flower_seam import set_task_identity
 
 
 class InProcessGrid:
@@ -17,7 +18,7 @@ class InProcessGrid:
 
     def __init__(self, client_app, node_configs: dict[int, dict], run_config: dict, run_id: int = 1) -> None:
         # Flower stamps new messages with the identity of the process's task (a ServerApp here).
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 0
+        set_task_identity(task_id=1, run_id=run_id, node_id=0)
         self.client_app = client_app
         self.contexts = {n: Context(run_id=run_id, node_id=n, node_config=cfg, state=RecordDict(),
                                     run_config=run_config) for n, cfg in node_configs.items()}

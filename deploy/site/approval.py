@@ -12,10 +12,7 @@ import hashlib
 import re
 from pathlib import Path
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
+import tomllib
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -31,7 +28,7 @@ def app_hash(target: str | Path) -> str:
         return text
     path = Path(target)
     if path.is_dir():
-        from flwr.cli.build import build_fab_from_disk  # Flower's own builder: the hash flwr run sends
+        from deploy.site.flower_seam import build_fab_from_disk  # Flower's own builder: the hash flwr run sends
         try:
             return hashlib.sha256(build_fab_from_disk(path.resolve())).hexdigest()
         except Exception as exc:  # Flower raises click/typer exceptions for a bad app folder

@@ -26,9 +26,10 @@ import torch
 
 from client import segmentation, training
 from client.errors import SiteError
-from client.site import TASK_DATASET, SiteConfig, load_site_config
+from client.site import SiteConfig, load_site_config
 from shared_models.metrics import binary_report
 from shared_models.registry import UnknownModelError, build_model, get_spec
+from shared_models.tasks import SEGMENTATION, TASKS
 from shared_models.report_html import e, figure_png, new_figure, page, png_img
 
 REPORT_FILE = "site-report.html"
@@ -83,6 +84,8 @@ def write_site_report(config: Path, model_path: Path, out: Path, cases: int = 4,
     device = training.pick_device(site.device)
     if task == "ehr":
         body, images = _ehr_section(site, model, device, out)
+    elif TASKS[task].metric_family != SEGMENTATION:
+        raise SiteError(f"the site report draws tasks ehr and seg; model '{model_name}' is for task '{task}'")
     else:
         run_config = _run_config_beside(model_path)
         shape = segmentation.parse_shape(seg_shape or run_config.get("seg-shape", DEFAULT_SEG_SHAPE))
@@ -128,7 +131,7 @@ def _ehr_section(site: SiteConfig, model, device, out: Path) -> tuple[str, list[
     labels = data.y_test.astype(int)
     report = binary_report(scores, labels)
     n, n_pos = len(labels), int(labels.sum())
-    parts = [f"<h2>Test split of {e(TASK_DATASET['ehr'])}</h2>",
+    parts = [f"<h2>Test split of {e(TASKS['ehr'].dataset)}</h2>",
              f"<p>{n} test patients, {n_pos} with heart disease (label 1 = UCI num &gt; 0). Threshold 0.5 on the "
              f"model's probability.</p>",
              _metrics_table([("accuracy", _fmt(report["accuracy"])), ("AUC", _fmt(report["auc"])),
@@ -196,7 +199,7 @@ def _seg_section(site: SiteConfig, model, device, out: Path, cases: int, shape, 
     from client.ingest.imaging.preprocess import PreprocessSpec
     from shared_models.seg_metrics import dice_per_class
 
-    dataset = site.dataset(TASK_DATASET["seg"])
+    dataset = site.dataset(TASKS["seg"].dataset)
     spec = PreprocessSpec(spacing=(spacing,) * 3, shape=shape)
     images = segmentation.load_site_images(site, dataset, spec)
     test = images.test

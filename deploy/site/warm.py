@@ -15,8 +15,9 @@ calls it, pushes the reply and exits.
 
 What is warm, and what is not:
 - warm: third-party library packages only (``PRELOAD``: numpy, scipy, torch, sklearn, opacus,
-  monai, flwr's app runtime), imported once here. No module of carefl itself and nothing from any
-  FAB is ever imported in this process, and it runs no computation (so no OpenMP/BLAS worker pool
+  monai, flwr's app runtime), imported once here. No module of carefl's apps (only this runtime's
+  own: this file, flower_seam.py, timing.py) and nothing from any FAB is ever imported in this
+  process, and it runs no computation (so no OpenMP/BLAS worker pool
   is in use when it forks, the same condition PyTorch's fork-based DataLoader workers rely on).
 - not warm, per message as before: the app's code (every module of the FAB's top-level packages is
   imported from the FAB's install directory in the child, and ``verify_app_modules`` refuses to run
@@ -29,13 +30,14 @@ The approval check is untouched: the gate runs in the SuperNode and refuses a me
 exists, so this process can only ever acquire tasks of approved apps.
 
 Each child appends one line of timings (wall-clock seconds; ids, no data) to the site's timing log
-when one is given (docs/BENCHMARKS.md, "Framework overhead"). Nothing of it leaves the site.
+when one is given (deploy/site/timing.py; docs/BENCHMARKS.md, "Framework overhead"). Nothing of it
+leaves the site. Every Flower internal this executor replaces or wraps comes through
+deploy/site/flower_seam.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -43,6 +45,9 @@ import sysconfig
 import time
 import traceback
 from pathlib import Path
+
+from deploy.site import flower_seam as seam
+from deploy.site.timing import Timings, append_timing, message_ids
 
 # Library packages imported once by the executor (never a carefl package or anything from a FAB).
 # Importing these roots also loads most of what the ClientApp imports below them (measured: the
@@ -78,29 +83,6 @@ def preload(names=PRELOAD) -> list[str]:
         except Exception:  # noqa: BLE001 - a library this site does not have (e.g. monai): not preloaded
             pass
     return loaded
-
-
-def check_seam() -> None:
-    """The Flower internals this executor replaces or wraps must be where it expects (flwr 1.41);
-    otherwise it must not run (the gate then keeps Flower's own per-message processes)."""
-    import inspect
-
-    from flwr.clientapp.client_app import ClientApp
-    from flwr.supercore.exit import exit_handler
-    from flwr.supercore.superexec import run_superexec as rs
-    from flwr.supernode.runtime import run_clientapp as rc
-    problems = []
-    if "get_executor(" not in inspect.getsource(rs.run_superexec):
-        problems.append("run_superexec no longer picks its executor with get_executor")
-    body = inspect.getsource(rc.run_clientapp)
-    for name in ("get_load_client_app_fn(", "push_message(", "client_app(message=message, context=context)"):
-        if name not in body:
-            problems.append(f"run_clientapp no longer calls {name.rstrip('(')}")
-    if "__call__" not in vars(ClientApp) or not isinstance(getattr(exit_handler, "registered_exit_handlers", None),
-                                                           list):
-        problems.append("ClientApp.__call__ or the exit-handler registry moved")
-    if problems:
-        raise RuntimeError("warm ClientApps need flwr 1.41's SuperExec seams: " + "; ".join(problems))
 
 
 # -- per-message child ------------------------------------------------------------------------------
@@ -139,8 +121,7 @@ def reset_after_fork() -> None:
     and every non-library module (this launcher's own)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
-    from flwr.supercore.exit import exit_handler
-    exit_handler.registered_exit_handlers.clear()  # the parent's HTTP client and executor are not ours
+    seam.clear_exit_handlers()  # the parent's HTTP client and executor are not ours
     seed = int.from_bytes(os.urandom(8), "little")
     import random
     random.seed(seed)
@@ -154,81 +135,67 @@ def reset_after_fork() -> None:
             del sys.modules[name]
 
 
-class _Timings(dict):
-    def mark(self, key: str) -> None:
-        self[key] = time.time()
-
-
-def _instrument(rc, timings: _Timings) -> None:
+def _instrument(timings: Timings) -> None:
     """Wrap Flower's ClientApp loading (provenance check) and note when each step ends."""
-    from flwr.clientapp.client_app import ClientApp, LoadClientAppError
-    from flwr.common.config import get_project_dir
-
-    make_loader = rc.get_load_client_app_fn
     checked: dict = {}
 
-    def get_load_client_app_fn(*args, **kwargs):
-        load = make_loader(*args, **kwargs)
+    def checking(make_loader):
+        def get_load_client_app_fn(*args, **kwargs):
+            load = make_loader(*args, **kwargs)
 
-        def checked_load(fab_id: str, fab_version: str, fab_hash: str):
-            timings.mark("installed")
-            app_dir = Path(get_project_dir(fab_id, fab_version, fab_hash))
-            top_levels = app_top_levels(app_dir)
-            forget_modules(top_levels)
-            app = load(fab_id, fab_version, fab_hash)
+            def checked_load(fab_id: str, fab_version: str, fab_hash: str):
+                timings.mark("installed")
+                app_dir = seam.installed_app_dir(fab_id, fab_version, fab_hash)
+                top_levels = app_top_levels(app_dir)
+                forget_modules(top_levels)
+                app = load(fab_id, fab_version, fab_hash)
+                try:
+                    verify_app_modules(app_dir, top_levels)
+                except RuntimeError as exc:
+                    raise seam.LoadClientAppError(str(exc)) from None
+                checked.update(app_dir=app_dir, top_levels=top_levels)
+                timings.update(fab_sha256=fab_hash, app_dir=str(app_dir))
+                timings.mark("app_loaded")
+                return app
+
+            return checked_load
+        return get_load_client_app_fn
+
+    def timed(call):
+        def timed_call(self, message, context):
+            timings.update(message_ids(message))
+            timings.mark("handler_start")
             try:
-                verify_app_modules(app_dir, top_levels)
-            except RuntimeError as exc:
-                raise LoadClientAppError(str(exc)) from None
-            checked.update(app_dir=app_dir, top_levels=top_levels)
-            timings.update(fab_sha256=fab_hash, app_dir=str(app_dir))
-            timings.mark("app_loaded")
-            return app
+                reply = call(self, message, context)
+            finally:
+                timings.mark("handler_end")
+            if checked:  # modules the handler imported lazily must come from the FAB too, or nothing is sent
+                verify_app_modules(checked["app_dir"], checked["top_levels"])
+            return reply
+        return timed_call
 
-        return checked_load
+    def noting_push(push):
+        def timed_push(*args, **kwargs):
+            try:
+                return push(*args, **kwargs)
+            finally:
+                timings.mark("pushed")
+        return timed_push
 
-    rc.get_load_client_app_fn = get_load_client_app_fn
-    call = ClientApp.__call__
-
-    def timed_call(self, message, context):
-        group = message.metadata.group_id or ""
-        timings.update(message_id=message.metadata.message_id, run_id=message.metadata.run_id,
-                       type=str(message.metadata.message_type), round=int(group) if group.isdigit() else None)
-        timings.mark("handler_start")
-        try:
-            reply = call(self, message, context)
-        finally:
-            timings.mark("handler_end")
-        if checked:  # modules the handler imported lazily must come from the FAB too, or nothing is sent
-            verify_app_modules(checked["app_dir"], checked["top_levels"])
-        return reply
-
-    ClientApp.__call__ = timed_call
-    push = rc.push_message
-
-    def timed_push(*args, **kwargs):
-        try:
-            return push(*args, **kwargs)
-        finally:
-            timings.mark("pushed")
-
-    rc.push_message = timed_push
+    seam.wrap_client_app_loader(checking)
+    seam.wrap_client_app_call(timed)
+    seam.wrap_clientapp_reply_push(noting_push)
 
 
 def run_child(spec, acquired: float, timing_log: Path | None) -> None:
     """In the forked child: run one ClientApp task with Flower's own code, then exit (never returns)."""
     code = 1
-    timings = _Timings(source="clientapp", mode="warm", executor_pid=os.getppid(), pid=os.getpid(),
-                       acquired=acquired, started=time.time())
+    timings = Timings(source="clientapp", mode="warm", executor_pid=os.getppid(), pid=os.getpid(),
+                      acquired=acquired, started=time.time())
     try:
         reset_after_fork()
-        from flwr.supercore.tls import validate_and_resolve_root_certificates
-        from flwr.supernode.runtime import run_clientapp as rc
-        _instrument(rc, timings)
-        rc.run_clientapp(runtime_api_address=spec.runtime_api_address, token=spec.token, insecure=spec.insecure,
-                         certificates=validate_and_resolve_root_certificates(spec.root_certificates_path,
-                                                                            spec.insecure),
-                         parent_pid=spec.parent_pid, runtime_dependency_install=False)
+        _instrument(timings)
+        seam.run_clientapp_task(spec)
         code = 0
     except SystemExit as exc:  # run_clientapp ends with flwr_exit → sys.exit
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -245,24 +212,11 @@ def run_child(spec, acquired: float, timing_log: Path | None) -> None:
             os._exit(code)
 
 
-def append_timing(path: Path, record: dict) -> None:
-    """One JSON line (timestamps, ids; no data) appended with a single write."""
-    line = (json.dumps(record, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
-
-
 class ForkExecutor:
     """Flower's Executor interface: ClientApp tasks forked from here, anything else as Flower does."""
 
     def __init__(self, parent_pid: int | None, timing_log: Path | None) -> None:
-        from flwr.supercore.superexec.executor.subprocess_executor import (
-            SubprocessExecutor,
-        )
-        self.cold = SubprocessExecutor()
+        self.cold = seam.SubprocessExecutor()
         self.parent_pid = parent_pid
         self.timing_log = timing_log
         self.owner = os.getpid()
@@ -275,9 +229,7 @@ class ForkExecutor:
         return None
 
     def launch(self, spec):
-        from flwr.supercore.constant import TaskType
-        from flwr.supercore.superexec.executor.types import LaunchResult
-        if spec.task_type != TaskType.CLIENT_APP or spec.runtime_dependency_install:
+        if spec.task_type != seam.TaskType.CLIENT_APP or spec.runtime_dependency_install:
             return self.cold.launch(spec)
         acquired = time.time()
         sys.stdout.flush()
@@ -285,11 +237,11 @@ class ForkExecutor:
         try:
             pid = os.fork()
         except OSError as exc:
-            return LaunchResult.failed(f"fork failed: {exc}")
+            return seam.LaunchResult.failed(f"fork failed: {exc}")
         if pid == 0:
             run_child(spec, acquired, self.timing_log)
         self.children.add(pid)
-        return LaunchResult.accepted()
+        return seam.LaunchResult.accepted()
 
     def reconcile(self) -> None:
         for pid in list(self.children):
@@ -313,24 +265,6 @@ class ForkExecutor:
                 pass
 
 
-def exit_without_teardown() -> None:
-    """Register, as the exit handler Flower runs last, an immediate exit: once Flower's own handlers
-    have run, unloading thousands of modules (torch, scipy, …) only delays a stop by seconds."""
-    from flwr.supercore.exit import add_exit_handler
-
-    def now() -> None:
-        frame = sys._getframe(1)
-        while frame is not None and frame.f_code.co_name != "flwr_exit":
-            frame = frame.f_back
-        code = frame.f_locals.get("sys_exit_code") if frame is not None else None
-        if isinstance(code, int):  # the exit code flwr_exit was about to use; else exit the slow way
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-
-    add_exit_handler(now)  # handlers run last-in first-out: registered before Flower's, it runs after them
-
-
 def _die_with_parent(parent_pid: int | None) -> None:
     if parent_pid is None or not sys.platform.startswith("linux"):
         return
@@ -351,9 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timing-log", type=Path, default=None)
     args = parser.parse_args(argv)
     _die_with_parent(args.parent_pid)
-    check_seam()
-    from flwr.supercore.utils import disable_process_dumping
-    disable_process_dumping(strict=False)  # as flower-superexec: task tokens stay out of other processes' reach
+    seam.require_warm_executor_seam()
+    seam.disable_process_dumping(strict=False)  # as flower-superexec: task tokens stay out of other processes' reach
 
     started = time.monotonic()
     loaded = preload()
@@ -363,15 +296,10 @@ def main(argv: list[str] | None = None) -> None:
     log(f"preloaded {', '.join(loaded)} in {time.monotonic() - started:.1f} s "
         f"({len(sys.modules)} modules, python threads: {threading.active_count()}); ClientApps are forked from here")
 
-    from flwr.supercore.auth import load_superexec_auth_secret
-    from flwr.supercore.superexec import run_superexec as rs
-    secret = load_superexec_auth_secret(args.superexec_auth_secret_file)
+    secret = seam.load_superexec_auth_secret(args.superexec_auth_secret_file)
     executor = ForkExecutor(args.parent_pid, args.timing_log)
-    exit_without_teardown()
-    rs.get_executor = lambda *a, **k: executor
-    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", POLL_INTERVAL)
-    rs.run_superexec(runtime_api_address=args.runtime_api_address, insecure=True,
-                     superexec_auth_secret=secret, parent_pid=None)
+    seam.exit_without_teardown()
+    seam.run_superexec_with(executor, args.runtime_api_address, secret, POLL_INTERVAL)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,141 @@
+"""Everything the coordinator's ServerApp and the sites' ClientApp take from Flower beyond its public
+app API (``flwr.app``, ``flwr.clientapp``, ``flwr.serverapp``), in one place.
+
+carefl's strategies re-do Flower's aggregation on zero-copy views and fall back to Flower's own
+helpers (``aggregate_arrayrecords``, ``trim_mean``), filter replies with FedAvg's private
+``_check_and_log_replies``, and read the strategies' constructor attributes; the coordinator turns
+Flower's transport error codes into words and replaces a rejected reply's content by an error; both
+audit logs count the serialised bytes of an ``Array``. None of that is Flower API. It is imported,
+probed and used here and nowhere else in the apps, so a Flower upgrade means reviewing this file (and
+deploy/site/flower_seam.py, its counterpart for the site runtime).
+
+This file is in the app bundle (server/ and client/ import it): it imports only flwr, numpy and the
+standard library. At import it checks that the installed flwr is the series it was written against
+(``FlowerVersionError``) and that every internal below exists with the shape used
+(``FlowerSeamError``); both are ImportErrors, so an app on another Flower fails at load, loudly,
+instead of aggregating or logging wrongly later.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+from typing import Iterable
+
+import flwr
+import numpy as np
+from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
+from flwr.serverapp import strategy as _strategy
+
+FLOWER_SERIES = "1.41"     # major.minor this seam was written and tested against
+FLOWER_LOCKED = "1.41.0"   # the exact version in requirements.lock.txt
+SEAM_FILE = "server/flower_seam.py"
+
+
+class FlowerVersionError(ImportError):
+    """The installed Flower is not the series this seam was written against."""
+
+
+class FlowerSeamError(ImportError):
+    """A Flower internal this seam uses is missing or has changed shape."""
+
+
+def check_flower_version(installed: str) -> None:
+    """Raise ``FlowerVersionError`` unless ``installed`` is of the ``FLOWER_SERIES`` series."""
+    if ".".join(installed.split(".")[:2]) != FLOWER_SERIES:
+        raise FlowerVersionError(
+            f"carefl's apps use Flower internals written against flwr {FLOWER_SERIES} (tested with "
+            f"flwr=={FLOWER_LOCKED}, requirements.lock.txt), but flwr {installed} is installed. Review "
+            f"{SEAM_FILE} against flwr {installed} (every internal it uses is listed there), then update its "
+            f"FLOWER_SERIES; until then install flwr=={FLOWER_LOCKED}.")
+
+
+def _seam_error(problems: list[str]) -> FlowerSeamError:
+    return FlowerSeamError(f"flwr {flwr.__version__}: " + "; ".join(problems) + f". Review {SEAM_FILE}")
+
+
+check_flower_version(flwr.__version__)
+
+try:
+    from flwr.common.constant import ErrorCode
+    from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+except ImportError as _exc:
+    raise _seam_error([f"cannot import {_exc.name or _exc}"]) from _exc
+
+__all__ = [
+    "FLOWER_SERIES", "FLOWER_LOCKED", "FlowerVersionError", "FlowerSeamError", "check_flower_version",
+    "aggregate_arrayrecords", "trim_mean", "check_and_log_replies", "NODE_UNAVAILABLE",
+    "REPLY_MESSAGE_UNAVAILABLE", "replace_content_with_error", "array_bytes", "serialized_size",
+]
+
+# Flower's error codes for replies the SuperLink sends on a lost node's behalf.
+NODE_UNAVAILABLE: int = getattr(ErrorCode, "NODE_UNAVAILABLE", None)
+REPLY_MESSAGE_UNAVAILABLE: int = getattr(ErrorCode, "REPLY_MESSAGE_UNAVAILABLE", None)
+
+
+def check_and_log_replies(strategy, replies: Iterable[Message], is_train: bool = True
+                          ) -> tuple[list[Message], list[Message]]:
+    """FedAvg's filter of a round's replies (Flower's own logging of error replies): (valid, errors)."""
+    return strategy._check_and_log_replies(replies, is_train=is_train)
+
+
+def replace_content_with_error(reply: Message, error: Error) -> Message:
+    """The reply, its content dropped and ``error`` set instead (Flower allows content or error, not both,
+    and offers no way to drop content)."""
+    reply.__dict__["_content"] = None
+    reply.error = error
+    return reply
+
+
+def array_bytes(array: Array) -> bytes:
+    """An ``Array``'s serialised bytes as Flower sends and hashes them (an ``np.save`` image for numpy)."""
+    return array.data
+
+
+def serialized_size(arrays: ArrayRecord) -> int:
+    """Bytes of an ArrayRecord's arrays as sent."""
+    return sum(len(array_bytes(a)) for a in arrays.values())
+
+
+# -- probes: fail loudly at import, not later ---------------------------------------------------------
+def _problems() -> list[str]:
+    problems = []
+    if NODE_UNAVAILABLE is None or REPLY_MESSAGE_UNAVAILABLE is None:
+        problems.append("ErrorCode.NODE_UNAVAILABLE / REPLY_MESSAGE_UNAVAILABLE are missing")
+    check = getattr(_strategy.FedAvg, "_check_and_log_replies", None)
+    if not callable(check) or list(inspect.signature(check).parameters)[:3] != ["self", "replies", "is_train"]:
+        problems.append("FedAvg._check_and_log_replies(replies, is_train) is missing or changed")
+    for strategy, attributes in ((_strategy.FedAvg(), ("weighted_by_key", "train_metrics_aggr_fn")),
+                                 (_strategy.FedTrimmedAvg(), ("beta",)),
+                                 (_strategy.MultiKrum(), ("num_malicious_nodes", "num_nodes_to_select"))):
+        missing = [a for a in attributes if not hasattr(strategy, a)]
+        if missing:
+            problems.append(f"{type(strategy).__name__} no longer has {', '.join(missing)}")
+    # server/strategies.py puts its FedAvg under Flower's subclasses: their aggregate_train must reach it
+    for cls in (_strategy.FedProx, _strategy.FedAdam, _strategy.FedYogi, _strategy.Krum):
+        own = vars(cls).get("aggregate_train")
+        if not issubclass(cls, _strategy.FedAvg) or (own is not None and "super().aggregate_train(" not in
+                                                      inspect.getsource(own)):
+            problems.append(f"{cls.__name__}.aggregate_train no longer builds on FedAvg's")
+    probe = Message.__new__(Message)  # a message as Flower stores one: content, no error
+    probe.__dict__.update(_metadata=None, _content=RecordDict(), _error=None)
+    try:
+        replace_content_with_error(probe, Error(0, "probe"))
+        if probe.has_content() or not probe.has_error():
+            raise ValueError("content still set")
+    except (ValueError, KeyError, AttributeError) as exc:
+        problems.append(f"a Message's content can no longer be replaced by an error ({exc})")
+    values = np.arange(3, dtype=np.float32)
+    try:
+        image = array_bytes(Array(values))
+        if not isinstance(image, bytes) or not np.array_equal(np.load(io.BytesIO(image)), values):
+            raise ValueError("not an np.save image")
+    except (AttributeError, ValueError) as exc:
+        problems.append(f"Array.data is no longer the array's np.save image ({exc})")
+    return problems
+
+
+_found = _problems()
+if _found:
+    raise _seam_error(_found)

@@ -1,0 +1,128 @@
+"""The two Flower seams (server/flower_seam.py for the apps, deploy/site/flower_seam.py for the site
+runtime): they load against the installed Flower, each function works on a tiny real input, and a
+different Flower version is refused loudly, naming both versions and the file to review."""
+
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+from pathlib import Path
+
+import flwr
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import strategy as flwr_strategy
+
+from deploy.site import flower_seam as site_seam
+from server import flower_seam as app_seam
+
+ROOT = Path(__file__).resolve().parents[1]
+SEAMS = [(app_seam, "server/flower_seam.py"), (site_seam, "deploy/site/flower_seam.py")]
+
+
+def _locked_flwr() -> str:
+    text = (ROOT / "requirements.lock.txt").read_text()
+    return re.search(r"^flwr==(\S+)", text, re.M).group(1)
+
+
+@pytest.mark.parametrize("seam,path", SEAMS)
+def test_each_seam_is_written_against_the_installed_and_locked_flower(seam, path):
+    assert seam.FLOWER_LOCKED == _locked_flwr()
+    assert seam.FLOWER_LOCKED.startswith(seam.FLOWER_SERIES + ".")
+    seam.check_flower_version(flwr.__version__)  # holds for the installed Flower (else the import failed)
+    seam.check_flower_version(seam.FLOWER_SERIES + ".7")  # a patch release of the same series passes
+    assert seam.SEAM_FILE == path and (ROOT / path).is_file()
+
+
+@pytest.mark.parametrize("seam,path", SEAMS)
+@pytest.mark.parametrize("other", ["1.42.0", "2.0.0", "1.4.1"])
+def test_another_flower_version_is_refused_loudly(seam, path, other):
+    with pytest.raises(ImportError) as info:
+        seam.check_flower_version(other)
+    assert isinstance(info.value, seam.FlowerVersionError)
+    message = str(info.value)
+    assert other in message and seam.FLOWER_SERIES in message and seam.FLOWER_LOCKED in message
+    assert path in message and "requirements.lock.txt" in message
+
+
+# -- server/flower_seam.py ----------------------------------------------------------------------------
+def _reply(values: list[float], n: int) -> RecordDict:
+    return RecordDict({"arrays": ArrayRecord([np.array(values, dtype=np.float32)]),
+                       "metrics": MetricRecord({"num-examples": n})})
+
+
+def test_app_seam_aggregates_two_arrayrecords_as_flowers_weighted_mean():
+    out = app_seam.aggregate_arrayrecords([_reply([0.0, 4.0], 1), _reply([4.0, 0.0], 3)], "num-examples")
+    np.testing.assert_allclose(next(iter(out.values())).numpy(), [3.0, 1.0])
+
+
+def test_app_seam_trim_mean_drops_the_extremes():
+    stacked = np.array([[0.0], [1.0], [2.0], [3.0], [100.0]])
+    np.testing.assert_allclose(app_seam.trim_mean(stacked, 0.2), [2.0])
+
+
+def test_app_seam_filters_error_replies_like_fedavg():
+    site_seam.set_task_identity(task_id=1, run_id=1, node_id=0)
+    sent = Message(RecordDict(), dst_node_id=5, message_type=MessageType.TRAIN)
+    good = Message(_reply([1.0], 2), reply_to=sent)
+    bad = Message(Error(0, "lost"), reply_to=sent)
+    valid, errors = app_seam.check_and_log_replies(flwr_strategy.FedAvg(), [good, bad], is_train=True)
+    assert valid == [good] and errors == [bad]
+
+
+def test_app_seam_replaces_a_replys_content_with_an_error():
+    site_seam.set_task_identity(task_id=1, run_id=1, node_id=0)
+    sent = Message(RecordDict(), dst_node_id=5, message_type=MessageType.TRAIN)
+    reply = app_seam.replace_content_with_error(Message(_reply([1.0], 2), reply_to=sent), Error(4100, "no"))
+    assert not reply.has_content() and reply.error.code == 4100 and reply.error.reason == "no"
+
+
+def test_app_seam_reads_array_bytes_and_sizes():
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    image = app_seam.array_bytes(Array(values))
+    np.testing.assert_array_equal(np.load(io.BytesIO(image)), values)
+    record = ArrayRecord([values, np.zeros(5, dtype=np.int64)])
+    assert app_seam.serialized_size(record) == len(image) + len(app_seam.array_bytes(record[list(record)[1]]))
+    assert app_seam.serialized_size(record) > values.nbytes + 5 * 8  # the np.save headers
+    assert isinstance(app_seam.NODE_UNAVAILABLE, int) and isinstance(app_seam.REPLY_MESSAGE_UNAVAILABLE, int)
+
+
+# -- deploy/site/flower_seam.py -----------------------------------------------------------------------
+def test_site_seam_finds_every_internal_it_hooks():
+    assert site_seam.WARM_PROBLEMS == ()
+    site_seam.require_warm_executor_seam()
+    module, intake = site_seam.message_intake()
+    assert intake is module._pull_and_store_message
+
+
+def test_site_seam_wraps_and_restores_flower_functions():
+    module, intake = site_seam.message_intake()
+    seen = []
+    try:
+        site_seam.wrap_message_intake(lambda original: seen.append(original) or (lambda *a: "wrapped"))
+        assert seen == [intake] and site_seam.message_intake()[1]() == "wrapped"
+    finally:
+        module._pull_and_store_message = intake
+
+
+def test_site_seam_task_identity_and_transport_round_trip():
+    site_seam.set_task_identity(task_id=3, run_id=7, node_id=0)
+    msg = Message(RecordDict({"c": ConfigRecord({"k": 1})}), dst_node_id=2, message_type=MessageType.QUERY)
+    assert msg.metadata.run_id == 7
+    record = RecordDict({"arrays": ArrayRecord([np.arange(4, dtype=np.float32)])})
+    back = site_seam.as_transported(record)
+    assert back is not record and back.object_id == record.object_id
+    np.testing.assert_array_equal(back["arrays"].to_numpy_ndarrays()[0], np.arange(4, dtype=np.float32))
+
+
+def test_site_seam_builds_the_fab_whose_hash_sites_approve(tmp_path):
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "tiny"\nversion = "1.0.0"\n\n[tool.flwr.app]\npublisher = "t"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "tiny:s"\nclientapp = "tiny:c"\n')
+    (tmp_path / "tiny.py").write_text("s = c = None\n")
+    with zipfile.ZipFile(io.BytesIO(site_seam.build_fab_from_disk(tmp_path))) as fab:
+        assert "tiny.py" in fab.namelist()
+    app_dir = site_seam.installed_app_dir("t/tiny", "1.0.0", "ab" * 32)
+    assert isinstance(app_dir, Path) and app_dir.name.endswith("abababab")
