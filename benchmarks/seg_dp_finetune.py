@@ -37,7 +37,7 @@ from client.ingest.imaging.manifest import default_split
 from client.ingest.imaging.preprocess import PreprocessCache, PreprocessSpec
 from client.segmentation import PatientVolumes, evaluate
 from deploy.coordinator.pretrain import PretrainSettings, cached_hippocampus_model
-from server.settings import SEG_DP_FINETUNE
+from shared_models.tasks import SEG_DP_FINETUNE
 from shared_models import public_checkpoint
 from shared_models.registry import build_model
 from shared_models.seg_losses import DiceCE

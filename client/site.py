@@ -45,13 +45,9 @@ from client.ingest import heart_disease
 from client.errors import SiteError
 from privacy.policy import DatasetPolicy, PolicyError
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
+import tomllib
 
 HEART_DISEASE = "heart-disease"
-TASK_DATASET = {"ehr": HEART_DISEASE, "seg": "hippocampus"}  # the dataset a study's task trains on
 DATASET_SETTINGS = {"path", "manifest", "labels", "require_deidentified"}  # besides the privacy policy
 
 

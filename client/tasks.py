@@ -12,18 +12,19 @@ import numpy as np
 import torch
 
 from client import segmentation, training
-from client.ingest import ehr as ehr_ingest
+from client.ingest import ehr_encode as ehr_ingest
+from client.ingest.ehr_extract import load_extract
 from client.audit import combined_hash
 from client.ingest.imaging.preprocess import PreprocessSpec
 from client.errors import SiteError
-from client.site import TASK_DATASET, DatasetConfig, SiteConfig
+from client.site import DatasetConfig, SiteConfig
 from privacy.policy import DPRequest
 from shared_models.feature_stats import FeatureStats, patient_vectors
 from shared_models.schema import builtin_schema
 from shared_models.seg_losses import DiceCE
 from shared_models.sequence import HistoryDataset
+from shared_models.tasks import TASKS, get_task
 
-TASKS = (*TASK_DATASET, "ehr-seq")  # ehr-seq: the dataset is named by the study's schema
 
 
 def file_sha256(path) -> str:
@@ -36,7 +37,7 @@ def file_sha256(path) -> str:
 
 class EhrTask:
     def __init__(self, site: SiteConfig, run_config: dict) -> None:
-        self.dataset: DatasetConfig = site.dataset(TASK_DATASET["ehr"])
+        self.dataset: DatasetConfig = site.dataset(TASKS["ehr"].dataset)
         self.data = site.load_heart_disease()
         self.n_train, self.n_test = len(self.data.y_train), len(self.data.y_test)
         self.model_kwargs = {"n_features": self.data.n_features}
@@ -60,7 +61,7 @@ class EhrTask:
 
 class SegTask:
     def __init__(self, site: SiteConfig, run_config: dict) -> None:
-        self.dataset = site.dataset(TASK_DATASET["seg"])
+        self.dataset = site.dataset(TASKS["seg"].dataset)
         spec = PreprocessSpec(spacing=(float(run_config.get("seg-spacing", 1.0)),) * 3,
                               shape=segmentation.parse_shape(run_config.get("seg-shape", "48,64,48")))
         self.images = segmentation.load_site_images(site, self.dataset, spec)
@@ -105,7 +106,7 @@ class EhrSeqTask:
         self.dataset = site.dataset(self.schema.name)
         if self.dataset.path is None:
             raise SiteError(f"dataset '{self.schema.name}' of site '{site.site_id}' has no path")
-        self.extract = ehr_ingest.load_extract(self.dataset.path, self.schema)
+        self.extract = load_extract(self.dataset.path, self.schema)
         self.train_patients, self.test_patients = [], []
         for rows in ehr_ingest.patient_rows(self.extract):
             pid = self.extract.patient_ids[rows[0]]
@@ -140,15 +141,17 @@ class EhrSeqTask:
         return training.evaluate_dataset(model, self._histories(self.test_patients), device)
 
 
+# How a site loads and trains each task of the task table (shared_models/tasks.py), by its name.
+SITE_TASKS = {"ehr": EhrTask, "seg": SegTask, "ehr-seq": EhrSeqTask}
+if SITE_TASKS.keys() != TASKS.keys():  # adding a task to the table without its site code fails at import
+    raise ImportError(f"client/tasks.py has site code for {sorted(SITE_TASKS)}, the task table names {sorted(TASKS)}")
+
+
 def load_task(site: SiteConfig, run_config: dict, feature_stats: str = ""):
-    task = str(run_config.get("task", "ehr"))
-    if task == "ehr":
-        return EhrTask(site, run_config)
-    if task == "seg":
-        return SegTask(site, run_config)
-    if task == "ehr-seq":
-        return EhrSeqTask(site, run_config, feature_stats)
-    raise ValueError(f"unknown task '{task}'; one of {', '.join(TASKS)}")
+    study = get_task(str(run_config.get("task", "ehr")))
+    if study.shared_statistics:
+        return SITE_TASKS[study.name](site, run_config, feature_stats)
+    return SITE_TASKS[study.name](site, run_config)
 
 
 def device_for(site: SiteConfig) -> torch.device:

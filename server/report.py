@@ -28,34 +28,36 @@ from pathlib import Path
 
 from server.run_dir import (METRICS_FILE, ROUNDS_FILE, STOPPED, SUMMARY_FILE, atomic_write_bytes, read_jsonl,
                             stop_record)
+from shared_models.tasks import BINARY, SEGMENTATION, TASKS
 from shared_models.report_html import PALETTE, e, figure_img, new_figure, page
 
 REPORT_FILE = "report.html"
 BASELINES_FILE = "baselines.json"
 AUDIT_FILE = "audit.jsonl"
 
-# Per task: the per-site test metrics plotted and tabled (key, label), the federation metrics of
+# Per metric family (shared_models/tasks.py): the per-site test metrics plotted and tabled (key, label), the federation metrics of
 # rounds.jsonl, and which federation metric is the mean over sites of a site metric.
 SITE_METRICS = {
-    "ehr": (("accuracy", "accuracy"), ("auc", "AUC"), ("sensitivity", "sensitivity"),
+    BINARY: (("accuracy", "accuracy"), ("auc", "AUC"), ("sensitivity", "sensitivity"),
             ("specificity", "specificity"), ("f1", "F1")),
-    "seg": (("dice", "mean foreground Dice"), ("dice_1", "Dice, label 1"), ("dice_2", "Dice, label 2"),
+    SEGMENTATION: (("dice", "mean foreground Dice"), ("dice_1", "Dice, label 1"), ("dice_2", "Dice, label 2"),
             ("iou_1", "IoU, label 1"), ("iou_2", "IoU, label 2")),
 }
-PLOTTED_SITE_METRICS = {"ehr": ("accuracy", "auc", "f1", "test_loss"), "seg": ("dice", "dice_1", "dice_2", "test_loss")}
+PLOTTED_SITE_METRICS = {BINARY: ("accuracy", "auc", "f1", "test_loss"),
+                        SEGMENTATION: ("dice", "dice_1", "dice_2", "test_loss")}
 FEDERATION_METRICS = {
-    "ehr": (("pooled_auc", "pooled AUC"), ("pooled_accuracy", "pooled accuracy"),
+    BINARY: (("pooled_auc", "pooled AUC"), ("pooled_accuracy", "pooled accuracy"),
             ("mean_centre_auc", "mean-centre AUC"), ("mean_centre_accuracy", "mean-centre accuracy"),
             ("pooled_sensitivity", "pooled sensitivity"), ("pooled_specificity", "pooled specificity"),
             ("pooled_f1", "pooled F1")),
-    "seg": (("mean_dice", "mean Dice over sites"), ("pooled_dice", "pooled Dice"),
+    SEGMENTATION: (("mean_dice", "mean Dice over sites"), ("pooled_dice", "pooled Dice"),
             ("pooled_dice_1", "pooled Dice, label 1"), ("pooled_dice_2", "pooled Dice, label 2")),
 }
-HEADLINE = {"ehr": "pooled_auc", "seg": "mean_dice"}
+HEADLINE = {t.metric_family: t.headline for t in TASKS.values()}  # the task table's, per family
 MEAN_OVER_SITES = {"accuracy": "mean_centre_accuracy", "auc": "mean_centre_auc", "dice": "mean_dice"}
 LABELS = {"test_loss": "test loss", "train_loss": "training loss", "epsilon": "ε"}
-FEDERATION_ROWS = {"ehr": (("pooled (all test patients)", "pooled_"), ("mean over sites", "mean_centre_")),
-                   "seg": (("pooled (all test cases)", "pooled_"), ("mean over sites", "mean_"))}
+FEDERATION_ROWS = {BINARY: (("pooled (all test patients)", "pooled_"), ("mean over sites", "mean_centre_")),
+                   SEGMENTATION: (("pooled (all test cases)", "pooled_"), ("mean over sites", "mean_"))}
 # With personalise = finetune (docs/OPERATIONS.md) a site also reports its fine-tuned model's figures.
 PERSONAL, PERSONALISED = "personal_", "personalised_"
 
@@ -87,11 +89,12 @@ class RunData:
 
     @property
     def task(self) -> str:
-        """The task's metric family: ``seg`` (Dice) or ``ehr`` (binary risk: tables and visit histories)."""
+        """The task's metric family (shared_models/tasks.py): Dice, or binary risk; read from the metrics when
+        the run names no task the table knows."""
         task = (self.summary or {}).get("task") or self.config.get("task")
-        if task in SITE_METRICS:
-            return task
-        return "seg" if any("dice" in r for r in self.metrics) else "ehr"
+        if task in TASKS:
+            return TASKS[task].metric_family
+        return SEGMENTATION if any("dice" in r for r in self.metrics) else BINARY
 
     @property
     def sites(self) -> list[str]:
@@ -137,7 +140,7 @@ def _read_baselines(path: Path, summary: dict | None, task: str | None, notes: l
             continue
         for label, metrics in value.items():
             if _number(metrics) is not None:
-                metrics = {HEADLINE.get(task or "ehr", "pooled_auc"): metrics}
+                metrics = {HEADLINE.get(task or BINARY, "pooled_auc"): metrics}
             if not isinstance(metrics, dict):
                 notes.append(f"{where}: baseline '{label}' is neither a number nor an object; ignored")
                 continue
@@ -525,8 +528,8 @@ def _final_table(run: RunData) -> str:
                     + "".join(f"<td class=num>{_fmt(values.get(k))}</td>" for k, _ in columns)
                     + f"<td>{e('; '.join(other))}</td></tr>")
     note = (f'<p class="muted">Per site: its test metrics of the final global model ({e(source)}). '
-            f"Pooled: over all sites' test {'patients' if task == 'ehr' else 'cases'}, from counts "
-            f"{'and score histograms ' if task == 'ehr' else ''}the sites sent; mean over sites: each site "
+            f"Pooled: over all sites' test {'patients' if task == BINARY else 'cases'}, from counts "
+            f"{'and score histograms ' if task == BINARY else ''}the sites sent; mean over sites: each site "
             f"weighs the same.</p>")
     return f"<table>{head}{''.join(body)}</table>{note}"
 

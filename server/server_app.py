@@ -25,6 +25,7 @@ from server.validation import UpdateValidator
 from shared_models import public_checkpoint
 from shared_models.metrics import SCORE_BINS
 from shared_models.registry import build_model
+from shared_models.tasks import BINARY
 from shared_models.trainable import trained_names
 
 log = logging.getLogger("flwr")
@@ -129,12 +130,12 @@ def main(grid: Grid, context: Context) -> None:
 
 def _model_kwargs(settings: RunSettings, sites) -> dict:
     """What the model needs from the sites (EHR: the number of features they agree on)."""
-    if settings.task == "ehr-seq":
+    if settings.study.shared_statistics:
         schema_hashes = {s.site_id: s.schema_sha256 for s in sites if s.schema_sha256 != settings.study_schema().sha256}
         if schema_hashes:
             raise SiteSelectionError(f"sites {', '.join(sorted(schema_hashes))} read another version of schema "
                                      f"'{settings.schema}' than the coordinator's (sha256 differs)")
-    if settings.task in ("ehr", "ehr-seq"):
+    if settings.study.metric_family == BINARY:
         n_features = {s.n_features for s in sites}
         if len(n_features) != 1:
             raise SiteSelectionError(f"sites disagree on the number of features: {sorted(n_features)}")
@@ -217,7 +218,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
     train_config, evaluate_config = settings.train_config(), settings.evaluate_config()
     if public is not None:  # each site logs it beside the hash of the model it receives
         train_config["init-checkpoint-sha256"] = public.sha256
-    if settings.task == "ehr-seq":  # one shared encoding, from every site's DP statistics
+    if settings.study.shared_statistics:  # one shared encoding, from every site's DP statistics
         stats = feature_stats.gather(grid, sites, settings.study_schema(), settings.stats_noise_multiplier,
                                      run_dir.path, on_replies=audit.on_replies).to_json()
         train_config["feature-stats"] = evaluate_config["feature-stats"] = stats
@@ -250,7 +251,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
     run_dir.write_summary({
         "run_id": context.run_id,
         "task": settings.task,
-        "dataset": {"ehr": "heart-disease", "seg": "hippocampus"}.get(settings.task, settings.schema),
+        "dataset": settings.study.dataset_name(settings.schema),
         "model": settings.model,
         "strategy": settings.strategy,
         "train_params": settings.train_params,
@@ -261,7 +262,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
         "per_site": per_site,
         **final,
         **({"pooled_auc_method": f"sum of per-site score histograms ({SCORE_BINS} bins); ties inside a bin count 1/2"}
-           if settings.task in ("ehr", "ehr-seq") else
+           if settings.study.metric_family == BINARY else
            {"pooled_dice_method": "per class Σ2|P∩T| / Σ(|P|+|T|) over all sites' test cases",
             "data_note": "MSD hippocampus is single-centre (Vanderbilt); its sites are a synthetic split"}),
         "config": dict(context.run_config),

@@ -6,18 +6,12 @@ from dataclasses import dataclass
 
 from shared_models.registry import UnknownModelError, get_spec
 from shared_models.schema import Schema, SchemaError, builtin_schema
+from shared_models.tasks import TASKS, Task, get_task
 from shared_models.train_request import TrainSettings
 from shared_models.trainable import TRAINABLE
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
-TASKS = ("ehr", "seg", "ehr-seq")
 PERSONALISATION = ("none", "finetune")
-
-# DP fine-tuning of a public U-Net (init-checkpoint): the scale and shift of every normalisation layer and
-# the output layer (924 numbers) trained with a few full-batch SGD steps, clipped near the per-patient
-# gradient norm (≈ 0.2 on public data). Chosen on public data only: docs/RESULTS.md, "DP segmentation".
-SEG_DP_FINETUNE = {"train-params": "norms-head", "optimizer": "sgd", "lr": 1.0, "batch-size": 64, "local-steps": 2,
-                   "local-epochs": 1, "clip-norm": 0.2}
 
 
 class RunConfigError(ValueError):
@@ -100,7 +94,7 @@ class RunSettings:
             train_params=str(cfg.get("train-params", "all")), init_checkpoint=str(cfg.get("init-checkpoint", "")),
         )
         if s.task not in TASKS:
-            problems.append(f"task '{s.task}' is not one of {', '.join(TASKS)}")
+            problems.append(f"task '{s.task}' is not one of {', '.join(TASKS)} (shared_models/tasks.py)")
         try:
             if get_spec(s.model).task != s.task:
                 problems.append(f"model '{s.model}' is not a model for task '{s.task}'")
@@ -137,12 +131,12 @@ class RunSettings:
                             "would release a non-private function of each site's training data")
         if not isinstance(cfg.get("tensorboard", False), bool):
             problems.append("'tensorboard' must be true or false")
-        if s.task == "ehr-seq":
+        if s.task in TASKS and s.study.shared_statistics:
             try:
                 if s.study_schema().visits is None:
-                    problems.append(f"schema '{s.schema}' has no [visits]; task ehr-seq needs visit histories")
+                    problems.append(f"schema '{s.schema}' has no [visits]; task {s.task} needs visit histories")
             except SchemaError as exc:
-                problems.append(f"'schema' (task ehr-seq): {exc}")
+                problems.append(f"'schema' (task {s.task}): {exc}")
             if not s.stats_noise_multiplier > 0:
                 problems.append("'stats-noise-multiplier' must be > 0 (the feature statistics are a DP release)")
         if s.train_params not in TRAINABLE:
@@ -161,10 +155,15 @@ class RunSettings:
                 "batch-size": self.batch_size, "optimizer": self.optimizer, "lr": self.lr, "seed": self.seed,
                 "dp": self.dp, "noise-multiplier": self.noise_multiplier, "target-epsilon": self.target_epsilon,
                 "clip-norm": self.clip_norm, "num-server-rounds": self.num_rounds, "train-params": self.train_params,
-                **({"stats-noise-multiplier": self.stats_noise_multiplier} if self.task == "ehr-seq" else {})}
+                **({"stats-noise-multiplier": self.stats_noise_multiplier} if self.study.shared_statistics else {})}
+
+    @property
+    def study(self) -> Task:
+        """This study's row of the task table."""
+        return get_task(self.task)
 
     def study_schema(self) -> Schema:
-        """The schema an ehr-seq study names (shipped in the app bundle, so its hash is approved with it)."""
+        """The schema a study on an EHR extract names (shipped in the app bundle, so its hash is approved with it)."""
         return builtin_schema(self.schema)
 
     def evaluate_config(self) -> dict:

@@ -28,11 +28,6 @@ SERVER_NODE, SITE_NODE = 1, 42
 _ids = itertools.count(1)
 
 
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    return helpers.data_dir()
-
-
 def _context(node_config: dict, run_config: dict | None = None) -> Context:
     return Context(run_id=7, node_id=SITE_NODE, node_config=node_config, state=RecordDict(),
                    run_config=run_config or {})

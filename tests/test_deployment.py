@@ -3,53 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from deploy.site.approval import app_hash, approved_apps
 from deploy.coordinator.superlink import APP_DIR
-from deploy.processes import NO_PHONE_HOME
-from tests.helpers import data_dir
-
-CAREFL = [sys.executable, "-m", "deploy.cli"]
-FLOWER_BINARIES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
-                   "flwr-clientapp", "flwr-simulation", "deploy.site.gate", "deploy.site.warm", "bin/carefl")
-
-
-def _flower_pids_mentioning(marker: str) -> list[int]:
-    """Flower processes whose command line or environment mentions ``marker`` (our run's folder)."""
-    found = []
-    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            env = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if any(b in cmd for b in FLOWER_BINARIES) and (marker in cmd or marker in env):
-            found.append(pid)
-    return found
-
-
-def _carefl(args: list[str], tmp_path: Path, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **NO_PHONE_HOME, "CAREFL_DATA": str(data_dir()), "COLUMNS": "120", **(env or {})}
-    try:
-        return subprocess.run(CAREFL + args, env=env, capture_output=True, text=True, timeout=timeout,
-                              cwd=tmp_path, stdin=subprocess.DEVNULL)
-    finally:
-        leftovers = _flower_pids_mentioning(str(tmp_path))
-        for pid in leftovers:  # never leave a process behind, even when the test fails
-            os.kill(pid, signal.SIGKILL)
-        assert not leftovers, f"processes left running: {leftovers}"
+from tests.helpers import run_carefl
 
 
 def test_demo_runs_a_tls_federation_of_four_hospitals(tmp_path):
     out = tmp_path / "demo"
-    done = _carefl(["demo", "--rounds", "2", "--local-steps", "50", "--out", str(out)], tmp_path, timeout=540)
+    done = run_carefl(["demo", "--rounds", "2", "--local-steps", "50", "--out", str(out)], tmp_path, timeout=540)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -79,7 +43,7 @@ def test_demo_runs_a_tls_federation_of_four_hospitals(tmp_path):
 
     # one signed audit log per site and one for the coordinator; an auditor's verification passes,
     # recomputes every site's ε (dp-accounting PLD, not the site's Opacus PRV) within 1% of its ledger
-    verified = _carefl(["audit", "verify", "--run-dir", str(out), "--json"], tmp_path, timeout=120)
+    verified = run_carefl(["audit", "verify", "--run-dir", str(out), "--json"], tmp_path, timeout=120)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     report = json.loads(verified.stdout)
     actors = {a["actor"]: a for a in report["actors"]}
@@ -92,15 +56,15 @@ def test_demo_runs_a_tls_federation_of_four_hospitals(tmp_path):
         original = log.read_bytes()
         position = len(original) // 2
         log.write_bytes(original[:position] + bytes([original[position] ^ 0x01]) + original[position + 1:])
-        tampered = _carefl(["audit", "verify", "--run-dir", str(out)], tmp_path, timeout=120)
+        tampered = run_carefl(["audit", "verify", "--run-dir", str(out)], tmp_path, timeout=120)
         assert tampered.returncode == 1 and "FAIL" in tampered.stdout, tampered.stdout
         log.write_bytes(original)
 
 
 def test_simulation_engine_runs_more_sites_than_hospitals(tmp_path):
     out = tmp_path / "sim"
-    done = _carefl(["simulate", "--sites", "6", "--rounds", "1", "--local-steps", "10", "--out", str(out)],
-                   tmp_path, timeout=400)
+    done = run_carefl(["simulate", "--sites", "6", "--rounds", "1", "--local-steps", "10", "--out", str(out)],
+                      tmp_path, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["sites"]) == 6
@@ -116,14 +80,14 @@ def test_simulation_engine_runs_more_sites_than_hospitals(tmp_path):
     (["data", "fetch", "imagenet", "--data-dir", "/tmp"], "unknown data set 'imagenet'"),
 ])
 def test_bad_arguments_get_one_clear_line_and_no_traceback(tmp_path, args, expected):
-    done = _carefl(args, tmp_path, timeout=60)
+    done = run_carefl(args, tmp_path, timeout=60)
     assert done.returncode == 2
     output = " ".join((done.stdout + done.stderr).split())
     assert expected in output and "Traceback" not in output
 
 
 def test_data_check_reports_counts_for_every_centre(tmp_path):
-    done = _carefl(["data", "check", "heart-disease"], tmp_path, timeout=60)
+    done = run_carefl(["data", "check", "heart-disease"], tmp_path, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     for centre, split in (("cleveland", "199 / test 104"), ("hungarian", "172 / test 89"),
                           ("switzerland", "30 / test 16"), ("va", "85 / test 45")):

@@ -10,7 +10,7 @@ from client.ingest.imaging.dicom_series import declares_deidentified, phi_attrib
 from deploy.datasets.dicomize import dicomize_case, rescale_for
 from client.ingest.imaging.io import read_image, read_mask
 from client.ingest.imaging.volume import ImagingError
-from tests.test_imaging_io import shared_data
+from tests.helpers import shared_data
 
 NAMES = {1: "anterior hippocampus", 2: "posterior hippocampus"}
 

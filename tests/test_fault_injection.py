@@ -13,8 +13,7 @@ import pytest
 
 from server.checkpoint import load
 from server.run_dir import read_jsonl
-from tests.helpers import default_run_config, wait_for
-from tests.test_secure_deployment import _wait_online, _wait_run, running_consortium
+from tests.helpers import default_run_config, running_consortium, wait_for, wait_online, wait_run
 
 SITES = {"cleveland": "cleveland", "hungarian": "hungarian", "switzerland": "switzerland", "va": "va"}
 
@@ -58,9 +57,9 @@ def test_a_site_dies_mid_round_then_the_coordinator_crashes_and_the_study_resume
     assert first["round"] == 1 and first["sites_replied"] == ["cleveland", "hungarian", "switzerland"]
 
     coord.start()  # same state directory: the database still knows every site's key
-    _wait_online(coord, list(SITES), timeout=300)
+    wait_online(coord, list(SITES), timeout=300)
     run_id = coord.submit({**config, "resume-from": str(out)})
-    assert _wait_run(coord, run_id, timeout=400) == "finished:completed", coord.run_log(run_id)
+    assert wait_run(coord, run_id, timeout=400) == "finished:completed", coord.run_log(run_id)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 3 and summary["sites"] == sorted(SITES)
     assert sorted(r["round"] for r in read_jsonl(out / "rounds.jsonl")) == [1, 2, 3]

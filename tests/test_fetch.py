@@ -20,11 +20,6 @@ from client.errors import DataFormatError, SiteError
 
 
 @pytest.fixture(scope="module")
-def data_dir() -> Path:
-    return helpers.data_dir()
-
-
-@pytest.fixture(scope="module")
 def real_bytes(data_dir) -> dict[str, bytes]:
     """URL → the real file's bytes, as the UCI server would serve them."""
     return {
@@ -143,7 +138,7 @@ def test_hippocampus_archive_is_unpacked_into_the_layout_the_product_reads(tmp_p
     from deploy.datasets.fetch import fetch_hippocampus
     from deploy.datasets import hippocampus
 
-    cases = hippocampus.cases(helpers.data_dir())[:2]
+    cases = helpers.hippocampus_cases()[:2]
     archive = tmp_path / "src.tar"
     with tarfile.open(archive, "w") as tar:
         for case in cases:

@@ -1,8 +1,8 @@
 """The heart-disease loader on the real UCI files (FLamby's Fed-Heart-Disease protocol).
 
 The data directory is $CAREFL_DATA (default /work/shared/data); the tests that need the real
-files skip when its ``uci_heart_disease`` folder is absent. Bad-input tests write real files
-(real lines, then corrupted) to ``tmp_path``.
+files skip when its ``uci_heart_disease`` folder is absent (and fail when $CI is true). Bad-input tests
+write real files (real lines, then corrupted) to ``tmp_path``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests import helpers
 from sklearn.model_selection import train_test_split
 
 from client.ingest import heart_disease
@@ -24,11 +23,6 @@ from client.errors import DataFormatError, DataNotFoundError, SiteError
 # FLamby's documented per-centre split sizes (train, test) and rows dropped for a missing value.
 FLAMBY_SIZES = {"cleveland": (199, 104), "hungarian": (172, 89), "switzerland": (30, 16), "va": (85, 45)}
 ROWS_INCOMPLETE = {"cleveland": 0, "hungarian": 33, "switzerland": 77, "va": 70}
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    return helpers.data_dir()
 
 
 @pytest.fixture(scope="module")

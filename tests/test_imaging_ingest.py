@@ -15,21 +15,13 @@ from tests import helpers
 LABELS = {0, 1, 2}
 
 
-@pytest.fixture(scope="module")
-def cases():
-    root = helpers.REPO.parent / "shared" / "data"
-    if not (root / hippocampus.FOLDER).is_dir():
-        pytest.skip(f"hippocampus data not found under {root}")
-    return hippocampus.cases(root)
-
-
 def test_hippocampus_split_is_deterministic_and_complete(cases):
     assert len(cases) == 260
     sites = hippocampus.split_sites(cases, 3)
     assert [len(v) for v in sites.values()] == [87, 87, 86]
     ids = [c.case_id for v in sites.values() for c in v]
     assert sorted(ids) == sorted(c.case_id for c in cases)  # disjoint and complete
-    assert sites == hippocampus.split_sites(hippocampus.cases(helpers.REPO.parent / "shared" / "data"), 3)
+    assert sites == hippocampus.split_sites(hippocampus.cases(helpers.data_root()), 3)
 
 
 def test_validate_lists_every_problem_and_keeps_the_good_cases(tmp_path, cases):
@@ -130,7 +122,7 @@ def test_cli_dicomize_validate_ingest(tmp_path, cases):
     import sys
 
     carefl = [sys.executable, "-m", "deploy.cli"]
-    data = str(helpers.REPO.parent / "shared" / "data")
+    data = str(helpers.data_root())
 
     def run(*args):
         return subprocess.run(carefl + list(args), capture_output=True, text=True, timeout=300,

@@ -3,7 +3,6 @@ bundled test files (plain, compressed), and every refused input written as real 
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import uuid
@@ -33,19 +32,11 @@ from client.ingest.imaging.dicom_series import (
 )
 from client.ingest.imaging.io import read_image, read_mask
 from client.ingest.imaging.volume import ImagingError, Volume
-from tests import helpers
+from tests.helpers import shared_data
 
 PLANTED_NAME = "DOE^JANE^XYZZY"
 PLANTED_ID = "XYZZY-4242"
 PLANTED_PARTS = ("XYZZY", "DOE", "JANE", "4242")
-
-
-def shared_data(sub: str) -> Path:
-    """A folder of the real shared data ($CAREFL_DATA, else ../shared/data); skip if absent."""
-    root = Path(os.environ.get("CAREFL_DATA", helpers.REPO.parent / "shared" / "data"))
-    if not (root / sub).exists():
-        pytest.skip(f"real imaging data not found: {root / sub}")
-    return root / sub
 
 
 def ct_folder() -> Path:

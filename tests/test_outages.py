@@ -19,8 +19,7 @@ import pytest
 from deploy import processes
 from server.checkpoint import load
 from server.run_dir import read_jsonl
-from tests.helpers import default_run_config, wait_for
-from tests.test_secure_deployment import _wait_run, running_consortium
+from tests.helpers import default_run_config, running_consortium, wait_for, wait_run
 
 SITES = {"cleveland": "cleveland", "hungarian": "hungarian", "va": "va"}
 
@@ -141,7 +140,7 @@ def test_sites_reconnect_by_themselves_after_every_outage_and_the_study_resumes(
     done = load(out).round
     assert 1 <= done < 3 and not (out / "summary.json").exists()
     run_id = coord.submit({**config, "resume-from": str(out)})
-    assert _wait_run(coord, run_id, timeout=400) == "finished:completed", coord.run_log(run_id)
+    assert wait_run(coord, run_id, timeout=400) == "finished:completed", coord.run_log(run_id)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 3 and summary["sites"] == sorted(SITES)
     assert sorted(r["round"] for r in read_jsonl(out / "rounds.jsonl")) == [1, 2, 3]

@@ -11,13 +11,10 @@ import math
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, MessageType, Metadata, RecordDict
-from flwr.app.message import make_message
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from client import client_app, training
@@ -28,36 +25,17 @@ from privacy.ledger import BudgetExceeded, LedgerError, PrivacyLedger
 from privacy.policy import DatasetPolicy, DPRequest, PolicyError, RequestRefused, check_request, default_delta
 from shared_models.registry import build_model
 from tests import helpers
+from tests.helpers import dp_train_message, fresh_context
 
-SIGMA, CLIP, BATCH, EPOCHS = 1.1, 1.0, 8, 1
+SIGMA, CLIP, BATCH, EPOCHS = helpers.DP_SIGMA, helpers.DP_CLIP, helpers.DP_BATCH, helpers.DP_EPOCHS
 N_CLEVELAND = 199
-
-
-def _train_message(server_round: int, **overrides):
-    torch.manual_seed(0)
-    model = build_model("ehr-logreg", n_features=13)
-    config = {"model": "ehr-logreg", "local-steps": 0, "local-epochs": EPOCHS, "batch-size": BATCH,
-              "optimizer": "sgd", "lr": 0.05, "seed": 1, "server-round": server_round, "dp": True,
-              "noise-multiplier": SIGMA, "clip-norm": CLIP, "target-epsilon": 0.0, "num-server-rounds": 3,
-              **overrides}
-    meta = Metadata(run_id=11, message_id=f"m{server_round}-{time.time_ns()}", src_node_id=1, dst_node_id=5,
-                    reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=DEFAULT_TTL,
-                    message_type=MessageType.TRAIN)
-    return make_message(metadata=meta, content=RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                                                           "config": ConfigRecord(config)}))
-
-
-def _context(site_toml) -> Context:
-    """A fresh context, as a restarted agent (new SuperNode, new ClientApp process) would have."""
-    return Context(run_id=11, node_id=5, node_config={"site-config": str(site_toml)}, state=RecordDict(),
-                   run_config={})
 
 
 RESTARTED_ROUND_1 = textwrap.dedent("""
     import sys
-    from tests.test_privacy import _context, _train_message
+    from tests.helpers import dp_train_message, fresh_context
     from client import client_app
-    reply = client_app.train(_train_message(1), _context(sys.argv[1]))
+    reply = client_app.train(dp_train_message(1), fresh_context(sys.argv[1]))
     print("ERROR" if reply.has_error() else reply.content["metrics"]["epsilon"])
 """)
 
@@ -69,7 +47,7 @@ def test_epsilon_composes_across_rounds_and_restarts_like_one_accountant_run(tmp
                           cwd=helpers.REPO, timeout=300)
     assert done.returncode == 0 and "ERROR" not in done.stdout, done.stdout + done.stderr
     eps_round_1 = float(done.stdout.strip().splitlines()[-1])
-    replies = [client_app.train(_train_message(r), _context(site_toml)) for r in (2, 3)]
+    replies = [client_app.train(dp_train_message(r), fresh_context(site_toml)) for r in (2, 3)]
     assert not any(r.has_error() for r in replies), [r.error.reason for r in replies if r.has_error()]
 
     q = 1 / math.ceil(N_CLEVELAND / BATCH)
@@ -97,10 +75,10 @@ def test_rdp_ledger_matches_one_rdp_run(tmp_path):
 def test_overspending_round_is_refused_before_training_and_sends_nothing(tmp_path):
     one_round = epsilon([(SIGMA, sample_rate(N_CLEVELAND, BATCH), math.ceil(N_CLEVELAND / BATCH))], 1e-4)
     site_toml = helpers.site_config(tmp_path, "cleveland", epsilon_budget=round(one_round * 1.2, 4))
-    first = client_app.train(_train_message(1), _context(site_toml))
+    first = client_app.train(dp_train_message(1), fresh_context(site_toml))
     assert not first.has_error()
-    msg = _train_message(2)
-    second = client_app.train(msg, _context(site_toml))
+    msg = dp_train_message(2)
+    second = client_app.train(msg, fresh_context(site_toml))
     assert second.has_error() and not second.has_content()  # no weights leave
     assert second.error.code == client_app.CODE_PRIVACY
     reason = second.error.reason
@@ -112,8 +90,8 @@ def test_overspending_round_is_refused_before_training_and_sends_nothing(tmp_pat
 def test_requests_outside_policy_are_refused_with_every_reason(tmp_path):
     site_toml = helpers.site_config(tmp_path, "cleveland", min_noise_multiplier=0.8, max_clip_norm=2.0,
                                     max_sample_rate=0.05)
-    reply = client_app.train(_train_message(1, **{"noise-multiplier": 0.5, "clip-norm": 3.0, "batch-size": 16}),
-                             _context(site_toml))
+    reply = client_app.train(dp_train_message(1, **{"noise-multiplier": 0.5, "clip-norm": 3.0, "batch-size": 16}),
+                             fresh_context(site_toml))
     assert reply.has_error() and not reply.has_content()
     assert reply.error.code == client_app.CODE_PRIVACY
     for part in ("noise multiplier 0.5 is below the site minimum 0.8", "clip norm 3 is above the site maximum 2",
@@ -124,22 +102,22 @@ def test_requests_outside_policy_are_refused_with_every_reason(tmp_path):
 
 def test_non_dp_request_is_refused_unless_the_site_allows_it(tmp_path):
     strict = helpers.site_config(tmp_path / "strict", "cleveland")
-    reply = client_app.train(_train_message(1, dp=False), _context(strict))
+    reply = client_app.train(dp_train_message(1, dp=False), fresh_context(strict))
     assert reply.has_error() and "forbids training without differential privacy" in reply.error.reason
 
     lenient = helpers.site_config(tmp_path / "dev", "cleveland", allow_non_dp=True)
-    reply = client_app.train(_train_message(1, dp=False), _context(lenient))
+    reply = client_app.train(dp_train_message(1, dp=False), fresh_context(lenient))
     assert not reply.has_error()
     assert reply.content["metrics"]["dp"] == 0.0 and math.isinf(reply.content["metrics"]["epsilon"])
     # honest accounting: after an undefended release the dataset's ε is unbounded, so DP rounds are refused
-    after = client_app.train(_train_message(2), _context(lenient))
+    after = client_app.train(dp_train_message(2), fresh_context(lenient))
     assert after.has_error() and after.error.code == client_app.CODE_PRIVACY
 
 
 def test_the_same_round_is_never_trained_twice(tmp_path):
     site_toml = helpers.site_config(tmp_path, "cleveland")
-    assert not client_app.train(_train_message(1), _context(site_toml)).has_error()
-    again = client_app.train(_train_message(1), _context(site_toml))
+    assert not client_app.train(dp_train_message(1), fresh_context(site_toml)).has_error()
+    again = client_app.train(dp_train_message(1), fresh_context(site_toml))
     assert again.has_error() and "already trained" in again.error.reason
 
 
@@ -147,7 +125,7 @@ def test_an_unusable_ledger_fails_closed(tmp_path):
     site_toml = helpers.site_config(tmp_path, "cleveland")
     ledger_path = load_site_config(site_toml).ledger_path
     ledger_path.mkdir(parents=True)  # a directory where the database should be
-    reply = client_app.train(_train_message(1), _context(site_toml))
+    reply = client_app.train(dp_train_message(1), fresh_context(site_toml))
     assert reply.has_error() and not reply.has_content()
     assert reply.error.code == client_app.CODE_PRIVACY and "ledger" in reply.error.reason
 
@@ -168,10 +146,10 @@ def test_study_target_makes_each_site_size_its_own_noise(tmp_path):
     spent = {}
     for centre in ("cleveland", "switzerland"):
         site_toml = helpers.site_config(tmp_path, centre)
-        ctx = _context(site_toml)
+        ctx = fresh_context(site_toml)
         for r in (1, 2, 3):  # all rounds of a 3-round study
-            reply = client_app.train(_train_message(r, **{"noise-multiplier": 0.0, "target-epsilon": 2.0,
-                                                          "batch-size": 4}), ctx)
+            reply = client_app.train(dp_train_message(r, **{"noise-multiplier": 0.0, "target-epsilon": 2.0,
+                                                             "batch-size": 4}), ctx)
             assert not reply.has_error(), reply.error.reason
         spent[centre] = reply.content["metrics"]["epsilon"]
         sigma = reply.content["metrics"]["noise-multiplier"]
@@ -260,7 +238,7 @@ def test_cli_plan_and_budget(tmp_path):
 
     site_toml = helpers.site_config(tmp_path, "cleveland")
     for r in (1, 2):
-        assert not client_app.train(_train_message(r), _context(site_toml)).has_error()
+        assert not client_app.train(dp_train_message(r), fresh_context(site_toml)).has_error()
     budget = subprocess.run(env_python + ["site", "budget", "--config", str(site_toml), "--json"],
                             capture_output=True, text=True, timeout=120)
     assert budget.returncode == 0, budget.stderr

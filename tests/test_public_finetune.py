@@ -29,14 +29,9 @@ from shared_models import public_checkpoint
 from shared_models.registry import build_model
 from shared_models.seg_losses import DiceCE
 from shared_models.trainable import TRAINABLE, freeze_except, trained_names, trained_size
-from tests.helpers import default_run_config, hippocampus_cases, hippocampus_site
+from tests.helpers import default_run_config, hippocampus_site
 
 SHAPE = (24, 32, 24)
-
-
-@pytest.fixture(scope="module")
-def cases():
-    return hippocampus_cases()
 
 
 @pytest.fixture(scope="module")
@@ -211,16 +206,16 @@ def test_a_study_refuses_a_checkpoint_of_another_model(tmp_path, cases):
 
 
 def test_coordinator_pretrain_command(tmp_path, cases):
-    from tests.test_deployment import _carefl
+    from tests.helpers import run_carefl
 
     out = tmp_path / "models" / "public.pt"
-    done = _carefl(["coordinator", "pretrain", "--epochs", "1", "--out", str(out)], tmp_path, timeout=300)
+    done = run_carefl(["coordinator", "pretrain", "--epochs", "1", "--out", str(out)], tmp_path, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     loaded = public_checkpoint.load(out)
     assert f"sha256:{loaded.sha256}" in done.stdout.replace("\n", "")
     assert loaded.provenance["case_ids"] == sorted(c.case_id for c in hippocampus.public_cases(cases))
     assert loaded.provenance["train_cases"] + loaded.provenance["held_out_cases"] == 52
     # public data of one's own needs its name and licence on record
-    bad = _carefl(["coordinator", "pretrain", "--manifest", str(tmp_path / "x.csv"), "--out", str(tmp_path / "y.pt")],
-                  tmp_path, timeout=60)
+    bad = run_carefl(["coordinator", "pretrain", "--manifest", str(tmp_path / "x.csv"), "--out",
+                      str(tmp_path / "y.pt")], tmp_path, timeout=60)
     assert bad.returncode == 2 and "--dataset-name and --licence" in bad.stdout and "Traceback" not in bad.stderr

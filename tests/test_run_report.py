@@ -26,7 +26,7 @@ from server import live_report
 from server.report import REPORT_FILE, ReportError, load_run, write_report
 from server.server_app import app as server_app
 from server.settings import RunConfigError, RunSettings
-from tests.helpers import REPO, default_run_config, site_config
+from tests.helpers import default_run_config, hippocampus_cases, site_config
 
 runner = CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -73,12 +73,9 @@ def seg_run(tmp_path_factory):
     """One imaging round on two sites of three hippocampus cases each (small crops)."""
     from deploy.datasets import hippocampus
 
-    root = REPO.parent / "shared" / "data"
-    if not (root / hippocampus.FOLDER).is_dir():
-        pytest.skip(f"hippocampus data not found under {root}")
     folder = tmp_path_factory.mktemp("seg")
     configs = {}
-    for site, cases in hippocampus.split_sites(hippocampus.cases(root)[:6], 2).items():
+    for site, cases in hippocampus.split_sites(hippocampus_cases()[:6], 2).items():
         rows = [(c.case_id, c.image, c.label, "test" if i == 2 else "train") for i, c in enumerate(cases)]
         manifest = hippocampus.write_manifest(folder / site / "hippocampus.csv", rows)
         configs[site] = write_site_config(folder / site / "site.toml", site, manifest, device="cpu",

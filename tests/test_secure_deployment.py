@@ -8,84 +8,18 @@ import re
 import shlex
 import subprocess
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from client.ingest.heart_disease import centre_file
 from deploy import processes
-from deploy.site.approval import app_hash, approve
 from deploy.coordinator.superlink import Coordinator
 from deploy.coordinator.provision import load_consortium, provision, write_keygen
 from server.run_dir import read_jsonl
-from tests.helpers import data_dir, default_run_config
+from tests.helpers import (add_dataset, consortium_spec, data_dir, default_run_config, running_consortium, wait_online,
+                           wait_run)
 
 SITES = {"site-a": "cleveland", "site-b": "hungarian", "site-c": "va"}  # site-c will not approve the app
-
-
-def _consortium(folder: Path, sites, port: int) -> Path:
-    spec = folder / "consortium.toml"
-    spec.parent.mkdir(parents=True, exist_ok=True)
-    spec.write_text(f'[consortium]\nname = "t"\n[coordinator]\nhosts = ["127.0.0.1"]\nport = {port}\n'
-                    f'listen-host = "127.0.0.1"\n' + "".join(f"[sites.{s}]\n" for s in sites))
-    return spec
-
-
-def _add_dataset(site_toml: Path, centre: str) -> None:
-    """What the site's data scientist does to the kit's template: name the data and a budget."""
-    with site_toml.open("a") as fh:
-        fh.write(f'\n[datasets.heart-disease]\npath = "{centre_file(data_dir(), centre)}"\n'
-                 f'epsilon_budget = 10.0\ndelta = 1e-4\n')
-
-
-def _wait_online(coord: Coordinator, sites: list[str], timeout: float = 120.0) -> None:
-    ids = {coord.site_nodes()[s] for s in sites}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        online = {str(n["node-id"]) for n in coord.nodes() if n.get("status") == "online"}
-        if ids <= online:
-            return
-        time.sleep(1)
-    raise AssertionError(f"sites {sites} not online after {timeout:.0f}s: {coord.nodes()}")
-
-
-def _wait_run(coord: Coordinator, run_id: int, timeout: float = 300.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = coord.run_status(run_id)
-        if status.startswith("finished"):
-            return status
-        time.sleep(2)
-    raise AssertionError(f"run {run_id} still {status} after {timeout:.0f}s")
-
-
-@contextmanager
-def running_consortium(root: Path, sites: dict[str, str], unapproved: tuple[str, ...] = ()):
-    """Kits, a coordinator and one `carefl site start` agent per site (site → heart-disease centre),
-    every site approving the app except ``unapproved``; all stopped by pid on the way out."""
-    data_dir()
-    kits = root / "kits"
-    provision(load_consortium(_consortium(root, sites, processes.free_port())), kits)
-    coord = Coordinator(root / "state", kits / "coordinator")
-    agents = []
-    try:
-        coord.start()
-        digest = app_hash(coord.app_dir)
-        for site, centre in sites.items():
-            _add_dataset(kits / site / "site.toml", centre)
-            if site not in unapproved:
-                approve(kits / site / "site.toml", digest)
-            agents.append(processes.start(
-                site, [processes.tool("carefl"), "site", "start", "--kit", str(kits / site), "--config",
-                       str(kits / site / "site.toml"), "--runtime-port", str(processes.free_port())],
-                processes.flower_env(root / site), root / site / "agent.log"))
-        _wait_online(coord, list(sites))
-        yield {"root": root, "kits": kits, "coord": coord, "digest": digest}
-    finally:
-        for agent in agents:
-            agent.stop()
-        coord.stop()
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +42,7 @@ def test_unapproved_site_refuses_and_the_round_goes_on_with_the_others(consortiu
     out = root / "run-open"
     run_id = coord.submit(default_run_config(**{"num-server-rounds": 1, "local-steps": 10, "min-sites": 2,
                                                 "sites": "", "out-dir": str(out)}))
-    assert _wait_run(coord, run_id) == "finished:completed", coord.run_log(run_id)
+    assert wait_run(coord, run_id) == "finished:completed", coord.run_log(run_id)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sites"] == ["site-a", "site-b"] and summary["rounds_completed"] == 1
     assert {r["site"] for r in read_jsonl(out / "metrics.jsonl")} == {"site-a", "site-b"}
@@ -124,7 +58,7 @@ def test_a_run_naming_an_unapproved_site_fails_with_a_clear_message(consortium):
     coord, root = consortium["coord"], consortium["root"]
     run_id = coord.submit(default_run_config(**{"num-server-rounds": 1, "local-steps": 5, "round-timeout": 20,
                                                 "sites": "site-a,site-b,site-c", "out-dir": str(root / "run-named")}))
-    assert _wait_run(coord, run_id) == "finished:failed"
+    assert wait_run(coord, run_id) == "finished:failed"
     log = " ".join(coord.run_log(run_id).split())
     assert "the study cannot start, no site trained" in log and "site site-c: app sha256:" in log
     assert "not approved" in log and "Traceback" not in log  # an expected end: one line, no traceback
@@ -168,7 +102,7 @@ def test_an_unregistered_key_is_refused_and_the_agent_says_what_to_do(consortium
     (rogue / "ca.crt").write_bytes((kits / "site-a" / "ca.crt").read_bytes())
     config = rogue / "site.toml"
     config.write_text(f'[site]\nid = "rogue"\ncoordinator = "127.0.0.1:{coord.port}"\n')
-    _add_dataset(config, "switzerland")
+    add_dataset(config, "switzerland")
     done = subprocess.run([processes.tool("carefl"), "site", "start", "--kit", str(rogue), "--config", str(config),
                            "--runtime-port", str(processes.free_port()), "--refusal-patience", "0"],
                           capture_output=True, text=True,
@@ -181,7 +115,7 @@ def test_an_unregistered_key_is_refused_and_the_agent_says_what_to_do(consortium
 
 def test_a_site_trusting_another_ca_cannot_connect(consortium, tmp_path):
     other = tmp_path / "other"
-    provision(load_consortium(_consortium(other, {"site-a": None}, 1)), other / "kits")
+    provision(load_consortium(consortium_spec(other, {"site-a": None}, 1)), other / "kits")
     kits, coord = consortium["kits"], consortium["coord"]
     code, log = _supernode(tmp_path, "wrong-ca", [
         "--root-certificates", str(other / "kits" / "site-a" / "ca.crt"), "--superlink", f"127.0.0.1:{coord.port}",
@@ -193,7 +127,7 @@ def test_a_site_trusting_another_ca_cannot_connect(consortium, tmp_path):
 def test_a_site_agent_with_another_ca_stops_and_names_the_certificate(consortium, tmp_path):
     """Not an outage: retrying cannot fix a kit whose CA did not sign the coordinator's certificate."""
     other = tmp_path / "other"
-    provision(load_consortium(_consortium(other, {"site-a": None}, 1)), other / "kits")
+    provision(load_consortium(consortium_spec(other, {"site-a": None}, 1)), other / "kits")
     kits, coord = consortium["kits"], consortium["coord"]
     kit = tmp_path / "kit"
     kit.mkdir()
@@ -229,7 +163,7 @@ def test_a_fresh_user_can_follow_the_kit_readmes_on_two_shells(tmp_path):
     """Every command of both READMEs, as written, run from the kit folders (one shell each)."""
     data_dir()
     kits = tmp_path / "kits"
-    provision(load_consortium(_consortium(tmp_path, ["st-mary"], processes.free_port())), kits)
+    provision(load_consortium(consortium_spec(tmp_path, ["st-mary"], processes.free_port())), kits)
     coord_kit, site_kit = kits / "coordinator", kits / "st-mary"
     env = processes.flower_env(tmp_path / "home")
 
@@ -252,13 +186,13 @@ def test_a_fresh_user_can_follow_the_kit_readmes_on_two_shells(tmp_path):
     try:
         shell(coordinator_cmds[0], coord_kit)                              # shell 1: start the coordinator
         digest = shell(coordinator_cmds[1], coord_kit).strip()
-        _add_dataset(site_kit / "site.toml", "cleveland")                  # shell 2: the site describes its data
+        add_dataset(site_kit / "site.toml", "cleveland")                   # shell 2: the site describes its data
         shell(site_cmds[1].replace("HASH_OR_FAB_OR_PATH", digest), site_kit)
         start = shlex.split(site_cmds[2])
         agent = processes.start("st-mary", [processes.tool("carefl"), *start[1:]], env, tmp_path / "agent.log",
                                 cwd=site_kit)
         coord = Coordinator(coord_kit / "state", coord_kit)
-        _wait_online(coord, ["st-mary"])
+        wait_online(coord, ["st-mary"])
         assert "online" in shell(coordinator_cmds[2], coord_kit)           # shell 1: status, then a run
         out = shell(coordinator_cmds[3] + " --local-steps 5", coord_kit, timeout=400)
         assert "mean over centres" in out and f"app sha256:{digest}" in out
@@ -278,7 +212,7 @@ def test_a_self_keyed_site_is_added_and_its_agent_waits_out_a_coordinator_outage
     coordinator back (its database still knows the key) → the agent connects without help."""
     data_dir()
     kits = tmp_path / "kits"
-    provision(load_consortium(_consortium(tmp_path, ["st-a"], processes.free_port())), kits)
+    provision(load_consortium(consortium_spec(tmp_path, ["st-a"], processes.free_port())), kits)
     coord_kit, own = kits / "coordinator", tmp_path / "st-b"
     env = processes.flower_env(tmp_path / "home")
 
@@ -302,7 +236,7 @@ def test_a_self_keyed_site_is_added_and_its_agent_waits_out_a_coordinator_outage
         config = own / "site.toml"
         coordinator = Coordinator(tmp_path / "state", coord_kit)
         config.write_text(f'[site]\nid = "st-b"\ncoordinator = "127.0.0.1:{coordinator.port}"\n')
-        _add_dataset(config, "hungarian")
+        add_dataset(config, "hungarian")
         agent = processes.start("st-b", [processes.tool("carefl"), "site", "start", "--kit", str(own), "--config",
                                          str(config), "--runtime-port", str(processes.free_port())],
                                 env, tmp_path / "agent.log")
@@ -313,7 +247,7 @@ def test_a_self_keyed_site_is_added_and_its_agent_waits_out_a_coordinator_outage
         assert agent.alive() and "unreachable" in (tmp_path / "agent.log").read_text()
         assert not (own / "agent" / "supernode.log").exists()
         carefl("coordinator", "start", *state, "--background")
-        _wait_online(coordinator, ["st-b"], timeout=240)
+        wait_online(coordinator, ["st-b"], timeout=240)
     finally:
         if agent is not None:
             agent.stop()

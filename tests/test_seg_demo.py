@@ -8,15 +8,14 @@ import csv
 
 from deploy.datasets import hippocampus
 from shared_models import public_checkpoint
-from tests.helpers import data_dir
-from tests.test_deployment import _carefl
+from tests.helpers import data_dir, run_carefl
 
 
 def test_seg_demo_fine_tunes_a_public_unet_under_dp_from_dicom(tmp_path):
     out = tmp_path / "seg"
     cache = tmp_path / "cache"  # the public model is built here on first use (1 epoch: what matters is the path)
-    done = _carefl(["demo", "--task", "seg", "--seg-cases", "22", "--rounds", "1", "--pretrain-epochs", "1",
-                    "--out", str(out)], tmp_path, timeout=600, env={"CAREFL_CACHE": str(cache)})
+    done = run_carefl(["demo", "--task", "seg", "--seg-cases", "22", "--rounds", "1", "--pretrain-epochs", "1",
+                       "--out", str(out)], tmp_path, timeout=600, env={"CAREFL_CACHE": str(cache)})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "built in" in done.stdout and "Traceback" not in done.stdout + done.stderr
     summary = json.loads((out / "summary.json").read_text())

@@ -13,12 +13,7 @@ from privacy.ledger import PrivacyLedger
 from server.run_dir import read_jsonl
 from server.server_app import app as server_app
 from deploy.demo.inprocess import InProcessGrid
-from tests.helpers import default_run_config, hippocampus_cases, hippocampus_site
-
-
-@pytest.fixture(scope="module")
-def cases():
-    return hippocampus_cases()
+from tests.helpers import default_run_config, hippocampus_site
 
 
 def _site(folder, site_id, site_cases):

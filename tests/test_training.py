@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from tests import helpers
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -17,11 +14,6 @@ from shared_models.ehr import binary_loss
 from shared_models.registry import build_model
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    return helpers.data_dir()
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,7 @@ import pytest
 from deploy.site import warm
 from deploy.site.approval import app_hash, approve
 from privacy.ledger import PrivacyLedger
-from tests.helpers import default_run_config
-from tests.test_secure_deployment import _wait_run, running_consortium
+from tests.helpers import default_run_config, running_consortium, wait_run
 
 SITES = {"site-a": "cleveland", "site-c": "switzerland"}  # site-c approves nothing
 SENTINEL = "warm-test-sentinel"
@@ -62,7 +61,7 @@ def test_warm_sites_gate_every_message_load_each_approved_version_and_charge_per
         run2 = coord.submit(default_run_config(**{"num-server-rounds": 1, "local-steps": 5, "min-sites": 1,
                                                   "sites": "site-a", "out-dir": str(tmp_path / "run2")}))
         for run in (run1, run2):
-            assert _wait_run(coord, run, timeout=240) == "finished:completed", coord.run_log(run)
+            assert wait_run(coord, run, timeout=240) == "finished:completed", coord.run_log(run)
 
         # site-a: every message of both runs ran in a child forked from one warm executor, each from its FAB
         executors = set()

@@ -19,7 +19,8 @@ from deploy.site.approval import app_hash
 from deploy.coordinator.superlink import APP_DIR, Coordinator, DeploymentError, running_superlink, stop_background
 from deploy.coordinator.provision import add_site, load_consortium, provision
 from deploy.coordinator.follow import check_run_config, follow
-from server.settings import SEG_DP_FINETUNE, STRATEGIES
+from server.settings import STRATEGIES
+from shared_models.tasks import TASKS, get_task
 
 coordinator_app = typer.Typer(no_args_is_help=True, help="Commands for the consortium's coordinator.")
 
@@ -99,7 +100,7 @@ def coordinator_status(kit: Path = Kit, state_dir: Path = StateDir) -> None:
 def coordinator_run(
     kit: Path = Kit,
     state_dir: Path = StateDir,
-    task: str = typer.Option("ehr", help="ehr | seg"),
+    task: str = typer.Option("ehr", help=" | ".join(TASKS) + " (shared_models/tasks.py)"),
     sites: Optional[str] = typer.Option(None, help="Comma-separated site ids; only these receive work."),
     rounds: int = typer.Option(5, min=1),
     min_sites: Optional[int] = typer.Option(None, min=1, help="Sites a round needs (default: all named)."),
@@ -117,8 +118,8 @@ def coordinator_run(
                                                     "from the global model (default 0: off)."),
     byzantine_sites: Optional[int] = typer.Option(None, min=0, help="krum / multikrum: sites that may be hostile."),
     init_checkpoint: Optional[Path] = typer.Option(None, help="seg: start from this public checkpoint (`carefl "
-                                                   "coordinator pretrain`) and DP fine-tune it (server/settings.py: "
-                                                   "SEG_DP_FINETUNE)."),
+                                                   "coordinator pretrain`) and DP fine-tune it (shared_models/"
+                                                   "tasks.py: SEG_DP_FINETUNE)."),
     train_params: Optional[str] = typer.Option(None, help="all | decoder | norms-head: what the sites train."),
     trim_beta: Optional[float] = typer.Option(None, help="fedtrimmedavg: fraction cut at each end (default 0.2)."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default <state-dir>/runs/<time>-<task>)."),
@@ -136,8 +137,10 @@ def coordinator_run(
         follow(coord, {**saved, "resume-from": str(resume.resolve()), "out-dir": str(resume.resolve())},
                resume.resolve())
         return
-    if task not in ("ehr", "seg"):
-        raise SiteError(f"unknown task '{task}'; available: ehr, seg")
+    study = get_task(task)
+    if init_checkpoint is not None and not study.finetune_config:
+        raise SiteError(f"--init-checkpoint is offered for tasks that start from a public model "
+                        f"({', '.join(t.name for t in TASKS.values() if t.finetune_config)})")
     if not sites:
         raise SiteError("name the sites of the study with --sites a,b,c")
     names = [s.strip() for s in sites.split(",") if s.strip()]
@@ -146,15 +149,10 @@ def coordinator_run(
         raise DeploymentError(f"site(s) {', '.join(unknown)} are not registered at this coordinator "
                               f"(known: {', '.join(coord.site_nodes()) or 'none'})")
     out = (out or coord.state_dir / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{task}").resolve()
-    extra = {"task": task, "sites": ",".join(names), "out-dir": str(out), "min-sites": min_sites or len(names),
+    extra = {"sites": ",".join(names), "out-dir": str(out), "min-sites": min_sites or len(names),
              **tensorboard_config(tensorboard)}
-    if task == "seg" and init_checkpoint is not None:
-        extra.update({"model": model or "seg-unet3d", **SEG_DP_FINETUNE, "init-checkpoint": str(init_checkpoint.resolve()),
-                      **({"lr": lr} if lr else {}), **({"local-steps": local_steps} if local_steps else {})})
-    elif task == "seg":
-        extra.update({"model": model or "seg-unet3d", "batch-size": 4, "optimizer": "adam", "lr": lr or 2e-3})
-    elif init_checkpoint is not None:
-        raise SiteError("--init-checkpoint is offered for task seg (a public U-Net)")
+    if init_checkpoint is not None:
+        extra["init-checkpoint"] = str(init_checkpoint.resolve())
     if train_params is not None:
         extra["train-params"] = train_params
     if target_epsilon is not None:
@@ -162,7 +160,8 @@ def coordinator_run(
     knobs = {"round-timeout": round_timeout, "round-retries": round_retries, "max-update-norm": max_update_norm,
              "byzantine-sites": byzantine_sites, "trim-beta": trim_beta}
     extra.update({k: v for k, v in knobs.items() if v is not None})
-    run_config = check_run_config(rounds, strategy, model, lr, local_steps, extra)
+    run_config = check_run_config(rounds, strategy, model, lr, local_steps, extra,
+                                  defaults=study.defaults(from_checkpoint=init_checkpoint is not None))
     console.print(f"app sha256:{app_hash(coord.app_dir)} (each site must have approved it)")
     follow(coord, run_config, out)
 

@@ -13,22 +13,23 @@ from typing import Optional
 
 import typer
 
-from client.errors import SiteError
 from client.site import write_site_config
 from deploy.cli.common import DataDir, TensorBoardFlag, console, heart_disease_files, out_dir, tensorboard_config
 from deploy.cli.data import dicomize_sites
 from deploy.coordinator.follow import check_run_config, follow
 from deploy.datasets.data_dir import resolve_data_dir
 from deploy.demo.loopback import LocalFederation
-from server.settings import SEG_DP_FINETUNE, STRATEGIES
+from server.settings import STRATEGIES
+from shared_models.tasks import get_task
 
 
 def demo(
-    task: str = typer.Option("ehr", help="ehr: UCI heart disease, 4 hospitals; seg: hippocampus MRI, 3 sites; "
-                                         "ehr-seq: synthetic diabetes visit histories, 3 sites, sequence model."),
+    task: str = typer.Option("ehr", help="ehr: UCI heart disease, 4 hospitals; seg: hippocampus MRI, 3 sites "
+                                         "(DP fine-tuning of a public U-Net); ehr-seq: synthetic diabetes visit "
+                                         "histories, 3 sites, sequence model."),
     rounds: int = typer.Option(5, min=1, help="Federated rounds."),
     strategy: Optional[str] = typer.Option(None, help=" | ".join(STRATEGIES)),
-    model: Optional[str] = typer.Option(None, help="ehr-logreg | ehr-mlp"),
+    model: Optional[str] = typer.Option(None, help="A model of the task (default: the task's, shared_models/tasks.py)."),
     lr: Optional[float] = typer.Option(None, help="Local learning rate."),
     local_steps: Optional[int] = typer.Option(None, help="Optimizer steps per site and round."),
     data_dir: Optional[Path] = DataDir,
@@ -40,33 +41,28 @@ def demo(
     tensorboard: bool = TensorBoardFlag,
 ) -> None:
     """A real consortium on 127.0.0.1: kits, TLS, authenticated sites that approved the app, then one run."""
-    if task not in ("ehr", "seg", "ehr-seq"):
-        raise SiteError(f"unknown task '{task}'; available: ehr, seg, ehr-seq")
+    study = get_task(task)
     out = out_dir(out, "demo")
-    if task == "ehr":
+    extra = {}
+    if study.name == "ehr":
         files = heart_disease_files(data_dir)
         # Each hospital's own config file: its data, its privacy policy, its ledger (kept per demo run).
         sites = {c: write_site_config(out / "deployment" / "sites" / c / "site.toml", c, p,
                                       epsilon_budget=epsilon_budget, delta=1e-4) for c, p in files.items()}
-        extra = {}
-    elif task == "ehr-seq":
-        sites = _synthetic_ehr_sites(out / "deployment", epsilon_budget)
+    elif study.name == "ehr-seq":
         # Visit histories, sequence model, DP; sites first pool DP feature statistics (round 0).
-        extra = {"task": "ehr-seq", "model": model or "ehr-gru-attn", "schema": "diabetes-visits", "batch-size": 40,
-                 "optimizer": "adam", "lr": lr or 0.01, "local-steps": 0, "local-epochs": 2}
+        sites = _synthetic_ehr_sites(out / "deployment", epsilon_budget)
     else:
-        public = _public_hippocampus_model(data_dir, pretrain_epochs)
+        # DP fine-tuning of the public model: norms + head, full-batch SGD steps (shared_models/tasks.py)
+        extra["init-checkpoint"] = str(_public_hippocampus_model(data_dir, pretrain_epochs))
         console.print(f"writing synthetic DICOM (MR series + SEG) for 3 sites, {seg_cases} cases each, "
                       f"each through its own scanner's shift …")
-        configs = dicomize_sites(out / "deployment" / "sites", 3, seg_cases, epsilon_budget, data_dir)
-        sites = dict(configs)
-        # DP fine-tuning of the public model: norms + head, full-batch SGD steps (server/settings.py)
-        extra = {"task": "seg", "model": model or "seg-unet3d", **SEG_DP_FINETUNE, "init-checkpoint": str(public),
-                 **({"lr": lr} if lr else {}), **({"local-steps": local_steps} if local_steps else {})}
+        sites = dict(dicomize_sites(out / "deployment" / "sites", 3, seg_cases, epsilon_budget, data_dir))
     extra.update({"sites": ",".join(sites), "out-dir": str(out), **tensorboard_config(tensorboard)})
     if target_epsilon is not None:
         extra["target-epsilon"] = target_epsilon
-    run_config = check_run_config(rounds, strategy, model, lr, local_steps, extra)
+    run_config = check_run_config(rounds, strategy, model, lr, local_steps, extra,
+                                  defaults=study.defaults(from_checkpoint="init-checkpoint" in extra))
     console.print(f"provisioning kits, starting the coordinator (TLS, SuperNode authentication) and "
                   f"{len(sites)} site agents on 127.0.0.1; logs in {out / 'deployment'}")
     with LocalFederation(out / "deployment", sites) as fed:

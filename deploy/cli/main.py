@@ -24,12 +24,13 @@ from deploy.cli.common import console
 from deploy.coordinator.provision import ProvisionError
 from deploy.coordinator.superlink import DeploymentError
 from deploy.site.approval import ApprovalError
-from privacy.auditor.verify import AuditError
+from privacy.auditor.results import AuditError
 from privacy.ledger import LedgerError
 from privacy.policy import PolicyError
 from server.settings import RunConfigError
 from server.sites import SiteSelectionError
 from shared_models.public_checkpoint import PublicCheckpointError
+from shared_models.tasks import UnknownTaskError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="carefl: federated learning for hospitals.")
 app.command()(demo.demo)
@@ -43,7 +44,7 @@ app.add_typer(coordinator.coordinator_app, name="coordinator")
 app.add_typer(audit.audit_app, name="audit")
 
 USER_ERRORS = (SiteError, DeploymentError, RunConfigError, SiteSelectionError, LedgerError, PolicyError,
-               ProvisionError, ApprovalError, AuditError, PublicCheckpointError)
+               ProvisionError, ApprovalError, AuditError, PublicCheckpointError, UnknownTaskError)
 
 
 def _exit_on_sigterm(signum, frame) -> None:

@@ -182,7 +182,7 @@ def site_validate(
 
 def validate_site_extract(dataset) -> int:
     """``carefl site validate`` for an EHR dataset of site.toml: its name is the study schema's; exit code."""
-    from client.ingest.ehr import read_extract
+    from client.ingest.ehr_extract import read_extract
 
     try:
         schema = builtin_schema(dataset.name)

@@ -10,10 +10,7 @@ import json
 import time
 from pathlib import Path
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
+import tomllib
 
 from rich.console import Console
 from rich.live import Live
@@ -32,10 +29,13 @@ def app_run_config(**overrides) -> dict:
     return {**tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"], **overrides}
 
 
-def check_run_config(rounds, strategy, model, lr, local_steps, extra: dict) -> dict:
-    """Overrides for the app's run config, checked here so that mistakes fail before any process starts."""
+def check_run_config(rounds, strategy, model, lr, local_steps, extra: dict, defaults: dict | None = None) -> dict:
+    """Overrides for the app's run config, checked here so that mistakes fail before any process starts.
+
+    ``defaults`` (the task's, shared_models/tasks.py) give way to what the person asked for on the command
+    line; ``extra`` (what the command itself decided: sites, run directory …) is applied last."""
     given = {"num-server-rounds": rounds, "strategy": strategy, "model": model, "lr": lr, "local-steps": local_steps}
-    overrides = {**{k: v for k, v in given.items() if v is not None}, **extra}
+    overrides = {**(defaults or {}), **{k: v for k, v in given.items() if v is not None}, **extra}
     RunSettings.from_run_config(app_run_config(**overrides))
     return overrides
 

@@ -23,10 +23,7 @@ from cryptography import x509
 
 from deploy.coordinator import tls
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
+import tomllib
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 RESERVED = {"ca", "coordinator"}

@@ -21,10 +21,7 @@ from pathlib import Path
 
 from deploy import processes
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
+import tomllib
 
 CONNECTION = "carefl"
 APP_DIR = Path(__file__).resolve().parents[2]  # the repository root is the Flower App
