@@ -1,5 +1,7 @@
 """Framework overhead of a real deployment: 4 TLS sites on loopback, seconds per round and where they go.
 
+(Over 400 lines on purpose: one benchmark script that writes its own plain-Flower baseline app inline.)
+
 One run stands up, side by side on 127.0.0.1, (1) a plain Flower federation running a no-op app that
 this script writes to a temporary folder (ServerApp: FedAvg over a 4-float array; ClientApp: train
 returns the arrays unchanged) on Flower's stock SuperNodes, and (2) carefl's heart-disease study on

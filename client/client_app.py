@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -16,12 +15,12 @@ from flwr.clientapp import ClientApp
 from client import audit as audit_mod
 from client import training
 from client.errors import SiteError
-from client.site import DatasetConfig, site_from_configs
+from client.site import site_from_configs
 from client.tasks import device_for, load_task
-from privacy.accounting import plan_noise, sample_rate
-from privacy.gaussian import MECHANISM_STEP_RATE, noisy_sum
-from privacy.ledger import AlreadyCharged, BudgetExceeded, LedgerError, PrivacyLedger
-from privacy.policy import DPRequest, RequestRefused, check_request, check_stats_request
+from privacy import release
+from privacy.gaussian import noisy_sum
+from privacy.ledger import AlreadyCharged, BudgetExceeded, LedgerError
+from privacy.policy import DPRequest, RequestRefused, check_request
 from shared_models.feature_stats import l2_bound
 from shared_models.metrics import PERSONAL_PREFIX
 from shared_models.registry import build_model, model_names
@@ -94,8 +93,10 @@ def query(msg: Message, context: Context, audit) -> Message:
     """Identity and capabilities: site id, task, models; counts only, no data statistics."""
     site, task = _site_task(context)
     study = msg.content.config_records.get("study")
-    if study is not None:
-        _check_study(context, site, task, int(study.get("rounds", 0)))
+    rounds = int(study.get("rounds", 0)) if study is not None else 0
+    if rounds > 0:  # would this site take the whole study? (refused here, no site is charged for it)
+        release.check_study(_plan(dict(context.run_config), context, task), task.dataset.policy, site.ledger_path,
+                            task.dataset.name, task.n_train, rounds, site.site_id)
     if audit is not None and task.excluded:
         audit.append("data-exclusions", {"run_id": str(context.run_id), "dataset": task.dataset.name,
                                          "excluded": int(task.excluded), "reasons": task.exclusion_reasons()})
@@ -109,63 +110,13 @@ def query(msg: Message, context: Context, audit) -> Message:
     return Message(RecordDict({"site": info, "counts": counts}), reply_to=msg)
 
 
-def _check_study(context: Context, site, task, rounds: int) -> None:
-    """Before anyone trains: would this site's policy accept the study's rounds, and does its remaining
-    budget hold all ``rounds`` of them? A refusal here (RequestRefused / BudgetExceeded, sent as the
-    reason) stops the study at discovery, so no site is charged for a round this site would refuse."""
-    config = dict(context.run_config)
-    if rounds <= 0:
-        return
-    dataset, n = task.dataset, task.n_train
+def _plan(config, context: Context, task) -> release.StudyPlan:
+    """This site's DP request for the study (σ planned once per run, cached in the run's state)."""
     settings = training.TrainSettings.from_config(config)
-    q = sample_rate(n, settings.batch_size)
-    dp = DPRequest(enabled=bool(config.get("dp", True)),
-                   noise_multiplier=_noise_multiplier(config, context, dataset, n),
-                   clip_norm=float(config.get("clip-norm", 0.0)))
-    steps = [(dp.noise_multiplier, q, training.planned_steps(settings, n))] * rounds
-    problems = []
-    if hasattr(task, "statistics_vectors"):  # the study starts with a DP statistics release (charged as round 0)
-        stats_sigma = float(config.get("stats-noise-multiplier", 0.0))
-        steps.insert(0, (stats_sigma, MECHANISM_STEP_RATE, 1))
-        try:
-            check_stats_request(dataset.policy, stats_sigma)
-        except RequestRefused as exc:
-            problems.append(str(exc))
-    try:
-        check_request(dataset.policy, dp, q)
-    except RequestRefused as exc:
-        problems.append(str(exc))
-    if problems:
-        raise RequestRefused(f"site {site.site_id} cannot take this study: {'; '.join(problems)}")
-    try:
-        if dp.enabled:
-            PrivacyLedger(site.ledger_path).check_room(dataset.name, steps, dataset.policy.delta_for(n),
-                                                       dataset.policy.epsilon_budget, dataset.policy.accountant)
-    except BudgetExceeded as exc:
-        raise RequestRefused(f"site {site.site_id} cannot take this study's {rounds} round(s): {exc}") from None
-
-
-def _noise_multiplier(config, context: Context, dataset: DatasetConfig, n: int) -> float:
-    """σ asked for, or — given a study target ε — the σ this site needs for all the study's rounds.
-
-    Planning is the site's: it knows its own N. The result is cached per run in the SuperNode's
-    context state (the PRV search takes seconds). Either way the policy check and the lifetime
-    ledger decide whether the round may run.
-    """
-    if float(config.get("noise-multiplier", 0.0)) > 0 or not config.get("dp", True):
-        return float(config.get("noise-multiplier", 0.0))
-    target = float(config["target-epsilon"])
-    settings = training.TrainSettings.from_config(config)
-    total_steps = int(config["num-server-rounds"]) * training.planned_steps(settings, n)
-    policy = dataset.policy
-    stats_sigma = float(config.get("stats-noise-multiplier", 0.0))  # the study's statistics release
-    prior = [(stats_sigma, MECHANISM_STEP_RATE, 1)] if stats_sigma > 0 else []
-    key = f"{dataset.name}|{target}|{n}|{settings.batch_size}|{total_steps}|{policy.accountant}|{stats_sigma}"
     cache = context.state.config_records.setdefault("carefl-noise-plan", ConfigRecord())
-    if key not in cache:
-        cache[key] = plan_noise(target, policy.delta_for(n), n, settings.batch_size, total_steps, policy.accountant,
-                                prior)
-    return float(cache[key])
+    return release.plan_request(config, task.dataset.policy, task.dataset.name, task.n_train, settings.batch_size,
+                                training.planned_steps(settings, task.n_train),
+                                statistics=hasattr(task, "statistics_vectors"), cache=cache)
 
 
 @app.query("feature_stats")
@@ -184,24 +135,13 @@ def feature_stats(msg: Message, context: Context, audit) -> Message:
     if str(config.get("schema-sha256", "")) != task.schema.sha256:
         raise ValueError(f"the coordinator's schema differs from this site's '{task.schema.name}' (sha256 mismatch)")
     sigma, bound = float(config["stats-noise-multiplier"]), l2_bound(task.schema)
-    dataset, n = task.dataset, task.n_train
-    check_stats_request(dataset.policy, sigma)
-    delta = dataset.policy.delta_for(n)
-    charge = PrivacyLedger(site.ledger_path).charge(
-        dataset.name, run_id=str(context.run_id), server_round=0, noise_multiplier=sigma, clip_norm=bound,
-        sample_rate=MECHANISM_STEP_RATE, steps=1, delta=delta, budget=dataset.policy.epsilon_budget,
-        accountant=dataset.policy.accountant)
+    charged = release.charge_statistics(task.dataset.policy, site.ledger_path, task.dataset.name, task.n_train,
+                                        str(context.run_id), sigma, bound)
     if audit is not None:
-        audit.append("dp-round", {
-            "run_id": str(context.run_id), "round": 0, "dataset": dataset.name, "mechanism": "feature-statistics",
-            "dataset_fingerprint": task.fingerprint(), "dp": True, "noise_multiplier": sigma, "clip_norm": bound,
-            "sample_rate": MECHANISM_STEP_RATE, "steps": 1, "accountant": dataset.policy.accountant, "delta": delta,
-            "epsilon_before": charge.epsilon_before, "epsilon_after": charge.epsilon_after,
-            "epsilon_budget": dataset.policy.epsilon_budget,
-            "budget_left": dataset.policy.epsilon_budget - charge.epsilon_after, "n": n})
+        audit.append("dp-round", charged.audit_record(dataset_fingerprint=task.fingerprint()))
     total = noisy_sum(task.statistics_vectors(), bound, sigma)
     metrics = MetricRecord({"sum": [float(v) for v in total], "l2-bound": bound, "noise-multiplier": sigma,
-                            "epsilon": charge.epsilon_after, "delta": delta})
+                            "epsilon": charged.charge.epsilon_after, "delta": charged.charge.delta})
     return Message(RecordDict({"statistics": metrics}), reply_to=msg)
 
 
@@ -214,51 +154,32 @@ def train(msg: Message, context: Context, audit) -> Message:
     trains nothing and sends nothing; a crash after the charge over-counts rather than under-counts.
     """
     site, task = _site_task(context, msg)
-    dataset = task.dataset
     config = msg.content["config"]
     settings = training.TrainSettings.from_config(config)
-    n = task.n_train
-    q = sample_rate(n, settings.batch_size)
-    dp = DPRequest(enabled=bool(config.get("dp", True)),
-                   noise_multiplier=_noise_multiplier(config, context, dataset, n),
-                   clip_norm=float(config.get("clip-norm", 0.0)))
-    check_request(dataset.policy, dp, q)
     model = _model_from(msg, task.model_kwargs)
     which = str(config.get("train-params", "all"))
     trained = freeze_except(model, which)  # frozen ones: not trained, not noised, not sent
     dimension = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    delta = dataset.policy.delta_for(n)
-    charge = PrivacyLedger(site.ledger_path).charge(
-        dataset.name, run_id=str(context.run_id), server_round=int(config["server-round"]),
-        noise_multiplier=dp.noise_multiplier if dp.enabled else 0.0, clip_norm=dp.clip_norm, sample_rate=q,
-        steps=training.planned_steps(settings, n), delta=delta,
-        budget=dataset.policy.epsilon_budget if dp.enabled else math.inf, accountant=dataset.policy.accountant,
-        trained_parameters=dimension)
+    plan = _plan(config, context, task)
+    charged = release.charge_training(plan, task.dataset.policy, site.ledger_path, task.dataset.name, task.n_train,
+                                      str(context.run_id), int(config["server-round"]), dimension)
     if audit is not None:
-        budget = dataset.policy.epsilon_budget if dp.enabled else math.inf
-        audit.append("dp-round", {
-            "run_id": str(context.run_id), "round": int(config["server-round"]), "dataset": dataset.name,
-            "dataset_fingerprint": task.fingerprint(), "dp": dp.enabled,
-            "noise_multiplier": dp.noise_multiplier if dp.enabled else 0.0, "clip_norm": dp.clip_norm,
-            "sample_rate": q, "steps": training.planned_steps(settings, n), "accountant": dataset.policy.accountant,
-            "delta": delta, "epsilon_before": charge.epsilon_before, "epsilon_after": charge.epsilon_after,
-            "epsilon_budget": budget, "budget_left": budget - charge.epsilon_after, "n": n,
-            "train_params": which, "trained_parameters": dimension,
-            "model_in_sha256": msg.content["arrays"].object_id,
+        audit.append("dp-round", charged.audit_record(
+            dataset_fingerprint=task.fingerprint(), train_params=which, trained_parameters=dimension,
+            model_in_sha256=msg.content["arrays"].object_id,
             **({"init_checkpoint_sha256": str(config["init-checkpoint-sha256"])}
-               if config.get("init-checkpoint-sha256") else {})})
+               if config.get("init-checkpoint-sha256") else {})))
+    dp, q = plan.request, plan.sample_rate
     if not dp.enabled:
-        log.warning("NON-DP ROUND on dataset '%s' (allow_non_dp = true): its ε is now unbounded", dataset.name)
+        log.warning("NON-DP ROUND on dataset '%s' (allow_non_dp = true): its ε is now unbounded", task.dataset.name)
     metrics = task.train(model, settings, device_for(site), dp, site.max_physical_batch)
     if dp.enabled and metrics.pop("sample-rate") != q:  # the charged q must be the one Opacus sampled with
         raise RuntimeError("sample rate used in training differs from the one charged; weights withheld")
-    privacy = {"dp": 1.0 if dp.enabled else 0.0, "epsilon": charge.epsilon_after, "delta": delta,
-               "noise-multiplier": dp.noise_multiplier if dp.enabled else 0.0, "clip-norm": dp.clip_norm,
-               "sample-rate": q, "trained-parameters": dimension}
     state = model.cpu().state_dict()
     reply = RecordDict({
         "arrays": ArrayRecord(state if which == "all" else {name: state[name] for name in trained}),
-        "metrics": MetricRecord({"num-examples": n, **metrics, **privacy}),
+        "metrics": MetricRecord({"num-examples": task.n_train, **metrics, **charged.reply_metrics(),
+                                 "trained-parameters": dimension}),
     })
     return Message(reply, reply_to=msg)
 

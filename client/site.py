@@ -44,8 +44,8 @@ from pathlib import Path
 from client.ingest import heart_disease
 from client.errors import SiteError
 from privacy.policy import DatasetPolicy, PolicyError
+from shared_models.toml_file import TomlFileError, read_toml
 
-import tomllib
 
 HEART_DISEASE = "heart-disease"
 DATASET_SETTINGS = {"path", "manifest", "labels", "require_deidentified"}  # besides the privacy policy
@@ -109,17 +109,19 @@ def _dataset_from_toml(name: str, raw: dict, base: Path, where: str) -> DatasetC
     )
 
 
+def read_site_toml(path: Path) -> dict:
+    """The raw contents of a site config file (the one reader of site.toml: this module, the gate's
+    approval check and `carefl site approve` all read it here); SiteError naming the file."""
+    try:
+        return read_toml(path, "site config")
+    except TomlFileError as exc:
+        raise SiteError(str(exc)) from None
+
+
 def load_site_config(path: Path) -> SiteConfig:
     """Read and check a site config file; every problem is a SiteError naming the file."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SiteError(f"site config {path} not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SiteError(f"site config {path} cannot be read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SiteError(f"site config {path} is not valid TOML: {exc}") from None
+    raw = read_site_toml(path)
     site = raw.get("site", {})
     datasets = raw.get("datasets", {})
     problems = []

@@ -1,5 +1,8 @@
 """carefl's own per-patient clipping engine: clipped summed gradients without Opacus's hooks.
 
+(One file over 400 lines on purpose: the engine is one mechanism — per-layer norm pieces, one joint
+clip, one noise draw — whose parts only make sense together and must stay auditable side by side.)
+
 DP-SGD (Abadi et al. 2016, arXiv:1607.00133) needs, per optimizer step, Σ_i clip_C(∇ℓ_i) + N(0, σ²C²I),
 where ∇ℓ_i is patient i's gradient over *all* trainable parameters jointly and
 clip_C(v) = v · min(1, C / (‖v‖ + 1e-6)) — Opacus's formula, kept so that both engines compute the same

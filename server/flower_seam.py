@@ -5,7 +5,8 @@ carefl's strategies re-do Flower's aggregation on zero-copy views and fall back 
 helpers (``aggregate_arrayrecords``, ``trim_mean``), filter replies with FedAvg's private
 ``_check_and_log_replies``, and read the strategies' constructor attributes; the coordinator turns
 Flower's transport error codes into words and replaces a rejected reply's content by an error; both
-audit logs count the serialised bytes of an ``Array``. None of that is Flower API. It is imported,
+audit logs count the serialised bytes of an ``Array``; the checks and the aggregation read and write
+that serialised form (an ``np.save`` image) without copies. None of that is Flower API. It is imported,
 probed and used here and nowhere else in the apps, so a Flower upgrade means reviewing this file (and
 deploy/site/flower_seam.py, its counterpart for the site runtime).
 
@@ -18,8 +19,10 @@ instead of aggregating or logging wrongly later.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import io
+import math
 from typing import Iterable
 
 import flwr
@@ -40,14 +43,14 @@ class FlowerSeamError(ImportError):
     """A Flower internal this seam uses is missing or has changed shape."""
 
 
-def check_flower_version(installed: str) -> None:
-    """Raise ``FlowerVersionError`` unless ``installed`` is of the ``FLOWER_SERIES`` series."""
+def check_flower_version(installed: str, user: str = "carefl's apps use", seam_file: str = SEAM_FILE) -> None:
+    """Raise ``FlowerVersionError`` unless ``installed`` is of the ``FLOWER_SERIES`` series (both seams' check)."""
     if ".".join(installed.split(".")[:2]) != FLOWER_SERIES:
         raise FlowerVersionError(
-            f"carefl's apps use Flower internals written against flwr {FLOWER_SERIES} (tested with "
+            f"{user} Flower internals written against flwr {FLOWER_SERIES} (tested with "
             f"flwr=={FLOWER_LOCKED}, requirements.lock.txt), but flwr {installed} is installed. Review "
-            f"{SEAM_FILE} against flwr {installed} (every internal it uses is listed there), then update its "
-            f"FLOWER_SERIES; until then install flwr=={FLOWER_LOCKED}.")
+            f"{seam_file} against flwr {installed} (every internal it uses is listed there), then update "
+            f"FLOWER_SERIES in server/flower_seam.py; until then install flwr=={FLOWER_LOCKED}.")
 
 
 def _seam_error(problems: list[str]) -> FlowerSeamError:
@@ -139,3 +142,61 @@ def _problems() -> list[str]:
 _found = _problems()
 if _found:
     raise _seam_error(_found)
+
+
+# -- Flower's raw array format: an Array of a numpy array holds its np.save image ----------------------
+
+def as_ndarray(array: Array) -> np.ndarray:
+    """The array's values as a read-only view of its bytes (no copy; ``Array.numpy()`` copies twice).
+
+    Flower's arrays are ``np.save`` images; a header we do not handle (another serialisation, object
+    dtype) is left to ``Array.numpy()``, which reads — or refuses — it exactly as Flower does.
+    """
+    data = array.data
+    if array.stype == "numpy.ndarray" and data[:6] == _MAGIC and data[6] in (1, 2):
+        size = 2 if data[6] == 1 else 4
+        end = 8 + size + int.from_bytes(data[8:8 + size], "little")
+        layout = _header(bytes(data[:end]))
+        if layout is not None:
+            shape, fortran_order, dtype = layout
+            try:
+                flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=end)
+                return flat.reshape(shape, order="F" if fortran_order else "C")
+            except ValueError:
+                pass  # truncated: let Flower's reader raise its own error
+    return array.numpy()
+
+
+_MAGIC = b"\x93NUMPY"
+
+
+@functools.lru_cache(maxsize=1024)
+def _header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype] | None:
+    """(shape, Fortran order, dtype) of an ``np.save`` header; the arrays of a round share a few."""
+    stream = io.BytesIO(header)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read(stream)
+    except ValueError:
+        return None
+    return None if dtype.hasobject else (tuple(shape), bool(fortran_order), dtype)
+
+
+def to_array(values: np.ndarray) -> Array:
+    """``Array(values)`` — the same bytes as Flower's ``np.save`` image — with one copy instead of three."""
+    if not values.flags.c_contiguous or values.dtype.hasobject:
+        return Array(values)
+    header = io.BytesIO()
+    layout = np.lib.format.header_data_from_array_1_0(values)
+    try:
+        np.lib.format.write_array_header_1_0(header, layout)
+    except ValueError:  # header too long for format 1.0: np.save moves to 2.0
+        header = io.BytesIO()
+        np.lib.format.write_array_header_2_0(header, layout)
+    try:
+        body = memoryview(values).cast("B")
+    except (TypeError, ValueError):  # a dtype the buffer protocol does not carry (datetime, ...)
+        return Array(values)
+    return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype="numpy.ndarray",
+                 data=b"".join([header.getvalue(), body]))

@@ -8,73 +8,16 @@ one, and by default at most ``max_ratio`` × the median distance of the round's 
 
 from __future__ import annotations
 
-import functools
-import io
-import math
 import statistics
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
+
+from server.flower_seam import as_ndarray, to_array  # noqa: F401 - Flower's raw array format, fenced there
 
 WEIGHT_KEY = "num-examples"
 CHUNK = 1 << 16  # elements per block of the one-pass loops: a few blocks stay in the core's cache
-
-
-def as_ndarray(array: Array) -> np.ndarray:
-    """The array's values as a read-only view of its bytes (no copy; ``Array.numpy()`` copies twice).
-
-    Flower's arrays are ``np.save`` images; a header we do not handle (another serialisation, object
-    dtype) is left to ``Array.numpy()``, which reads — or refuses — it exactly as Flower does.
-    """
-    data = array.data
-    if array.stype == "numpy.ndarray" and data[:6] == _MAGIC and data[6] in (1, 2):
-        size = 2 if data[6] == 1 else 4
-        end = 8 + size + int.from_bytes(data[8:8 + size], "little")
-        layout = _header(bytes(data[:end]))
-        if layout is not None:
-            shape, fortran_order, dtype = layout
-            try:
-                flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=end)
-                return flat.reshape(shape, order="F" if fortran_order else "C")
-            except ValueError:
-                pass  # truncated: let Flower's reader raise its own error
-    return array.numpy()
-
-
-_MAGIC = b"\x93NUMPY"
-
-
-@functools.lru_cache(maxsize=1024)
-def _header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype] | None:
-    """(shape, Fortran order, dtype) of an ``np.save`` header; the arrays of a round share a few."""
-    stream = io.BytesIO(header)
-    try:
-        version = np.lib.format.read_magic(stream)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read(stream)
-    except ValueError:
-        return None
-    return None if dtype.hasobject else (tuple(shape), bool(fortran_order), dtype)
-
-
-def to_array(values: np.ndarray) -> Array:
-    """``Array(values)`` — the same bytes as Flower's ``np.save`` image — with one copy instead of three."""
-    if not values.flags.c_contiguous or values.dtype.hasobject:
-        return Array(values)
-    header = io.BytesIO()
-    layout = np.lib.format.header_data_from_array_1_0(values)
-    try:
-        np.lib.format.write_array_header_1_0(header, layout)
-    except ValueError:  # header too long for format 1.0: np.save moves to 2.0
-        header = io.BytesIO()
-        np.lib.format.write_array_header_2_0(header, layout)
-    try:
-        body = memoryview(values).cast("B")
-    except (TypeError, ValueError):  # a dtype the buffer protocol does not carry (datetime, ...)
-        return Array(values)
-    return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype="numpy.ndarray",
-                 data=b"".join([header.getvalue(), body]))
 
 
 def accumulate(out: np.ndarray, blocks: list[np.ndarray], factors: list[float], tmp: np.ndarray) -> None:

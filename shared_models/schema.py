@@ -1,5 +1,8 @@
 """The study schema: what every site's extract must contain, shipped with the run, identical everywhere.
 
+(Over 400 lines on purpose: one format — its parser, every-problem-at-once validation and canonical hash
+must agree line for line, so they stay in one file.)
+
 Hospitals do not hand-edit a loader per study: the schema says which column is the label (and its
 positive values), which identifies the patient, which orders a patient's visits, and which columns
 are features — numeric (unit, plausible range), categorical (allowed values) or date — plus how a

@@ -259,7 +259,7 @@ def test_ehr_site_report_roc_and_confusion_matrix(ehr_run, tmp_path):
 
 
 def test_many_sites_are_drawn_as_their_range_not_one_line_each(tmp_path, monkeypatch):
-    from server import report
+    from server import report_plots
 
     run = tmp_path / "run"
     run.mkdir()
@@ -267,8 +267,8 @@ def test_many_sites_are_drawn_as_their_range_not_one_line_each(tmp_path, monkeyp
                 "dp": 1.0, "epsilon": 0.1 * r, "delta": 1e-4} for r in (1, 2) for i in range(40)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in records))
     (run / "rounds.jsonl").write_text("".join(json.dumps({"round": r, "mean_centre_accuracy": 0.7}) + "\n" for r in (1, 2)))
-    drawn, band = [], report._site_band
-    monkeypatch.setattr(report, "_site_band", lambda ax, data, key: drawn.append(key) or band(ax, data, key))
+    drawn, band = [], report_plots._site_band
+    monkeypatch.setattr(report_plots, "_site_band", lambda ax, data, key: drawn.append(key) or band(ax, data, key))
     page = write_report(run).read_text(encoding="utf-8")
     _self_contained(page)
     assert {"accuracy", "auc", "train_loss", "epsilon"} <= set(drawn)
@@ -277,19 +277,19 @@ def test_many_sites_are_drawn_as_their_range_not_one_line_each(tmp_path, monkeyp
 def test_quality_metrics_are_drawn_on_their_natural_scale(seg_run, monkeypatch):
     """Dice (and accuracy, AUC) panels span 0–1, so a rise from 0.01 to 0.03 looks as small as it is;
     a loss keeps its own scale."""
-    from server import report
+    from server import report_plots
 
     out, _ = seg_run
     drawn = []
-    monkeypatch.setattr(report, "figure_img", lambda fig, alt: drawn.append(fig) or "")
+    monkeypatch.setattr(report_plots, "figure_img", lambda fig, alt: drawn.append(fig) or "")
     run = load_run(out)
-    report._plot_federation(run)
-    report._plot_sites(run, ["dice"], "t", "a")
+    report_plots.plot_federation(run)
+    report_plots.plot_sites(run, ["dice"], "t", "a")
     federation, sites = drawn
     assert federation.axes[0].get_ylim() == (0.0, 1.02) and sites.axes[0].get_ylim() == (0.0, 1.02)
     from matplotlib.figure import Figure
 
     loss = Figure().subplots()
     loss.plot([1, 2], [5.0, 7.0])
-    report._on_unit_scale(loss, "train_loss")
+    report_plots._on_unit_scale(loss, "train_loss")
     assert loss.get_ylim()[1] > 7.0

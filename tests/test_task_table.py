@@ -6,7 +6,7 @@ import pytest
 
 from client.tasks import SITE_TASKS
 from deploy.coordinator.follow import check_run_config
-from server.report import HEADLINE, SITE_METRICS
+from server.report_data import HEADLINE, SITE_METRICS
 from shared_models.registry import get_spec
 from shared_models.tasks import TASKS, UnknownTaskError, get_task
 

@@ -23,7 +23,7 @@ from cryptography import x509
 
 from deploy.coordinator import tls
 
-import tomllib
+from shared_models.toml_file import TomlFileError, read_toml
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 RESERVED = {"ca", "coordinator"}
@@ -63,11 +63,9 @@ class Report:
 def load_consortium(path: Path) -> Consortium:
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ProvisionError(f"{path} not found") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ProvisionError(f"{path} cannot be read as TOML: {exc}") from None
+        raw = read_toml(path, "consortium file")
+    except TomlFileError as exc:
+        raise ProvisionError(str(exc)) from None
     problems = []
     cons, coord, sites = raw.get("consortium", {}), raw.get("coordinator", {}), raw.get("sites", {})
     hosts = coord.get("hosts", [])

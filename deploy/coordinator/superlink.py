@@ -21,7 +21,7 @@ from pathlib import Path
 
 from deploy import processes
 
-import tomllib
+from shared_models.toml_file import TomlFileError, read_toml
 
 CONNECTION = "carefl"
 APP_DIR = Path(__file__).resolve().parents[2]  # the repository root is the Flower App
@@ -73,9 +73,9 @@ class Coordinator:
             raise DeploymentError(f"{self.kit} is not a coordinator kit: missing {', '.join(missing)} "
                                   f"(make kits with `carefl provision`)")
         try:
-            return tomllib.loads(path.read_text(encoding="utf-8")).get("coordinator", {})
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise DeploymentError(f"{path} cannot be read: {exc}") from None
+            return read_toml(path, "coordinator kit settings").get("coordinator", {})
+        except TomlFileError as exc:
+            raise DeploymentError(str(exc)) from None
 
     # -- the SuperLink ---------------------------------------------------------------------------
     def superlink_argv(self) -> list[str]:

@@ -12,7 +12,8 @@ import hashlib
 import re
 from pathlib import Path
 
-import tomllib
+from client.errors import SiteError
+from client.site import read_site_toml
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -41,9 +42,9 @@ def app_hash(target: str | Path) -> str:
 def approved_apps(site_config: Path) -> set[str]:
     """The hashes under ``[approval] apps``; an unreadable file approves nothing (fail closed)."""
     try:
-        raw = tomllib.loads(Path(site_config).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ApprovalError(f"site config {site_config} cannot be read: {exc}") from None
+        raw = read_site_toml(Path(site_config))
+    except SiteError as exc:
+        raise ApprovalError(str(exc)) from None
     apps = raw.get("approval", {}).get("apps", [])
     if not isinstance(apps, list) or not all(isinstance(a, str) and HEX64.match(a) for a in apps):
         raise ApprovalError(f"site config {site_config}: [approval] apps must be a list of sha256 hex strings")

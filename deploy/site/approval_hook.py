@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-import tomllib
+from client.errors import SiteError
+from client.site import read_site_toml
 from pathlib import Path
 
 from flwr.app import Error, Message
@@ -52,8 +53,8 @@ def refusal_reason(site_config: Path, fab_hash: str) -> str | None:
 
 def _site_id(site_config: Path) -> str:
     try:
-        return str(tomllib.loads(site_config.read_text(encoding="utf-8"))["site"]["id"])
-    except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
+        return str(read_site_toml(site_config)["site"]["id"])
+    except (SiteError, KeyError, TypeError):
         return "?"
 
 

@@ -28,27 +28,15 @@ from typing import Callable
 
 import flwr
 
-FLOWER_SERIES = "1.41"     # major.minor this seam was written and tested against
-FLOWER_LOCKED = "1.41.0"   # the exact version in requirements.lock.txt
+from server.flower_seam import FLOWER_LOCKED, FLOWER_SERIES, FlowerSeamError, FlowerVersionError
+from server.flower_seam import check_flower_version as _check_version
+
 SEAM_FILE = "deploy/site/flower_seam.py"
 
 
-class FlowerVersionError(ImportError):
-    """The installed Flower is not the series this seam was written against."""
-
-
-class FlowerSeamError(ImportError):
-    """A Flower internal this seam uses is missing or has changed shape."""
-
-
 def check_flower_version(installed: str) -> None:
-    """Raise ``FlowerVersionError`` unless ``installed`` is of the ``FLOWER_SERIES`` series."""
-    if ".".join(installed.split(".")[:2]) != FLOWER_SERIES:
-        raise FlowerVersionError(
-            f"carefl's site runtime uses Flower internals written against flwr {FLOWER_SERIES} (tested with "
-            f"flwr=={FLOWER_LOCKED}, requirements.lock.txt), but flwr {installed} is installed. Review "
-            f"{SEAM_FILE} against flwr {installed} (every internal it uses is listed there), then update its "
-            f"FLOWER_SERIES; until then install flwr=={FLOWER_LOCKED}.")
+    """Raise ``FlowerVersionError`` unless ``installed`` is the Flower series both seams were written against."""
+    _check_version(installed, "carefl's site runtime uses", SEAM_FILE)
 
 
 def _seam_error(problems: list[str]) -> FlowerSeamError:

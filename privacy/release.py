@@ -1,0 +1,150 @@
+"""A site's privacy steps for one release, in one call each: what DP the request means at this site
+(σ planned from the study's target ε over all its rounds), the policy check, and the ledger charge made
+before anything is computed — plus the ``dp-round`` audit record that shows it, built in one place.
+
+The ClientApp's handlers call these and do nothing private themselves (docs/PRIVACY.md):
+``plan_request`` → ``check_study`` at the handshake; ``charge_training`` before a round trains;
+``charge_statistics`` before the feature-statistics release (a Gaussian mechanism, round 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from privacy.accounting import plan_noise, sample_rate
+from privacy.gaussian import MECHANISM_STEP_RATE
+from privacy.ledger import BudgetExceeded, Charge, PrivacyLedger
+from privacy.policy import DatasetPolicy, DPRequest, RequestRefused, check_request, check_stats_request
+
+__all__ = ["Release", "StudyPlan", "charge_statistics", "charge_training", "check_study", "plan_request"]
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """What a study's request means at this site, for one dataset of N patients."""
+
+    request: DPRequest
+    sample_rate: float
+    steps_per_round: int       # optimizer steps of one round at this site
+    statistics_sigma: float    # σ of the study's feature-statistics release (0: none)
+
+
+def plan_request(config: Mapping, policy: DatasetPolicy, dataset: str, n: int, batch_size: int,
+                 steps_per_round: int, statistics: bool = False, cache: MutableMapping | None = None) -> StudyPlan:
+    """The DP request of a train config at this site: σ as asked, or — given the study's ``target-epsilon`` —
+    the σ this site needs so that all ``num-server-rounds`` (and the statistics release) stay within it.
+
+    Planning is the site's: it knows its own N. ``cache`` (the run's state) keeps the σ found, because the
+    PRV search takes seconds. ``statistics``: the study also releases DP feature statistics, which its
+    target covers too. Either way the policy check and the lifetime ledger decide what may run."""
+    enabled = bool(config.get("dp", True))
+    sigma = float(config.get("noise-multiplier", 0.0))
+    stats_sigma = float(config.get("stats-noise-multiplier", 0.0)) if statistics else 0.0
+    if enabled and not sigma > 0:
+        total_steps = int(config["num-server-rounds"]) * steps_per_round
+        target = float(config["target-epsilon"])
+        prior = [(stats_sigma, MECHANISM_STEP_RATE, 1)] if stats_sigma > 0 else []
+        key = f"{dataset}|{target}|{n}|{batch_size}|{total_steps}|{policy.accountant}|{stats_sigma}"
+        cache = {} if cache is None else cache
+        if key not in cache:
+            cache[key] = plan_noise(target, policy.delta_for(n), n, batch_size, total_steps, policy.accountant, prior)
+        sigma = float(cache[key])
+    request = DPRequest(enabled=enabled, noise_multiplier=sigma, clip_norm=float(config.get("clip-norm", 0.0)))
+    return StudyPlan(request, sample_rate(n, batch_size), steps_per_round, stats_sigma)
+
+
+def check_study(plan: StudyPlan, policy: DatasetPolicy, ledger_path: Path, dataset: str, n: int, rounds: int,
+                site_id: str) -> None:
+    """Before anyone trains: would the policy accept every release of the study, and does the remaining
+    budget hold all ``rounds`` of them? RequestRefused names every problem, so the study stops at discovery
+    and no site is charged for a round this site would refuse."""
+    steps = [(plan.request.noise_multiplier, plan.sample_rate, plan.steps_per_round)] * rounds
+    problems = []
+    if plan.statistics_sigma > 0:  # the study starts with a DP statistics release (charged as round 0)
+        steps.insert(0, (plan.statistics_sigma, MECHANISM_STEP_RATE, 1))
+        try:
+            check_stats_request(policy, plan.statistics_sigma)
+        except RequestRefused as exc:
+            problems.append(str(exc))
+    try:
+        check_request(policy, plan.request, plan.sample_rate)
+    except RequestRefused as exc:
+        problems.append(str(exc))
+    if problems:
+        raise RequestRefused(f"site {site_id} cannot take this study: {'; '.join(problems)}")
+    if not plan.request.enabled:
+        return
+    try:
+        PrivacyLedger(ledger_path).check_room(dataset, steps, policy.delta_for(n), policy.epsilon_budget,
+                                              policy.accountant)
+    except BudgetExceeded as exc:
+        raise RequestRefused(f"site {site_id} cannot take this study's {rounds} round(s): {exc}") from None
+
+
+@dataclass(frozen=True)
+class Release:
+    """One charged release: what was asked, what the ledger recorded, and the facts an auditor recomputes."""
+
+    run_id: str
+    server_round: int
+    dataset: str
+    request: DPRequest
+    sample_rate: float
+    steps: int
+    n: int
+    budget: float
+    charge: Charge
+    facts: dict = field(default_factory=dict)  # mechanism-specific fields of the audit record
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self.request.noise_multiplier if self.request.enabled else 0.0
+
+    def audit_record(self, **facts) -> dict:
+        """The site's ``dp-round`` audit record (docs/AUDIT.md), with the caller's facts added."""
+        return {
+            "run_id": self.run_id, "round": self.server_round, "dataset": self.dataset, **self.facts,
+            "dp": self.request.enabled, "noise_multiplier": self.noise_multiplier,
+            "clip_norm": self.request.clip_norm, "sample_rate": self.sample_rate, "steps": self.steps,
+            "accountant": self.charge.accountant, "delta": self.charge.delta,
+            "epsilon_before": self.charge.epsilon_before, "epsilon_after": self.charge.epsilon_after,
+            "epsilon_budget": self.budget, "budget_left": self.budget - self.charge.epsilon_after, "n": self.n,
+            **facts}
+
+    def reply_metrics(self) -> dict:
+        """What the reply may say about the release: ε so far with its δ, and the mechanism's parameters."""
+        return {"dp": 1.0 if self.request.enabled else 0.0, "epsilon": self.charge.epsilon_after,
+                "delta": self.charge.delta, "noise-multiplier": self.noise_multiplier,
+                "clip-norm": self.request.clip_norm, "sample-rate": self.sample_rate}
+
+
+def charge_training(plan: StudyPlan, policy: DatasetPolicy, ledger_path: Path, dataset: str, n: int, run_id: str,
+                    server_round: int, trained_parameters: int) -> Release:
+    """Check the round's request against the policy, then charge it to the ledger — in that order and before
+    any training: a refused round trains nothing and sends nothing; a crash after the charge over-counts."""
+    check_request(policy, plan.request, plan.sample_rate)
+    budget = policy.epsilon_budget if plan.request.enabled else math.inf
+    sigma = plan.request.noise_multiplier if plan.request.enabled else 0.0
+    charge = PrivacyLedger(ledger_path).charge(
+        dataset, run_id=run_id, server_round=server_round, noise_multiplier=sigma, clip_norm=plan.request.clip_norm,
+        sample_rate=plan.sample_rate, steps=plan.steps_per_round, delta=policy.delta_for(n), budget=budget,
+        accountant=policy.accountant, trained_parameters=trained_parameters)
+    return Release(run_id, server_round, dataset, plan.request, plan.sample_rate, plan.steps_per_round, n, budget,
+                   charge)
+
+
+def charge_statistics(policy: DatasetPolicy, ledger_path: Path, dataset: str, n: int, run_id: str,
+                      noise_multiplier: float, l2_bound: float) -> Release:
+    """The feature-statistics release: one Gaussian mechanism on a sum of bounded per-patient vectors,
+    checked and charged as round 0 of the run (one step at sample rate 1, composed by the same accountant)."""
+    check_stats_request(policy, noise_multiplier)
+    request = DPRequest(enabled=True, noise_multiplier=noise_multiplier, clip_norm=l2_bound)
+    charge = PrivacyLedger(ledger_path).charge(
+        dataset, run_id=run_id, server_round=0, noise_multiplier=noise_multiplier, clip_norm=l2_bound,
+        sample_rate=MECHANISM_STEP_RATE, steps=1, delta=policy.delta_for(n), budget=policy.epsilon_budget,
+        accountant=policy.accountant)
+    return Release(run_id, 0, dataset, request, MECHANISM_STEP_RATE, 1, n, policy.epsilon_budget, charge,
+                   facts={"mechanism": "feature-statistics"})

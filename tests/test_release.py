@@ -1,0 +1,53 @@
+"""A site's privacy steps for one release (privacy/release.py), on a real ledger and real accountants."""
+
+from __future__ import annotations
+
+import pytest
+
+from privacy import release
+from privacy.ledger import AlreadyCharged, PrivacyLedger
+from privacy.policy import DatasetPolicy, RequestRefused
+
+POLICY = DatasetPolicy(epsilon_budget=10.0, delta=1e-4, max_sample_rate=0.25, accountant="rdp")  # rdp: fast to plan
+STUDY = {"dp": True, "target-epsilon": 4.0, "num-server-rounds": 5, "clip-norm": 1.0, "stats-noise-multiplier": 10.0}
+
+
+def test_a_target_epsilon_is_planned_for_the_whole_study_and_only_counts_statistics_when_released():
+    cache: dict = {}
+    plan = release.plan_request(STUDY, POLICY, "heart", n=200, batch_size=20, steps_per_round=10, cache=cache)
+    assert plan.request.noise_multiplier > 0 and plan.sample_rate == pytest.approx(0.1) and len(cache) == 1
+    # the same request at the handshake and at a round: the same σ (the run config carries the statistics'
+    # σ for every task; only a task that releases statistics composes them into the plan)
+    again = release.plan_request(STUDY, POLICY, "heart", n=200, batch_size=20, steps_per_round=10, cache=cache)
+    assert again.request == plan.request and len(cache) == 1
+    with_stats = release.plan_request(STUDY, POLICY, "heart", n=200, batch_size=20, steps_per_round=10,
+                                      statistics=True)
+    assert with_stats.request.noise_multiplier > plan.request.noise_multiplier  # the same target covers more
+    asked = release.plan_request({**STUDY, "noise-multiplier": 1.3}, POLICY, "heart", 200, 20, 10)
+    assert asked.request.noise_multiplier == 1.3
+
+
+def test_a_round_is_checked_then_charged_once_and_its_audit_record_matches_the_ledger(tmp_path):
+    ledger = tmp_path / "ledger.sqlite"
+    plan = release.plan_request(STUDY, POLICY, "heart", n=200, batch_size=20, steps_per_round=10)
+    charged = release.charge_training(plan, POLICY, ledger, "heart", 200, "run-1", 1, trained_parameters=14)
+    rows = PrivacyLedger(ledger).rounds("heart")
+    assert len(rows) == 1 and rows[0]["epsilon_after"] == charged.charge.epsilon_after
+    record = charged.audit_record(train_params="all")
+    assert record["round"] == 1 and record["delta"] == 1e-4 and record["train_params"] == "all"
+    assert record["budget_left"] == pytest.approx(10.0 - rows[0]["epsilon_after"])
+    assert charged.reply_metrics()["epsilon"] == rows[0]["epsilon_after"]
+    with pytest.raises(AlreadyCharged):
+        release.charge_training(plan, POLICY, ledger, "heart", 200, "run-1", 1, trained_parameters=14)
+
+
+def test_a_study_the_site_would_refuse_is_refused_with_every_reason_before_anyone_trains(tmp_path):
+    strict = DatasetPolicy(epsilon_budget=10.0, delta=1e-4, min_noise_multiplier=5.0, max_clip_norm=0.5, accountant="rdp")
+    plan = release.plan_request(STUDY, strict, "heart", n=200, batch_size=20, steps_per_round=10)
+    with pytest.raises(RequestRefused, match="below the site minimum.*clip norm 1 is above"):
+        release.check_study(plan, strict, tmp_path / "l.sqlite", "heart", 200, rounds=5, site_id="a")
+    small = DatasetPolicy(epsilon_budget=1.0, delta=1e-4, accountant="rdp")
+    plan = release.plan_request(STUDY, small, "heart", n=200, batch_size=20, steps_per_round=10)
+    with pytest.raises(RequestRefused, match="cannot take this study's 5 round"):
+        release.check_study(plan, small, tmp_path / "l.sqlite", "heart", 200, rounds=5, site_id="a")
+    assert PrivacyLedger(tmp_path / "l.sqlite").rounds() == []  # nothing charged
