@@ -102,8 +102,12 @@ def _stacked_layers(valid: list[Message]) -> tuple[list[str], list[list[np.ndarr
     return keys, [[as_ndarray(a[k]) for a in arrays] for k in keys]
 
 
-class FedMedian(flwr_strategy.FedMedian):
-    """Flower's coordinate-wise median over views (Flower's copies each array first)."""
+class _CoordinateWise:
+    """Flower's coordinate-wise robust aggregation over views (Flower's copies each array first);
+    ``combine`` reduces the stacked updates of one layer along the first axis."""
+
+    def combine(self, stacked: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -112,26 +116,26 @@ class FedMedian(flwr_strategy.FedMedian):
             return None, None
         arrays = ArrayRecord()
         for key, layers in zip(*_stacked_layers(valid)):
-            arrays[key] = to_array(np.asarray(np.median(np.stack(layers), axis=0)))
+            arrays[key] = to_array(np.asarray(self.combine(np.stack(layers))))
         return arrays, self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
 
 
-class FedTrimmedAvg(flwr_strategy.FedTrimmedAvg):
-    """Flower's coordinate-wise trimmed mean over views."""
+class FedMedian(_CoordinateWise, flwr_strategy.FedMedian):
+    """Flower's coordinate-wise median."""
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = check_and_log_replies(self, replies, is_train=True)
-        if not valid:
-            return None, None
-        arrays = ArrayRecord()
-        for key, layers in zip(*_stacked_layers(valid)):
-            try:
-                arrays[key] = to_array(np.asarray(trim_mean(np.stack(layers), self.beta)))
-            except ValueError as exc:
-                raise AggregationError(f"Trimmed mean could not be computed. Likely cause: beta={self.beta} "
-                                       f"is too large.") from exc
-        return arrays, self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+    def combine(self, stacked: np.ndarray) -> np.ndarray:
+        return np.median(stacked, axis=0)
+
+
+class FedTrimmedAvg(_CoordinateWise, flwr_strategy.FedTrimmedAvg):
+    """Flower's coordinate-wise trimmed mean."""
+
+    def combine(self, stacked: np.ndarray) -> np.ndarray:
+        try:
+            return trim_mean(stacked, self.beta)
+        except ValueError as exc:
+            raise AggregationError(f"Trimmed mean could not be computed. Likely cause: beta={self.beta} "
+                                   f"is too large.") from exc
 
 
 def krum_distances(contents: list[RecordDict]) -> np.ndarray:
