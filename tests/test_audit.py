@@ -4,6 +4,7 @@ dp-accounting against the site's Opacus numbers, the CLI and the report.
 
 Nothing under test is mocked: logs are written by AuditLog with real Ed25519 keys, ε of the
 "site" comes from privacy.accounting (Opacus), kits for --run-dir come from deploy.coordinator.provision.
+(Over 400 lines on purpose: writer, verifier and auditor share the fixtures that write real signed logs.)
 """
 
 from __future__ import annotations

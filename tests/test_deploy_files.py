@@ -2,6 +2,7 @@
 
 No Docker, cluster or systemd is used: every file is parsed (YAML, nginx, Dockerfile, unit files)
 and checked against the others, and every command line they start is parsed by the real CLI.
+(Over 400 lines on purpose: one test per deployment file, all sharing the parsers at the top.)
 """
 
 from __future__ import annotations

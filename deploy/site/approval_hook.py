@@ -14,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from client.errors import SiteError
-from client.site import read_site_toml
 from pathlib import Path
 
 from flwr.app import Error, Message
+
+from client.errors import SiteError
+from client.site import read_site_toml
 
 from deploy.site import flower_seam as seam
 from deploy.site.approval import ApprovalError, approved_apps
