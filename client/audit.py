@@ -19,6 +19,7 @@ from server.flower_seam import serialized_size
 
 log = logging.getLogger("carefl.site")
 HEAD_RECORD = "audit-head"  # the ConfigRecord of a reply that carries the site's signed log head
+COORDINATOR_HEAD = "coordinator-head"  # the ConfigRecord of a message that carries the coordinator's (server/audit.py)
 
 
 def open_log(site: SiteConfig, node_config: dict) -> AuditLog | None:
@@ -32,6 +33,21 @@ def message_fields(msg: Message) -> dict:
     group = msg.metadata.group_id or ""
     return {"run_id": str(msg.metadata.run_id), "round": int(group) if group.isdigit() else None,
             "message_type": str(msg.metadata.message_type)}
+
+
+def coordinator_head(msg: Message) -> dict:
+    """The coordinator log's signed head the message carried, as the site logs it: the site's witness that
+    the coordinator's log had reached that record (an auditor finds it there, or a truncated log)."""
+    try:
+        head = msg.content.config_records.get(COORDINATOR_HEAD)
+    except Exception:  # noqa: BLE001 - a message without content (an error) carries none
+        return {}
+    if head is None:
+        return {}
+    try:
+        return {"coordinator_head": {"seq": int(head["seq"]), "hash": str(head["hash"]), "sig": str(head["sig"])}}
+    except (KeyError, TypeError, ValueError):
+        return {"coordinator_head": None}  # malformed: logged as such, the auditor reports it
 
 
 def arrays_digest(arrays: ArrayRecord) -> tuple[str, int]:
@@ -52,8 +68,8 @@ def log_reply(audit: AuditLog | None, msg: Message, reply: Message) -> Message:
     arrays = next(iter(content.array_records.values()), None)
     digest, size = arrays_digest(arrays) if arrays is not None else (None, 0)
     metrics = {k: v for record in content.metric_records.values() for k, v in record.items()}
-    head = audit.append("reply", {**message_fields(msg), "arrays_sha256": digest, "arrays_bytes": size,
-                                  "metrics": metrics})  # this very record (another process may append next)
+    head = audit.append("reply", {**message_fields(msg), **coordinator_head(msg), "arrays_sha256": digest,
+                                  "arrays_bytes": size, "metrics": metrics})  # this very record (another process may append next)
     content[HEAD_RECORD] = ConfigRecord({"seq": int(head["seq"]), "hash": str(head["hash"]),
                                          "sig": str(head.get("sig") or "")})
     return reply
@@ -61,4 +77,4 @@ def log_reply(audit: AuditLog | None, msg: Message, reply: Message) -> Message:
 
 def log_refusal(audit: AuditLog | None, msg: Message, code: int, reason: str) -> None:
     if audit is not None:
-        audit.append("refusal", {**message_fields(msg), "code": code, "reason": reason})
+        audit.append("refusal", {**message_fields(msg), **coordinator_head(msg), "code": code, "reason": reason})

@@ -2,20 +2,51 @@
 and the signed heads of the sites' own logs that arrive with their replies (format: docs/AUDIT.md).
 
 With those heads an auditor can prove a site's log was not truncated after the fact, and with the
-update hashes that every update aggregated here was sent, as logged, by that site.
+update hashes that every update aggregated here was sent, as logged, by that site. The other way
+round, every message to a site carries this log's current signed head (``WitnessedGrid``), which the
+site logs: the coordinator's log cannot lose its last records without the sites' logs showing it.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Message, MessageType
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
+from flwr.serverapp import Grid
 
 from privacy.audit import AuditLog
 from server.flower_seam import serialized_size
 
 HEAD_RECORD = "audit-head"  # as written by client/audit.py
+COORDINATOR_HEAD = "coordinator-head"  # the ConfigRecord of a message to a site: this log's signed head
+
+
+def head_record(head: dict) -> ConfigRecord:
+    """A log head ({"seq", "hash", "sig"}) as the ConfigRecord a message carries."""
+    return ConfigRecord({"seq": int(head["seq"]), "hash": str(head["hash"]), "sig": str(head.get("sig") or "")})
+
+
+class WitnessedGrid:
+    """Flower's Grid, except that every message it sends carries the coordinator log's signed head at
+    that moment (``COORDINATOR_HEAD``); each site logs the head it received (client/audit.py), so an
+    auditor holds witnesses of the coordinator's log outside the coordinator (privacy/auditor/checks.py)."""
+
+    def __init__(self, grid: Grid, log: AuditLog) -> None:
+        self._grid = grid
+        self._log = log
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        head = self._log.head()
+        if head is not None:
+            for message in messages:
+                message.content[COORDINATOR_HEAD] = head_record(head)
+        return self._grid.send_and_receive(messages, timeout=timeout)
 
 
 class CoordinatorAudit:

@@ -13,8 +13,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from privacy.audit import AuditLog
 from server import checkpoint, feature_stats
-from server.audit import CoordinatorAudit
+from server.audit import CoordinatorAudit, WitnessedGrid
 from server.live_report import RunReporter
 from server.rounds import RoundRecorder
 from server.run_dir import RunDirectory, RunDirectoryBusy
@@ -96,6 +97,8 @@ def main(grid: Grid, context: Context) -> None:
         raise StudyStopped(str(exc)) from None
     log.info("carefl run %s → %s", context.run_id, run_dir.path)
     reporter = RunReporter(run_dir.path, tensorboard=settings.tensorboard)
+    audit_path = Path(settings.audit_log) if settings.audit_log else run_dir.path / "audit.jsonl"
+    grid = WitnessedGrid(grid, AuditLog(audit_path, "coordinator"))  # every message carries the log's head
     audit = None
     watchdog = stop_with_superlink()
     try:
@@ -105,8 +108,7 @@ def main(grid: Grid, context: Context) -> None:
                                study={"rounds": remaining})
         model_kwargs = _model_kwargs(settings, sites)
         log.info("sites: %s", ", ".join(f"{s.site_id} (node {s.node_id})" for s in sites))
-        audit = CoordinatorAudit(Path(settings.audit_log) if settings.audit_log else run_dir.path / "audit.jsonl",
-                                 Path(settings.audit_key) if settings.audit_key else None, context.run_id)
+        audit = CoordinatorAudit(audit_path, Path(settings.audit_key) if settings.audit_key else None, context.run_id)
         public = _public_model(settings, model_kwargs)
         audit.run_start(_app_hash(grid), dict(context.run_config), [s.site_id for s in sites],
                         init_model=_provenance_summary(public))

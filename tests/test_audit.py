@@ -118,7 +118,9 @@ def build_deployment(root: Path, sites=("alpha", "beta"), runs=1, rounds=3, acco
                                         "epsilon_budget": budget, "budget_left": budget - after, "n": 200})
                 arrays = digest(s, run_id, rnd)
                 metrics = {"train_loss": 0.5 / rnd, "num-examples": 200, "epsilon": after}
+                witnessed = coordinator.head()  # what the train message carried (server/audit.py: WitnessedGrid)
                 reply = log.append("reply", {"run_id": run_id, "round": rnd, "message_type": "train",
+                                             "coordinator_head": {k: witnessed[k] for k in ("seq", "hash", "sig")},
                                              "arrays_sha256": arrays, "arrays_bytes": 1234, "metrics": metrics})
                 coordinator.append("update", {"run_id": run_id, "round": rnd, "site": s, "arrays_sha256": arrays,
                                               "arrays_bytes": 1234, "metrics": metrics})
@@ -402,10 +404,20 @@ def test_an_update_the_site_never_sent_is_caught(deployment, tmp_path):
     forge(coordinator, private_key(deployment["keys"]["coordinator"][0]), forged)
     site = verify_log(deployment["logs"]["beta"], deployment["keys"]["beta"][1])
     findings = check_against(site, verify_log(forged, deployment["keys"]["coordinator"][1]), "beta")
-    assert len(findings) == 1 and "the site never sent it" in findings[0].message
-    assert findings[0].line == update["seq"] + 1
-    assert check_against(verify_log(deployment["logs"]["alpha"], deployment["keys"]["alpha"][1]),
-                         verify_log(forged, deployment["keys"]["coordinator"][1]), "alpha") == []
+    own, witnessed = _split_witness(findings)
+    assert len(own) == 1 and "the site never sent it" in own[0].message
+    assert own[0].line == update["seq"] + 1
+    # re-signing the edited log changed every later hash: the heads the sites witnessed show the rewrite
+    assert witnessed and all("coordinator's log was rewritten" in f.message for f in witnessed)
+    alpha = check_against(verify_log(deployment["logs"]["alpha"], deployment["keys"]["alpha"][1]),
+                          verify_log(forged, deployment["keys"]["coordinator"][1]), "alpha")
+    assert _split_witness(alpha)[0] == []
+
+
+def _split_witness(findings: list) -> tuple[list, list]:
+    """(findings about the site's log or the coordinator's records, findings of the site's coordinator heads)"""
+    witnessed = [f for f in findings if "coordinator's signed head" in f.message]
+    return [f for f in findings if f not in witnessed], witnessed
 
 
 def test_a_truncated_site_log_is_caught_against_the_coordinator(deployment, tmp_path):
@@ -421,6 +433,26 @@ def test_a_truncated_site_log_is_caught_against_the_coordinator(deployment, tmp_
     assert "truncated" in summary.first_problem() and f"seq {last_head}" in summary.first_problem()
 
 
+def test_a_truncated_coordinator_log_is_caught_by_the_heads_its_messages_carried(deployment, tmp_path):
+    """Every message to a site carries the coordinator log's signed head and the site logs it: removing the
+    coordinator's last records (here: everything from the last head a site witnessed) shows."""
+    witnessed = [r["payload"]["coordinator_head"]["seq"] for r in read(deployment["logs"]["alpha"])
+                 if "coordinator_head" in r["payload"]]
+    assert witnessed
+    lines = deployment["logs"]["coordinator"].read_bytes().splitlines(keepends=True)
+    cut = tmp_path / "coordinator.jsonl"
+    cut.write_bytes(b"".join(lines[:max(witnessed)]))  # a clean prefix: its own chain still verifies
+    assert audit_logs(cut, deployment["keys"]["coordinator"][1]).ok
+    summary = audit_logs(deployment["logs"]["alpha"], deployment["keys"]["alpha"][1], cut,
+                         deployment["keys"]["coordinator"][1])
+    assert not summary.ok
+    problem = summary.first_problem()
+    assert "coordinator's log was truncated" in problem and f"seq {max(witnessed)}" in problem
+    whole = audit_logs(deployment["logs"]["alpha"], deployment["keys"]["alpha"][1],
+                       deployment["logs"]["coordinator"], deployment["keys"]["coordinator"][1])
+    assert whole.ok, whole.first_problem()
+
+
 def test_a_forged_head_and_a_rewritten_site_log_are_caught(deployment, tmp_path):
     coordinator = read(deployment["logs"]["coordinator"])
     head = next(r for r in coordinator if r["event"] == "site-head" and r["payload"]["site"] == "alpha")
@@ -429,7 +461,7 @@ def test_a_forged_head_and_a_rewritten_site_log_are_caught(deployment, tmp_path)
     forge(coordinator, private_key(deployment["keys"]["coordinator"][0]), forged)
     site = verify_log(deployment["logs"]["alpha"], deployment["keys"]["alpha"][1])
     findings = check_against(site, verify_log(forged, deployment["keys"]["coordinator"][1]), "alpha")
-    assert ["not signed by alpha's key" in f.message for f in findings] == [True]
+    assert ["not signed by alpha's key" in f.message for f in _split_witness(findings)[0]] == [True]
 
     def rewrite(records):  # the site rewrites its history with its own key after sending heads
         records[:] = [r for r in records if r["event"] != "data-exclusions"]

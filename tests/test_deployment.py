@@ -59,6 +59,18 @@ def test_demo_runs_a_tls_federation_of_four_hospitals(tmp_path):
         tampered = run_carefl(["audit", "verify", "--run-dir", str(out)], tmp_path, timeout=120)
         assert tampered.returncode == 1 and "FAIL" in tampered.stdout, tampered.stdout
         log.write_bytes(original)
+    # and so is the coordinator's log losing its last records: every message carried its signed head,
+    # which the sites logged (a clean prefix would verify on its own)
+    coordinator_log = out / "deployment" / "coordinator" / "audit.jsonl"
+    witnessed = [r["payload"]["coordinator_head"]["seq"]
+                 for site in summary["sites"]
+                 for r in map(json.loads, (out / "deployment" / "sites" / site / "audit.jsonl").read_text().splitlines())
+                 if r["payload"].get("coordinator_head")]
+    original = coordinator_log.read_bytes()
+    coordinator_log.write_bytes(b"".join(original.splitlines(keepends=True)[:max(witnessed)]))
+    truncated = run_carefl(["audit", "verify", "--run-dir", str(out)], tmp_path, timeout=120)
+    assert truncated.returncode == 1 and "coordinator's log was truncated" in " ".join(truncated.stdout.split())
+    coordinator_log.write_bytes(original)
 
 
 def test_simulation_engine_runs_more_sites_than_hospitals(tmp_path):

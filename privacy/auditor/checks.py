@@ -1,7 +1,8 @@
 """The content checks on verified records: what a site's own log must show (weights leave only after
 an approved train message and a DP round, every DP round within budget, every logged ε recomputable),
 and a site's log against the coordinator's (every update the coordinator logged was sent as logged;
-every signed head of the site it holds is still in the site's log).
+every signed head of the site it holds is still in the site's log; every signed head of the coordinator
+the site logged from a message is still in the coordinator's log).
 
 Apart from the chain verifier (chain.py) because these read what the records say rather than whether
 they are intact, and they work on records that already verified; each problem is a ``Finding``.
@@ -86,10 +87,35 @@ def check_site(records: Iterable[dict], epsilon: dict[str, DatasetEpsilon] | Non
     return findings
 
 
+def _held_head(holder: LogReport, owner: LogReport, owner_name: str, head: dict, add) -> None:
+    """A signed head of ``owner``'s log that ``holder`` logged: signed by the owner, and still a record of
+    the owner's log with that hash (a log that ends before it was truncated; another hash: rewritten)."""
+    seq, digest, sig = head.get("seq"), head.get("hash"), head.get("sig")
+    name = f"{owner_name}'s signed head seq {seq} (hash {str(digest)[:16]}…)"
+    entries = owner.entries
+    if owner.public_key is None:
+        add(f"{name} cannot be checked: no public key for {owner_name}")
+    elif not isinstance(digest, str) or not signature_ok(owner.public_key, digest, sig):
+        add(f"{name} is not signed by {owner_name}'s key")
+        return
+    if type(seq) is not int or seq < 0:
+        add(f"{name}: seq is not a record number")
+    elif seq >= len(entries):
+        cut = ("ends at seq " + str(len(entries) - 1)) if entries else "has no records"
+        why = (" beyond its first failure" if not owner.ok else "")
+        add(f"{holder.actor or 'the other log'} holds {name}, but {owner_name}'s log {cut}{why}: "
+            f"{owner_name}'s log was truncated after that head was sent")
+    elif entries[seq]["hash"] != digest:
+        add(f"{holder.actor or 'the other log'} holds {name}, but {owner_name}'s record seq {seq} has hash "
+            f"{entries[seq]['hash'][:16]}…: {owner_name}'s log was rewritten after that head was sent")
+
+
 def check_against(site_report: LogReport, coordinator_report: LogReport, site_id: str) -> list[Finding]:
     """The site's log against the coordinator's: every update the coordinator logged for ``site_id``
     was sent, as logged, by the site; every signed head of the site the coordinator holds verifies
-    under the site's key and is a record of the site's log (a shorter log was truncated)."""
+    under the site's key and is a record of the site's log (a shorter log was truncated); and every
+    signed head of the coordinator's log that came with a message to the site, as the site logged it,
+    is a record of the coordinator's log (the sites are the coordinator's witnesses)."""
     findings: list[Finding] = []
     for who, report, whose in ((COORDINATOR, coordinator_report, "the coordinator's"),
                                (site_id, site_report, "the site's")):
@@ -102,7 +128,6 @@ def check_against(site_report: LogReport, coordinator_report: LogReport, site_id
         if _weights_reply(rec):
             p = rec["payload"]
             replies.setdefault((*_key(p), p["arrays_sha256"]), rec)
-    site_entries = site_report.entries
     for rec in coordinator_report.entries:
         p = rec["payload"]
         if p.get("site") != site_id:
@@ -126,21 +151,17 @@ def check_against(site_report: LogReport, coordinator_report: LogReport, site_id
                 add(f"update from {site_id} (run {run}, round {rnd}) carries other metrics than the site's "
                     f"reply (line {sent['seq'] + 1})")
         elif rec["event"] == "site-head":
-            seq, digest, sig = p.get("seq"), p.get("hash"), p.get("sig")
-            name = f"{site_id}'s signed head seq {seq} (hash {str(digest)[:16]}…)"
-            if site_report.public_key is None:
-                add(f"{name} cannot be checked: no public key for {site_id}")
-            elif not isinstance(digest, str) or not signature_ok(site_report.public_key, digest, sig):
-                add(f"{name} is not signed by {site_id}'s key")
-                continue
-            if type(seq) is not int or seq < 0:
-                add(f"{name}: seq is not a record number")
-            elif seq >= len(site_entries):
-                cut = ("ends at seq " + str(len(site_entries) - 1)) if site_entries else "has no records"
-                why = (" beyond its first failure" if not site_report.ok else "")
-                add(f"the coordinator holds {name}, but the site's log {cut}{why}: the site's log was "
-                    f"truncated after it sent that head")
-            elif site_entries[seq]["hash"] != digest:
-                add(f"the coordinator holds {name}, but the site's record seq {seq} has hash "
-                    f"{site_entries[seq]['hash'][:16]}…: the site's log was rewritten after it sent that head")
+            _held_head(coordinator_report, site_report, site_id, p, add)
+    for rec in site_report.entries:
+        if "coordinator_head" not in rec["payload"]:
+            continue
+
+        def witness(message: str, rec: dict = rec) -> None:  # the evidence is this record of the site's log
+            findings.append(Finding.at("error", "against", site_id, rec["seq"], message))
+
+        head = rec["payload"]["coordinator_head"]
+        if not isinstance(head, dict):
+            witness(f"{site_id} logged a malformed coordinator head (its line {rec['seq'] + 1})")
+            continue
+        _held_head(site_report, coordinator_report, COORDINATOR, head, witness)
     return findings
