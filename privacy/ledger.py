@@ -1,7 +1,8 @@
 """The site's privacy ledger: what each dataset has spent, kept on the site's disk (SQLite).
 
-One row per training round that released weights: run id, round, σ, C, q, steps, δ, ε after and
-the number of parameters the round trained (d: fine-tuning a few of them is what makes DP work).
+One row per release: each training round that released weights (run id, round, σ, C, q, steps, δ,
+ε after, the number of parameters the round trained — d: fine-tuning a few of them is what makes DP
+work) and each feature-statistics release (round 0 of its run); ``kind`` says which.
 The accountant's state for a dataset is the merged list of its (σ, q, steps) — so ε composes
 across rounds, runs and studies, and survives agent and SuperNode restarts. A round is charged
 *before* training, in one transaction with the budget check: a crash after the charge can only
@@ -34,11 +35,18 @@ CREATE TABLE IF NOT EXISTS rounds (
     epsilon_after    REAL    NOT NULL,
     recorded_at      TEXT    NOT NULL,
     trained_parameters INTEGER,           -- d: how many numbers the round trained, noised and sent
+    kind             TEXT    NOT NULL DEFAULT 'training',  -- KINDS: what the release was
     UNIQUE (dataset, run_id, round)
 );
 """
-# Ledgers written before the trained dimension was recorded gain the column (their rows keep NULL).
-MIGRATIONS = (("trained_parameters", "ALTER TABLE rounds ADD COLUMN trained_parameters INTEGER"),)
+KINDS = ("training", "feature-statistics")  # what a release was (`carefl site budget` splits by it)
+# Older ledgers gain the newer columns: the trained dimension (old rows keep NULL), and the kind (round 0
+# was only ever a feature-statistics release).
+MIGRATIONS = (
+    ("trained_parameters", ("ALTER TABLE rounds ADD COLUMN trained_parameters INTEGER",)),
+    ("kind", ("ALTER TABLE rounds ADD COLUMN kind TEXT NOT NULL DEFAULT 'training'",
+              "UPDATE rounds SET kind = 'feature-statistics' WHERE round = 0")),
+)
 
 
 class LedgerError(RuntimeError):
@@ -79,9 +87,10 @@ class PrivacyLedger:
             with self._connect() as db:
                 db.executescript(SCHEMA)
                 columns = {row[1] for row in db.execute("PRAGMA table_info(rounds)")}
-                for column, statement in MIGRATIONS:
+                for column, statements in MIGRATIONS:
                     if column not in columns:
-                        db.execute(statement)
+                        for statement in statements:
+                            db.execute(statement)
         except (OSError, sqlite3.Error) as exc:
             raise LedgerError(f"privacy ledger {self.path} cannot be opened: {exc}") from None
 
@@ -91,12 +100,12 @@ class PrivacyLedger:
         db.execute("PRAGMA synchronous=FULL")
         return db
 
-    def history(self, dataset: str, db: sqlite3.Connection | None = None) -> list[Step]:
-        """The accountant state of ``dataset``: merged (σ, q, steps) of every charged round."""
+    def history(self, dataset: str, db: sqlite3.Connection | None = None, kind: str | None = None) -> list[Step]:
+        """The accountant state of ``dataset``: merged (σ, q, steps) of every charged release (of ``kind`` only)."""
         conn = db or self._connect()
         try:
             rows = conn.execute("SELECT noise_multiplier, sample_rate, steps FROM rounds WHERE dataset = ? "
-                                "ORDER BY id", (dataset,)).fetchall()
+                                "AND (? IS NULL OR kind = ?) ORDER BY id", (dataset, kind, kind)).fetchall()
         finally:
             if db is None:
                 conn.close()
@@ -104,6 +113,13 @@ class PrivacyLedger:
 
     def spent(self, dataset: str, delta: float, accountant: str) -> float:
         return epsilon(self.history(dataset), delta, accountant)
+
+    def spent_by_kind(self, dataset: str, delta: float, accountant: str) -> dict[str, float]:
+        """ε of each kind of release alone (training, feature statistics); their composition is ``spent``,
+        which is less than their sum."""
+        kinds = [r["kind"] for r in self.rounds(dataset)]
+        return {kind: epsilon(self.history(dataset, kind=kind), delta, accountant)
+                for kind in KINDS if kind in kinds}
 
     def check_room(self, dataset: str, steps: list[tuple[float, float, int]], delta: float, budget: float,
                    accountant: str) -> float:
@@ -118,8 +134,10 @@ class PrivacyLedger:
 
     def charge(self, dataset: str, run_id: str, server_round: int, noise_multiplier: float, clip_norm: float,
                sample_rate: float, steps: int, delta: float, budget: float, accountant: str,
-               trained_parameters: int | None = None) -> Charge:
+               trained_parameters: int | None = None, kind: str = "training") -> Charge:
         """Check the budget and record the round, atomically; raise BudgetExceeded or AlreadyCharged."""
+        if kind not in KINDS:
+            raise ValueError(f"release kind must be one of {', '.join(KINDS)}")
         try:
             db = self._connect()
         except sqlite3.Error as exc:
@@ -137,10 +155,10 @@ class PrivacyLedger:
                 raise BudgetExceeded(dataset, before, after, budget, delta)
             db.execute(
                 "INSERT INTO rounds (dataset, run_id, round, noise_multiplier, clip_norm, sample_rate, steps, "
-                "accountant, delta, epsilon_before, epsilon_after, recorded_at, trained_parameters) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "accountant, delta, epsilon_before, epsilon_after, recorded_at, trained_parameters, kind) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (dataset, run_id, server_round, noise_multiplier, clip_norm, sample_rate, steps, accountant, delta,
-                 before, after, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), trained_parameters),
+                 before, after, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), trained_parameters, kind),
             )
             db.execute("COMMIT")
             return Charge(dataset, before, after, delta, accountant)

@@ -145,6 +145,6 @@ def charge_statistics(policy: DatasetPolicy, ledger_path: Path, dataset: str, n:
     charge = PrivacyLedger(ledger_path).charge(
         dataset, run_id=run_id, server_round=0, noise_multiplier=noise_multiplier, clip_norm=l2_bound,
         sample_rate=MECHANISM_STEP_RATE, steps=1, delta=policy.delta_for(n), budget=policy.epsilon_budget,
-        accountant=policy.accountant)
+        accountant=policy.accountant, kind="feature-statistics")
     return Release(run_id, 0, dataset, request, MECHANISM_STEP_RATE, 1, n, policy.epsilon_budget, charge,
                    facts={"mechanism": "feature-statistics"})

@@ -51,3 +51,35 @@ def test_a_study_the_site_would_refuse_is_refused_with_every_reason_before_anyon
     with pytest.raises(RequestRefused, match="cannot take this study's 5 round"):
         release.check_study(plan, small, tmp_path / "l.sqlite", "heart", 200, rounds=5, site_id="a")
     assert PrivacyLedger(tmp_path / "l.sqlite").rounds() == []  # nothing charged
+
+
+def test_the_ledger_splits_spend_by_kind_and_composes_the_total(tmp_path):
+    ledger_path = tmp_path / "ledger.sqlite"
+    release.charge_statistics(POLICY, ledger_path, "visits", 200, "run-1", noise_multiplier=10.0, l2_bound=1.0)
+    plan = release.plan_request({**STUDY, "noise-multiplier": 1.0}, POLICY, "visits", 200, 20, 10)
+    release.charge_training(plan, POLICY, ledger_path, "visits", 200, "run-1", 1, trained_parameters=14)
+    ledger = PrivacyLedger(ledger_path)
+    assert [r["kind"] for r in ledger.rounds("visits")] == ["feature-statistics", "training"]
+    by_kind = ledger.spent_by_kind("visits", 1e-4, "rdp")
+    total = ledger.spent("visits", 1e-4, "rdp")
+    assert set(by_kind) == {"feature-statistics", "training"}
+    assert max(by_kind.values()) < total < sum(by_kind.values())  # composition: more than either, less than both
+
+
+def test_an_older_ledger_gains_the_kind_of_each_release(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:  # the ledger as carefl wrote it before releases had a kind
+        db.execute("CREATE TABLE rounds (id INTEGER PRIMARY KEY AUTOINCREMENT, dataset TEXT NOT NULL, run_id TEXT "
+                   "NOT NULL, round INTEGER NOT NULL, noise_multiplier REAL NOT NULL, clip_norm REAL NOT NULL, "
+                   "sample_rate REAL NOT NULL, steps INTEGER NOT NULL, accountant TEXT NOT NULL, delta REAL NOT NULL, "
+                   "epsilon_before REAL NOT NULL, epsilon_after REAL NOT NULL, recorded_at TEXT NOT NULL, "
+                   "UNIQUE (dataset, run_id, round))")
+        for rnd, q in ((0, 1.0), (1, 0.1)):
+            db.execute("INSERT INTO rounds (dataset, run_id, round, noise_multiplier, clip_norm, sample_rate, steps, "
+                       "accountant, delta, epsilon_before, epsilon_after, recorded_at) VALUES "
+                       "('visits', 'r', ?, 5.0, 1.0, ?, 1, 'rdp', 1e-4, 0, 0.1, 't')", (rnd, q))
+    rows = PrivacyLedger(path).rounds("visits")
+    assert [r["kind"] for r in rows] == ["feature-statistics", "training"]
+    assert [r["trained_parameters"] for r in rows] == [None, None]

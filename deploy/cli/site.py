@@ -111,7 +111,8 @@ def site_budget(
     config: Path = typer.Option(..., "--config", help="The site's config file (site.toml)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Spent and remaining ε per dataset, with δ and the rounds that spent it (from the site's ledger)."""
+    """Spent and remaining ε per dataset, with δ, the rounds that spent it and the split by kind of release
+    (training, feature statistics), from the site's ledger."""
     site = load_site_config(config)
     ledger = PrivacyLedger(site.ledger_path)
     report = {"site": site.site_id, "ledger": str(site.ledger_path), "datasets": {}}
@@ -120,8 +121,9 @@ def site_budget(
         # δ as charged (the policy's, or its default from N at charge time); the policy's when nothing was
         delta = rounds[-1]["delta"] if rounds else ds.policy.delta
         spent = ledger.spent(name, delta, ds.policy.accountant) if rounds else 0.0
+        by_kind = ledger.spent_by_kind(name, delta, ds.policy.accountant) if rounds else {}
         report["datasets"][name] = {
-            "epsilon_spent": spent, "epsilon_budget": ds.policy.epsilon_budget,
+            "epsilon_spent": spent, "epsilon_by_kind": by_kind, "epsilon_budget": ds.policy.epsilon_budget,
             "epsilon_remaining": max(ds.policy.epsilon_budget - spent, 0.0), "delta": delta,
             "accountant": ds.policy.accountant, "rounds": len(rounds),
             "runs": sorted({r["run_id"] for r in rounds}),
@@ -131,14 +133,19 @@ def site_budget(
         print(json.dumps(json_safe(report), indent=2))
         return
     table = Table(title=f"privacy budget of site {site.site_id}", title_justify="left")
-    for col in ("dataset", "ε spent", "ε budget", "ε remaining", "δ", "accountant", "rounds", "runs"):
+    for col in ("dataset", "ε spent", "of which, each alone", "ε budget", "ε remaining", "δ", "accountant",
+                "rounds", "runs"):
         table.add_column(col)
     for name, d in report["datasets"].items():
         spent_text = "∞ (non-DP rounds)" if d["non_dp_rounds"] else f"{d['epsilon_spent']:.4f}"
-        table.add_row(name, spent_text, f"{d['epsilon_budget']:g}", f"{d['epsilon_remaining']:.4f}",
+        kinds = ", ".join(f"{kind} {eps:.4f}" for kind, eps in d["epsilon_by_kind"].items()) or "–"
+        table.add_row(name, spent_text, kinds, f"{d['epsilon_budget']:g}", f"{d['epsilon_remaining']:.4f}",
                       "–" if d["delta"] is None else f"{d['delta']:g}", d["accountant"], str(d["rounds"]),
                       str(len(d["runs"])))
     console.print(table)
+    if any(len(d["epsilon_by_kind"]) > 1 for d in report["datasets"].values()):
+        console.print("each kind's ε is its releases alone; together they compose to the ε spent (less than "
+                      "their sum)", highlight=False)
     console.print(f"ledger: {site.ledger_path}")
 
 
