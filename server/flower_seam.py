@@ -53,8 +53,10 @@ def check_flower_version(installed: str, user: str = "carefl's apps use", seam_f
             f"FLOWER_SERIES in server/flower_seam.py; until then install flwr=={FLOWER_LOCKED}.")
 
 
-def _seam_error(problems: list[str]) -> FlowerSeamError:
-    return FlowerSeamError(f"flwr {flwr.__version__}: " + "; ".join(problems) + f". Review {SEAM_FILE}")
+def seam_error(problems: list[str], seam_file: str = SEAM_FILE, consequence: str = "") -> FlowerSeamError:
+    """Both seams' error for Flower internals that are missing or changed (``consequence``: what then stops)."""
+    return FlowerSeamError(f"flwr {flwr.__version__}: " + "; ".join(problems) + f". Review {seam_file}"
+                           + (f"; {consequence}" if consequence else ""))
 
 
 check_flower_version(flwr.__version__)
@@ -64,7 +66,7 @@ try:
     from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 except ImportError as _exc:
-    raise _seam_error([f"cannot import {_exc.name or _exc}"]) from _exc
+    raise seam_error([f"cannot import {_exc.name or _exc}"]) from _exc
 
 __all__ = [
     "FLOWER_SERIES", "FLOWER_LOCKED", "FlowerVersionError", "FlowerSeamError", "check_flower_version",
@@ -141,7 +143,7 @@ def _problems() -> list[str]:
 
 _found = _problems()
 if _found:
-    raise _seam_error(_found)
+    raise seam_error(_found)
 
 
 # -- Flower's raw array format: an Array of a numpy array holds its np.save image ----------------------

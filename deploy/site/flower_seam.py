@@ -30,6 +30,7 @@ import flwr
 
 from server.flower_seam import FLOWER_LOCKED, FLOWER_SERIES, FlowerSeamError, FlowerVersionError
 from server.flower_seam import check_flower_version as _check_version
+from server.flower_seam import seam_error
 
 SEAM_FILE = "deploy/site/flower_seam.py"
 
@@ -40,8 +41,7 @@ def check_flower_version(installed: str) -> None:
 
 
 def _seam_error(problems: list[str]) -> FlowerSeamError:
-    return FlowerSeamError(f"flwr {flwr.__version__}: " + "; ".join(problems) + f". Review {SEAM_FILE}; the site "
-                           "refuses to start a SuperNode without its code gate")
+    return seam_error(problems, SEAM_FILE, "the site refuses to start a SuperNode without its code gate")
 
 
 check_flower_version(flwr.__version__)
