@@ -66,7 +66,7 @@ def build_round(seed: int = 0):
         content = RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord({"num-examples": 50 + k})})
         replies.append(Message(received(content), reply_to=msg))
         del update, content
-    sites = [SiteInfo(f"site-{n}", n, n_train=1000, n_test=100, n_features=0) for n in nodes]
+    sites = [SiteInfo(f"site-{n}", n, weight=50 + k, n_features=0) for k, n in enumerate(nodes)]
     return messages, replies, sites
 
 

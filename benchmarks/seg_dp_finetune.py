@@ -95,7 +95,8 @@ def federated(manifests: dict[str, Path], out: Path, settings: dict, dp: bool, e
         config = write_site_config(out / "sites" / site / "site.toml", site, manifest, device="auto",
                                    dataset="hippocampus", manifest=True, labels=sorted(hippocampus.LABELS),
                                    epsilon_budget=max(epsilon, 1.0) * 2, delta=DELTA, allow_non_dp=not dp,
-                                   max_sample_rate=1.0, min_noise_multiplier=0.3, max_physical_batch=16)
+                                   max_sample_rate=1.0, min_noise_multiplier=0.3, max_physical_batch=16,
+                                   evaluation="exact")  # model quality: exact test sums (DP evaluation: dp_evaluation)
         nodes[10 + i] = {"site-config": str(config)}
     config = app_run_config(task="seg", model="seg-unet3d", **{
         **settings, "dp": dp, "target-epsilon": epsilon if dp else 0.0, "noise-multiplier": 0.0, "seed": seed,

@@ -73,7 +73,8 @@ def fedavg(data_dir: Path, out: Path, rounds: int, lr: float, batch: int, dp: bo
         manifest = hippocampus.write_manifest(out / "sites" / site / "hippocampus.csv", rows)
         config = write_site_config(out / "sites" / site / "site.toml", site, manifest, device="auto",
                                    dataset="hippocampus", manifest=True, labels=sorted(hippocampus.LABELS),
-                                   epsilon_budget=max(target_epsilon, 1.0) * 2, delta=1e-3, allow_non_dp=not dp)
+                                   epsilon_budget=max(target_epsilon, 1.0) * 2, delta=1e-3, allow_non_dp=not dp,
+                                   evaluation="exact")  # model quality: exact test sums (DP evaluation: dp_evaluation)
         nodes[10 + i] = {"site-config": str(config)}
     config = app_run_config(task="seg", model="seg-unet3d", **{
         "num-server-rounds": rounds, "local-epochs": 1, "local-steps": 0, "batch-size": batch, "optimizer": "adam",

@@ -90,7 +90,7 @@ def _site_task(context: Context, msg: Message | None = None):
 @app.query()
 @replies_with_errors
 def query(msg: Message, context: Context, audit) -> Message:
-    """Identity and capabilities: site id, task, models; counts only, no data statistics."""
+    """Identity and capabilities: site id, task, models, the dataset's public nominal size; no data statistics."""
     site, task = _site_task(context)
     study = msg.content.config_records.get("study")
     rounds = int(study.get("rounds", 0)) if study is not None else 0
@@ -105,7 +105,8 @@ def query(msg: Message, context: Context, audit) -> Message:
                          "models": model_names(task_name)})
     if hasattr(task, "schema"):  # the coordinator checks every site reads the study's schema, byte for meaning
         info["schema-sha256"] = task.schema.sha256
-    counts = MetricRecord({"n-train": task.n_train, "n-test": task.n_test,
+    # No exact N leaves the site: the weight is the size the site chose to disclose, or 1 (docs/PRIVACY.md).
+    counts = MetricRecord({"nominal-size": task.dataset.weight,
                            "n-features": int(task.model_kwargs.get("n_features", 0))})
     return Message(RecordDict({"site": info, "counts": counts}), reply_to=msg)
 
@@ -117,6 +118,14 @@ def _plan(config, context: Context, task) -> release.StudyPlan:
     return release.plan_request(config, task.dataset.policy, task.dataset.name, task.n_train, settings.batch_size,
                                 training.planned_steps(settings, task.n_train),
                                 statistics=hasattr(task, "statistics_vectors"), cache=cache)
+
+
+@app.query("witness")
+@replies_with_errors
+def witness(msg: Message, context: Context, audit) -> Message:
+    """The coordinator's last message of a run: the site logs the head it carries (the coordinator's log
+    up to its run-end record), so no record of a finished run is left without a witness outside it."""
+    return Message(RecordDict(), reply_to=msg)
 
 
 @app.query("feature_stats")
@@ -176,10 +185,12 @@ def train(msg: Message, context: Context, audit) -> Message:
     if dp.enabled and metrics.pop("sample-rate") != q:  # the charged q must be the one Opacus sampled with
         raise RuntimeError("sample rate used in training differs from the one charged; weights withheld")
     state = model.cpu().state_dict()
+    # The training loss is not DP and the sample rate is batch / N: both stay in the site's log (dp-round).
+    released = {k: v for k, v in charged.reply_metrics().items() if k != "sample-rate"}
     reply = RecordDict({
         "arrays": ArrayRecord(state if which == "all" else {name: state[name] for name in trained}),
-        "metrics": MetricRecord({"num-examples": task.n_train, **metrics, **charged.reply_metrics(),
-                                 "trained-parameters": dimension}),
+        "metrics": MetricRecord({"num-examples": task.dataset.weight, "local-steps": metrics["local-steps"],
+                                 **released, "trained-parameters": dimension}),
     })
     return Message(reply, reply_to=msg)
 
@@ -187,20 +198,32 @@ def train(msg: Message, context: Context, audit) -> Message:
 @app.evaluate()
 @replies_with_errors
 def evaluate(msg: Message, context: Context, audit) -> Message:
+    """Release this site's test metrics: one Gaussian mechanism on bounded per-patient vectors (the task's
+    ``eval_layout``), checked and charged to the dataset's ledger before anything is computed, like the
+    feature-statistics release; exact, not charged and logged as not DP where the policy opts out."""
     site, task = _site_task(context, msg)
+    config = msg.content["config"]
     model = _model_from(msg, task.model_kwargs)
-    report = task.evaluate(model, device_for(site))
-    if str(msg.content["config"].get("personalise", "none")) == "finetune":
+    layout = task.eval_layout
+    charged = release.charge_evaluation(config, task.dataset.policy, site.ledger_path, task.dataset.name,
+                                        task.n_train, task.n_test, str(context.run_id), int(config["server-round"]),
+                                        layout.l2_bound)
+    if audit is not None:
+        audit.append(charged.audit_event, charged.audit_record(dataset_fingerprint=task.fingerprint()))
+    if charged.noise_multiplier == 0:
+        log.warning("EXACT EVALUATION on dataset '%s' (%s): its test metrics leave without DP",
+                    task.dataset.name, charged.reason)
+    report = release.release_evaluation(charged, task.evaluation_vectors(model, device_for(site)), layout)
+    if str(config.get("personalise", "none")) == "finetune":
         report.update(_personalised_report(msg, context, audit, site, task, model))
-    metrics = MetricRecord({"num-examples": task.n_test, **report})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"metrics": MetricRecord(report)}), reply_to=msg)
 
 
 def _personalised_report(msg: Message, context: Context, audit, site, task, model) -> dict:
     """Fine-tune a copy of the global model on this site's training split and evaluate it.
 
-    The fine-tuned model never leaves the site; only its test metrics do, under ``personal-*`` keys.
-    Those metrics are a non-private function of the training data, so the site treats the request
+    The fine-tuned model never leaves the site; only its test counts do, exactly, under ``personal-*`` keys.
+    Those counts are a non-private function of the training data, so the site treats the request
     like a non-DP round: its policy must allow non-DP use of the dataset.
     """
     check_request(task.dataset.policy, DPRequest(enabled=False, noise_multiplier=0.0, clip_norm=0.0), 0.0)
@@ -211,4 +234,4 @@ def _personalised_report(msg: Message, context: Context, audit, site, task, mode
         audit.append("finetune", {"run_id": str(context.run_id), "dataset": task.dataset.name,
                                   "round": int(msg.content["config"].get("server-round", 0)),
                                   "steps": settings.local_steps, "dp": False, "sent": "test metrics only"})
-    return {PERSONAL_PREFIX + k: v for k, v in task.evaluate(model, device_for(site)).items()}
+    return release.exact_sums(task.evaluation_vectors(model, device_for(site)), task.eval_layout, PERSONAL_PREFIX)

@@ -1,4 +1,5 @@
-"""Imaging at the site: the valid, preprocessed cases of a dataset, and U-Net evaluation.
+"""Imaging at the site: the valid, preprocessed cases of a dataset, and U-Net evaluation (the site's own
+exact figures, and the per-case vectors of its evaluation release).
 
 One dataset item is one patient's whole preprocessed volume, so DP-SGD's unit is the patient.
 Cases come from the preprocessing cache (``carefl site ingest`` fills it); a case not yet cached is
@@ -19,11 +20,13 @@ from client.errors import SiteError
 from client.ingest.imaging.manifest import Case, read_manifest, validate
 from client.ingest.imaging.preprocess import PreprocessCache, PreprocessSpec
 from client.site import DatasetConfig, SiteConfig
-from shared_models.seg_metrics import seg_report
+from shared_models.eval_release import seg_vectors
+from shared_models.seg_metrics import per_case, seg_report
 
 log = logging.getLogger("carefl.site")
 
 EVAL_BATCH = 2
+NUM_CLASSES = 3  # background and the two hippocampus labels (the U-Net's outputs)
 
 
 class PatientVolumes(Dataset):
@@ -93,8 +96,8 @@ def _cached_or_validated(cache: PreprocessCache, case: Case, labels: set[int], r
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, test: PatientVolumes, device: torch.device, num_classes: int = 3) -> dict:
-    """Whole-volume prediction of every test patient; Dice/IoU per class and poolable Dice counts."""
+def _predict(model: torch.nn.Module, test: PatientVolumes, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole-volume label maps of every test patient, and their truths."""
     model.to(device).eval()
     preds, truths = [], []
     for start in range(0, len(test), EVAL_BATCH):
@@ -102,4 +105,16 @@ def evaluate(model: torch.nn.Module, test: PatientVolumes, device: torch.device,
         logits = model(torch.stack(images).to(device))
         preds.append(logits.argmax(1, keepdim=True).cpu())
         truths.append(torch.stack(labels))
-    return seg_report(torch.cat(preds), torch.cat(truths), num_classes)
+    return torch.cat(preds), torch.cat(truths)
+
+
+def evaluate(model: torch.nn.Module, test: PatientVolumes, device: torch.device,
+             num_classes: int = NUM_CLASSES) -> dict:
+    """The site's own exact Dice/IoU per class (its local tools and benchmarks); what leaves is the release."""
+    return seg_report(*_predict(model, test, device), num_classes)
+
+
+def evaluation_vectors(model: torch.nn.Module, test: PatientVolumes, device: torch.device,
+                       num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """One bounded vector per test case (its Dice and IoU per class, and a 1), for the evaluation release."""
+    return seg_vectors(*per_case(*_predict(model, test, device), num_classes))

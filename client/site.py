@@ -17,6 +17,8 @@ The file belongs to the hospital; the coordinator never sees or sets it::
 
     [datasets.heart-disease]
     path = "/data/uci_heart_disease/processed.cleveland.data"
+    nominal_size = 200                    # public size the site discloses: its weight in FedAvg
+                                          # (unset: equal weights; the exact N never leaves the site)
     epsilon_budget = 10.0                 # lifetime ε of this dataset, across all runs and studies
     delta = 1e-4                          # default: a power of ten ≥ 10× below 1/N
     min_noise_multiplier = 0.5
@@ -24,6 +26,7 @@ The file belongs to the hospital; the coordinator never sees or sets it::
     max_sample_rate = 0.25                # 1.0 allows full-batch DP steps (DP fine-tuning)
     accountant = "prv"                    # or "rdp"
     allow_non_dp = false
+    evaluation = "dp"                     # "exact": test counts leave without noise or charge (not DP)
 
     [datasets.hippocampus]                # imaging: a manifest of cases instead of a path
     manifest = "hippocampus.csv"
@@ -48,7 +51,7 @@ from shared_models.toml_file import TomlFileError, read_toml
 
 
 HEART_DISEASE = "heart-disease"
-DATASET_SETTINGS = {"path", "manifest", "labels", "require_deidentified"}  # besides the privacy policy
+DATASET_SETTINGS = {"path", "manifest", "labels", "require_deidentified", "nominal_size"}  # besides the privacy policy
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,13 @@ class DatasetConfig:
     manifest: Path | None = None      # an imaging manifest (CSV of cases)
     labels: tuple[int, ...] = ()      # declared label codes of the masks (imaging)
     require_deidentified: bool = False
+    nominal_size: int | None = None   # the public size the site chooses to disclose (None: not disclosed)
+
+    @property
+    def weight(self) -> int:
+        """This dataset's aggregation weight as the coordinator sees it: the public nominal size, else 1
+        (equal weights). Never the exact number of patients (docs/PRIVACY.md, "No exact N")."""
+        return self.nominal_size or 1
 
 
 @dataclass(frozen=True)
@@ -101,11 +111,15 @@ def _dataset_from_toml(name: str, raw: dict, base: Path, where: str) -> DatasetC
     labels = settings.get("labels", [])
     if not isinstance(labels, list) or not all(isinstance(v, int) for v in labels):
         raise SiteError(f"{where}: labels must be a list of integer label codes")
+    nominal = settings.get("nominal_size")
+    if nominal is not None and not (isinstance(nominal, int) and not isinstance(nominal, bool) and nominal >= 1):
+        raise SiteError(f"{where}: nominal_size must be a whole number >= 1 (the size the site discloses)")
     return DatasetConfig(
         name=name, policy=policy,
         path=(base / str(settings["path"])).resolve() if "path" in settings else None,
         manifest=(base / str(settings["manifest"])).resolve() if "manifest" in settings else None,
         labels=tuple(labels), require_deidentified=bool(settings.get("require_deidentified", False)),
+        nominal_size=nominal,
     )
 
 

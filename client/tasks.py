@@ -1,7 +1,8 @@
 """What a study's task means at a site: which dataset, how to train on it, how to evaluate.
 
 The ClientApp handlers are the same for every task; a task object hides whether one patient is a
-table row (``ehr``) or a preprocessed image volume (``seg``).
+table row (``ehr``) or a preprocessed image volume (``seg``). Evaluation gives one bounded vector per
+test patient (``eval_layout``, shared_models/eval_release.py); the handler releases their noisy sum.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from client.ingest.imaging.preprocess import PreprocessSpec
 from client.errors import SiteError
 from client.site import DatasetConfig, SiteConfig
 from privacy.policy import DPRequest
+from shared_models.eval_release import binary_layout, seg_layout
 from shared_models.feature_stats import FeatureStats, patient_vectors
 from shared_models.schema import builtin_schema
 from shared_models.seg_losses import DiceCE
@@ -55,8 +57,10 @@ class EhrTask:
     def train(self, model, settings, device, dp: DPRequest, max_physical_batch: int) -> dict:
         return training.train(model, self.data.x_train, self.data.y_train, settings, device, dp, max_physical_batch)
 
-    def evaluate(self, model, device) -> dict:
-        return training.evaluate(model, self.data.x_test, self.data.y_test, device)
+    eval_layout = binary_layout()  # what its evaluation release holds (shared_models/eval_release.py)
+
+    def evaluation_vectors(self, model, device) -> np.ndarray:
+        return training.evaluation_vectors(model, self.data.x_test, self.data.y_test, device)
 
 
 class SegTask:
@@ -84,8 +88,10 @@ class SegTask:
         return training.train_dataset(model, self.images.train, settings, device, self.loss.per_sample, dp,
                                       max_physical_batch)
 
-    def evaluate(self, model, device) -> dict:
-        return segmentation.evaluate(model, self.images.test, device)
+    eval_layout = seg_layout(segmentation.NUM_CLASSES)
+
+    def evaluation_vectors(self, model, device) -> np.ndarray:
+        return segmentation.evaluation_vectors(model, self.images.test, device)
 
 
 class EhrSeqTask:
@@ -137,8 +143,10 @@ class EhrSeqTask:
         return training.train_dataset(model, self._histories(self.train_patients), settings, device,
                                       training.binary_per_sample, dp, max_physical_batch)
 
-    def evaluate(self, model, device) -> dict:
-        return training.evaluate_dataset(model, self._histories(self.test_patients), device)
+    eval_layout = binary_layout()
+
+    def evaluation_vectors(self, model, device) -> np.ndarray:
+        return training.evaluation_vectors_dataset(model, self._histories(self.test_patients), device)
 
 
 # How a site loads and trains each task of the task table (shared_models/tasks.py), by its name.

@@ -1,4 +1,4 @@
-"""Local training and evaluation of a tabular model on one site's data.
+"""Local training and evaluation of a binary model on one site's data (tables, or visit histories).
 
 One loop for both modes: plain SGD/Adam on shuffled mini-batches, or patient-level DP-SGD
 (``privacy.dp_sgd``: Poisson batches, per-patient clipping, noise). The FedProx proximal term is
@@ -17,11 +17,12 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from privacy.dp_sgd import make_private
 from privacy.policy import DPRequest
 from shared_models.ehr import binary_loss
+from shared_models.eval_release import binary_vectors
 from shared_models.metrics import binary_report, score_histograms
 from shared_models.train_request import TrainSettings
 
 __all__ = ["TrainSettings", "pick_device", "planned_steps", "train", "train_dataset", "predict", "evaluate",
-           "evaluate_dataset"]
+           "evaluate_dataset", "evaluation_vectors", "evaluation_vectors_dataset"]
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -117,20 +118,27 @@ def predict(model: torch.nn.Module, x: np.ndarray, device: torch.device) -> np.n
 
 
 def evaluate(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device) -> dict:
-    """Site-level test metrics plus the counts that let the coordinator pool them."""
+    """The site's own exact test metrics (its local tools and benchmarks); what leaves is ``evaluation_vectors``'s
+    release."""
     return binary_test_report(_logits(model, x, device), y)
 
 
 @torch.no_grad()
-def evaluate_dataset(model: torch.nn.Module, data: Dataset, device: torch.device, batch_size: int = 256) -> dict:
-    """``evaluate`` for datasets whose items are (inputs..., label), e.g. visit histories."""
+def _dataset_logits(model: torch.nn.Module, data: Dataset, device: torch.device,
+                    batch_size: int = 256) -> tuple[torch.Tensor, np.ndarray]:
+    """Logits and labels of every item of ``data``, whose items are (inputs..., label), e.g. visit histories."""
     model.to(device).eval()
     logits, labels = [], []
     for batch in DataLoader(data, batch_size=batch_size):
         *inputs, yb = batch
         logits.append(model(*(t.to(device) for t in inputs)).cpu())
         labels.append(yb)
-    return binary_test_report(torch.cat(logits), torch.cat(labels).numpy().astype(np.float32))
+    return torch.cat(logits), torch.cat(labels).numpy().astype(np.float32)
+
+
+def evaluate_dataset(model: torch.nn.Module, data: Dataset, device: torch.device, batch_size: int = 256) -> dict:
+    """``evaluate`` for datasets whose items are (inputs..., label), e.g. visit histories."""
+    return binary_test_report(*_dataset_logits(model, data, device, batch_size))
 
 
 def binary_test_report(logits: torch.Tensor, y: np.ndarray) -> dict:
@@ -138,3 +146,20 @@ def binary_test_report(logits: torch.Tensor, y: np.ndarray) -> dict:
     report: dict = {"test-loss": binary_loss(logits, torch.from_numpy(y)).item(), **binary_report(scores, y)}
     report["score-hist-pos"], report["score-hist-neg"] = score_histograms(scores, y)
     return report
+
+
+def patient_vectors(logits: torch.Tensor, y: np.ndarray) -> np.ndarray:
+    """One bounded vector per test patient (shared_models/eval_release.py): confusion cell, score bin, loss."""
+    scores = torch.sigmoid(logits).numpy().astype(np.float64)
+    losses = binary_per_sample(logits, torch.from_numpy(np.asarray(y, dtype=np.float32))).numpy()
+    return binary_vectors(scores, y, losses)
+
+
+def evaluation_vectors(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device) -> np.ndarray:
+    """The per-patient vectors of a tabular test split, for the site's evaluation release."""
+    return patient_vectors(_logits(model, x, device), y)
+
+
+def evaluation_vectors_dataset(model: torch.nn.Module, data: Dataset, device: torch.device) -> np.ndarray:
+    """``evaluation_vectors`` for datasets whose items are (inputs..., label), e.g. visit histories."""
+    return patient_vectors(*_dataset_logits(model, data, device))

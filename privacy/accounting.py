@@ -51,7 +51,7 @@ def plan_noise(target_epsilon: float, delta: float, n: int, batch_size: int, tot
                accountant: str = "prv", prior: Iterable[Step] = ()) -> float:
     """σ so that ``total_steps`` Poisson steps (all rounds × all local steps) stay within the target.
 
-    ``prior`` holds releases the same study makes before training (the feature statistics): the
+    ``prior`` holds the study's other releases (the feature statistics, each round's evaluation): the
     study's target then covers them too, so σ is found by bisection on the composed ε.
     """
     prior = list(prior)
@@ -64,13 +64,13 @@ def plan_noise(target_epsilon: float, delta: float, n: int, batch_size: int, tot
                                               accountant=accountant, epsilon_tolerance=0.005))
     spent = epsilon(prior, delta, accountant)
     if spent >= target_epsilon:
-        raise ValueError(f"the study's releases before training already cost ε = {spent:.3f} at δ = {delta:g}, "
-                         f"not below the target ε = {target_epsilon}")
+        raise ValueError(f"the study's other releases (feature statistics, evaluations) already cost ε = {spent:.3f} "
+                         f"at δ = {delta:g}, not below the target ε = {target_epsilon}")
     low, high = 0.1, 1.0
     while epsilon(prior + [(high, q, total_steps)], delta, accountant) > target_epsilon:
         low, high = high, high * 2
         if high > 1e4:
-            raise ValueError(f"no noise multiplier reaches ε = {target_epsilon} after the prior releases")
+            raise ValueError(f"no noise multiplier reaches ε = {target_epsilon} after the study's other releases")
     while high - low > 0.005 * high:
         mid = (low + high) / 2
         if epsilon(prior + [(mid, q, total_steps)], delta, accountant) > target_epsilon:

@@ -2,12 +2,13 @@
 
 One row per release: each training round that released weights (run id, round, σ, C, q, steps, δ,
 ε after, the number of parameters the round trained — d: fine-tuning a few of them is what makes DP
-work) and each feature-statistics release (round 0 of its run); ``kind`` says which.
-The accountant's state for a dataset is the merged list of its (σ, q, steps) — so ε composes
-across rounds, runs and studies, and survives agent and SuperNode restarts. A round is charged
-*before* training, in one transaction with the budget check: a crash after the charge can only
-over-count, never let a release go unaccounted, and the same (run, round) is never charged twice.
-Nothing here can reset a dataset's spending.
+work), each feature-statistics release (round 0 of its run) and each evaluation release (the test
+metrics of a round); ``kind`` says which. The accountant's state for a dataset is the merged list of
+its (σ, q, steps) — so ε composes across kinds, rounds, runs and studies, and survives agent and
+SuperNode restarts. A release is charged *before* it is computed, in one transaction with the budget
+check: a crash after the charge can only over-count, never let a release go unaccounted, and the same
+(run, round, kind) is never charged twice. Nothing here can reset a dataset's spending; migrations of
+older ledgers copy every row with its id.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ CREATE TABLE IF NOT EXISTS rounds (
     recorded_at      TEXT    NOT NULL,
     trained_parameters INTEGER,           -- d: how many numbers the round trained, noised and sent
     kind             TEXT    NOT NULL DEFAULT 'training',  -- KINDS: what the release was
-    UNIQUE (dataset, run_id, round)
+    UNIQUE (dataset, run_id, round, kind)
 );
 """
-KINDS = ("training", "feature-statistics")  # what a release was (`carefl site budget` splits by it)
+KINDS = ("training", "feature-statistics", "evaluation")  # what a release was (`carefl site budget` splits by it)
 # Older ledgers gain the newer columns: the trained dimension (old rows keep NULL), and the kind (round 0
 # was only ever a feature-statistics release).
 MIGRATIONS = (
@@ -47,6 +48,7 @@ MIGRATIONS = (
     ("kind", ("ALTER TABLE rounds ADD COLUMN kind TEXT NOT NULL DEFAULT 'training'",
               "UPDATE rounds SET kind = 'feature-statistics' WHERE round = 0")),
 )
+UNIQUE_COLUMNS = ["dataset", "run_id", "round", "kind"]  # a round's training and its evaluation are two rows
 
 
 class LedgerError(RuntimeError):
@@ -67,7 +69,7 @@ class BudgetExceeded(Exception):
 
 
 class AlreadyCharged(Exception):
-    """The same (run, round) was already trained and released on this dataset."""
+    """The same (run, round, kind) was already released on this dataset."""
 
 
 @dataclass(frozen=True)
@@ -84,13 +86,12 @@ class PrivacyLedger:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._connect() as db:
+            db = self._connect()
+            try:
                 db.executescript(SCHEMA)
-                columns = {row[1] for row in db.execute("PRAGMA table_info(rounds)")}
-                for column, statements in MIGRATIONS:
-                    if column not in columns:
-                        for statement in statements:
-                            db.execute(statement)
+                _migrate(db)
+            finally:
+                db.close()
         except (OSError, sqlite3.Error) as exc:
             raise LedgerError(f"privacy ledger {self.path} cannot be opened: {exc}") from None
 
@@ -115,8 +116,8 @@ class PrivacyLedger:
         return epsilon(self.history(dataset), delta, accountant)
 
     def spent_by_kind(self, dataset: str, delta: float, accountant: str) -> dict[str, float]:
-        """ε of each kind of release alone (training, feature statistics); their composition is ``spent``,
-        which is less than their sum."""
+        """ε of each kind of release alone (training, feature statistics, evaluation); their composition is
+        ``spent``, which is less than their sum."""
         kinds = [r["kind"] for r in self.rounds(dataset)]
         return {kind: epsilon(self.history(dataset, kind=kind), delta, accountant)
                 for kind in KINDS if kind in kinds}
@@ -144,10 +145,12 @@ class PrivacyLedger:
             raise LedgerError(f"privacy ledger {self.path} cannot be opened: {exc}") from None
         try:
             db.execute("BEGIN IMMEDIATE")  # one writer: concurrent rounds cannot both pass the check
-            if db.execute("SELECT 1 FROM rounds WHERE dataset = ? AND run_id = ? AND round = ?",
-                          (dataset, run_id, server_round)).fetchone():
-                raise AlreadyCharged(f"round {server_round} of run {run_id} was already trained on dataset "
-                                     f"'{dataset}'; a second release would be charged again, so it is refused")
+            if db.execute("SELECT 1 FROM rounds WHERE dataset = ? AND run_id = ? AND round = ? AND kind = ?",
+                          (dataset, run_id, server_round, kind)).fetchone():
+                what = (f"round {server_round} of run {run_id} was already trained" if kind == "training" else
+                        f"the {kind} release of round {server_round} of run {run_id} was already charged")
+                raise AlreadyCharged(f"{what} on dataset '{dataset}'; a second release would be charged again, so "
+                                     f"it is refused")
             history = self.history(dataset, db)
             before = epsilon(history, delta, accountant)
             after = epsilon(history + [(noise_multiplier, sample_rate, steps)], delta, accountant)
@@ -185,3 +188,47 @@ class PrivacyLedger:
         finally:
             db.close()
 
+
+def _unique_columns(db: sqlite3.Connection) -> list[list[str]]:
+    """The column lists of the rounds table's UNIQUE constraints."""
+    return [[col[2] for col in db.execute(f"PRAGMA index_info('{index[1]}')")]
+            for index in db.execute("PRAGMA index_list(rounds)") if index[2] and index[3] == "u"]
+
+
+def _outdated(db: sqlite3.Connection) -> bool:
+    columns = {row[1] for row in db.execute("PRAGMA table_info(rounds)")}
+    return any(column not in columns for column, _ in MIGRATIONS) or UNIQUE_COLUMNS not in _unique_columns(db)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring an older ledger to this schema in one transaction (another process may be doing the same):
+    add the newer columns, then — when rows are unique per (dataset, run, round) only — rebuild the table
+    with uniqueness per kind, copying every row with its id in id order and keeping the id sequence."""
+    if not _outdated(db):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(rounds)")}
+        for column, statements in MIGRATIONS:
+            if column not in columns:
+                for statement in statements:
+                    db.execute(statement)
+        if UNIQUE_COLUMNS not in _unique_columns(db):
+            names = ", ".join(row[1] for row in db.execute("PRAGMA table_info(rounds)"))
+            count = db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+            sequence = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'rounds'").fetchone()
+            db.execute("ALTER TABLE rounds RENAME TO rounds_before_kind_unique")
+            db.execute(SCHEMA)
+            db.execute(f"INSERT INTO rounds ({names}) SELECT {names} FROM rounds_before_kind_unique ORDER BY id")
+            if db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] != count:
+                raise sqlite3.DatabaseError("ledger migration copied a different number of rows; nothing changed")
+            db.execute("DROP TABLE rounds_before_kind_unique")
+            if sequence is not None:  # ids never restart below what the old table handed out
+                db.execute("DELETE FROM sqlite_sequence WHERE name = 'rounds' AND seq < ?", (sequence[0],))
+                if db.execute("SELECT 1 FROM sqlite_sequence WHERE name = 'rounds'").fetchone() is None:
+                    db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('rounds', ?)", (sequence[0],))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise

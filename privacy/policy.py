@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 
 from privacy.accounting import ACCOUNTANTS
 
+EVALUATION_MODES = ("dp", "exact")  # how a dataset's test metrics leave: a charged Gaussian release, or exactly
+
 
 class PolicyError(ValueError):
     """The policy itself is invalid (a site configuration problem)."""
@@ -34,6 +36,7 @@ class DatasetPolicy:
     max_sample_rate: float = 0.25
     accountant: str = "prv"
     allow_non_dp: bool = False          # development switch; such rounds make ε unbounded
+    evaluation: str = "dp"              # "exact": test metrics leave without noise or charge (opt-in, not DP)
 
     def __post_init__(self) -> None:
         problems = []
@@ -49,6 +52,9 @@ class DatasetPolicy:
             problems.append("max_sample_rate must be in (0, 1]")
         if self.accountant not in ACCOUNTANTS:
             problems.append(f"accountant must be one of {', '.join(ACCOUNTANTS)}")
+        if self.evaluation not in EVALUATION_MODES:
+            problems.append(f"evaluation must be one of {', '.join(EVALUATION_MODES)} (\"exact\" releases test "
+                            f"metrics without differential privacy)")
         if problems:
             raise PolicyError("; ".join(problems))
 
@@ -104,4 +110,12 @@ def check_stats_request(policy: DatasetPolicy, noise_multiplier: float) -> None:
     minimum; the sample-rate and clip limits are DP-SGD's and do not apply (the bound is the schema's)."""
     if not noise_multiplier >= max(policy.min_noise_multiplier, 1e-9):
         raise RequestRefused(f"statistics noise multiplier {noise_multiplier:g} is below the site minimum "
+                             f"{policy.min_noise_multiplier:g}")
+
+
+def check_evaluation_request(policy: DatasetPolicy, noise_multiplier: float) -> None:
+    """An evaluation release (Gaussian mechanism on the test split, no subsampling): σ must meet the site's
+    minimum, as for the statistics release; the bound is the release's own (shared_models/eval_release.py)."""
+    if not noise_multiplier >= max(policy.min_noise_multiplier, 1e-9):
+        raise RequestRefused(f"evaluation noise multiplier {noise_multiplier:g} is below the site minimum "
                              f"{policy.min_noise_multiplier:g}")

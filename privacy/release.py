@@ -4,7 +4,9 @@ before anything is computed — plus the ``dp-round`` audit record that shows it
 
 The ClientApp's handlers call these and do nothing private themselves (docs/PRIVACY.md):
 ``plan_request`` → ``check_study`` at the handshake; ``charge_training`` before a round trains;
-``charge_statistics`` before the feature-statistics release (a Gaussian mechanism, round 0).
+``charge_statistics`` before the feature-statistics release (a Gaussian mechanism, round 0);
+``charge_evaluation`` → ``release_evaluation`` for a round's test metrics (a Gaussian mechanism, or exact
+where the policy opts out).
 """
 
 from __future__ import annotations
@@ -14,12 +16,17 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from privacy.accounting import plan_noise, sample_rate
-from privacy.gaussian import MECHANISM_STEP_RATE
-from privacy.ledger import BudgetExceeded, Charge, PrivacyLedger
-from privacy.policy import DatasetPolicy, DPRequest, RequestRefused, check_request, check_stats_request
+import numpy as np
 
-__all__ = ["Release", "StudyPlan", "charge_statistics", "charge_training", "check_study", "plan_request"]
+from privacy.accounting import plan_noise, sample_rate
+from privacy.gaussian import MECHANISM_STEP_RATE, clipped_sum, noisy_sum
+from privacy.ledger import BudgetExceeded, Charge, PrivacyLedger
+from privacy.policy import (DatasetPolicy, DPRequest, RequestRefused, check_evaluation_request, check_request,
+                            check_stats_request)
+from shared_models.eval_release import EVAL_NOISE_MULTIPLIER, Layout
+
+__all__ = ["ExactEvaluation", "Release", "StudyPlan", "charge_evaluation", "charge_statistics", "charge_training",
+           "check_study", "evaluation_sigma", "exact_sums", "plan_request", "release_evaluation"]
 
 
 @dataclass(frozen=True)
@@ -30,12 +37,23 @@ class StudyPlan:
     sample_rate: float
     steps_per_round: int       # optimizer steps of one round at this site
     statistics_sigma: float    # σ of the study's feature-statistics release (0: none)
+    evaluation_sigma: float = 0.0  # σ of each round's evaluation release (0: released exactly, not charged)
+
+
+def evaluation_sigma(config: Mapping, policy: DatasetPolicy) -> float:
+    """σ of this site's evaluation releases in a study: the coordinator's ``eval-noise-multiplier``, or 0 where
+    they leave exactly — the policy's ``evaluation = "exact"``, or a non-DP study the policy allows (its ε is
+    unbounded from the first non-DP round, so a charge could state nothing)."""
+    if policy.evaluation == "exact" or (not bool(config.get("dp", True)) and policy.allow_non_dp):
+        return 0.0
+    return float(config.get("eval-noise-multiplier", EVAL_NOISE_MULTIPLIER))
 
 
 def plan_request(config: Mapping, policy: DatasetPolicy, dataset: str, n: int, batch_size: int,
                  steps_per_round: int, statistics: bool = False, cache: MutableMapping | None = None) -> StudyPlan:
     """The DP request of a train config at this site: σ as asked, or — given the study's ``target-epsilon`` —
-    the σ this site needs so that all ``num-server-rounds`` (and the statistics release) stay within it.
+    the σ this site needs so that all ``num-server-rounds``, with their evaluation releases (and the statistics
+    release), stay within it.
 
     Planning is the site's: it knows its own N. ``cache`` (the run's state) keeps the σ found, because the
     PRV search takes seconds. ``statistics``: the study also releases DP feature statistics, which its
@@ -43,30 +61,39 @@ def plan_request(config: Mapping, policy: DatasetPolicy, dataset: str, n: int, b
     enabled = bool(config.get("dp", True))
     sigma = float(config.get("noise-multiplier", 0.0))
     stats_sigma = float(config.get("stats-noise-multiplier", 0.0)) if statistics else 0.0
+    eval_sigma = evaluation_sigma(config, policy)
     if enabled and not sigma > 0:
-        total_steps = int(config["num-server-rounds"]) * steps_per_round
+        rounds = int(config["num-server-rounds"])
+        total_steps = rounds * steps_per_round
         target = float(config["target-epsilon"])
         prior = [(stats_sigma, MECHANISM_STEP_RATE, 1)] if stats_sigma > 0 else []
-        key = f"{dataset}|{target}|{n}|{batch_size}|{total_steps}|{policy.accountant}|{stats_sigma}"
+        prior += [(eval_sigma, MECHANISM_STEP_RATE, rounds)] if eval_sigma > 0 else []  # one release per round
+        key = f"{dataset}|{target}|{n}|{batch_size}|{total_steps}|{policy.accountant}|{stats_sigma}|{eval_sigma}"
         cache = {} if cache is None else cache
         if key not in cache:
             cache[key] = plan_noise(target, policy.delta_for(n), n, batch_size, total_steps, policy.accountant, prior)
         sigma = float(cache[key])
     request = DPRequest(enabled=enabled, noise_multiplier=sigma, clip_norm=float(config.get("clip-norm", 0.0)))
-    return StudyPlan(request, sample_rate(n, batch_size), steps_per_round, stats_sigma)
+    return StudyPlan(request, sample_rate(n, batch_size), steps_per_round, stats_sigma, eval_sigma)
 
 
 def check_study(plan: StudyPlan, policy: DatasetPolicy, ledger_path: Path, dataset: str, n: int, rounds: int,
                 site_id: str) -> None:
     """Before anyone trains: would the policy accept every release of the study, and does the remaining
-    budget hold all ``rounds`` of them? RequestRefused names every problem, so the study stops at discovery
-    and no site is charged for a round this site would refuse."""
+    budget hold all ``rounds`` of them with their evaluation releases? RequestRefused names every problem, so
+    the study stops at discovery and no site is charged for a round this site would refuse."""
     steps = [(plan.request.noise_multiplier, plan.sample_rate, plan.steps_per_round)] * rounds
     problems = []
     if plan.statistics_sigma > 0:  # the study starts with a DP statistics release (charged as round 0)
         steps.insert(0, (plan.statistics_sigma, MECHANISM_STEP_RATE, 1))
         try:
             check_stats_request(policy, plan.statistics_sigma)
+        except RequestRefused as exc:
+            problems.append(str(exc))
+    if plan.evaluation_sigma > 0:  # every round's test metrics: one Gaussian release each
+        steps += [(plan.evaluation_sigma, MECHANISM_STEP_RATE, 1)] * rounds
+        try:
+            check_evaluation_request(policy, plan.evaluation_sigma)
         except RequestRefused as exc:
             problems.append(str(exc))
     try:
@@ -98,6 +125,7 @@ class Release:
     budget: float
     charge: Charge
     facts: dict = field(default_factory=dict)  # mechanism-specific fields of the audit record
+    audit_event = "dp-round"
 
     @property
     def noise_multiplier(self) -> float:
@@ -133,7 +161,7 @@ def charge_training(plan: StudyPlan, policy: DatasetPolicy, ledger_path: Path, d
         sample_rate=plan.sample_rate, steps=plan.steps_per_round, delta=policy.delta_for(n), budget=budget,
         accountant=policy.accountant, trained_parameters=trained_parameters)
     return Release(run_id, server_round, dataset, plan.request, plan.sample_rate, plan.steps_per_round, n, budget,
-                   charge)
+                   charge, facts={"mechanism": "training"})
 
 
 def charge_statistics(policy: DatasetPolicy, ledger_path: Path, dataset: str, n: int, run_id: str,
@@ -148,3 +176,58 @@ def charge_statistics(policy: DatasetPolicy, ledger_path: Path, dataset: str, n:
         accountant=policy.accountant, kind="feature-statistics")
     return Release(run_id, 0, dataset, request, MECHANISM_STEP_RATE, 1, n, policy.epsilon_budget, charge,
                    facts={"mechanism": "feature-statistics"})
+
+
+@dataclass(frozen=True)
+class ExactEvaluation:
+    """An evaluation released without noise and without a charge: not differentially private. Its audit
+    record says so (event ``non-dp-release``) and the reply says ``eval-dp`` = 0, so the report marks it."""
+
+    run_id: str
+    server_round: int
+    dataset: str
+    n: int
+    reason: str
+    noise_multiplier = 0.0
+    audit_event = "non-dp-release"
+
+    def audit_record(self, **facts) -> dict:
+        return {"run_id": self.run_id, "round": self.server_round, "dataset": self.dataset, "mechanism": "evaluation",
+                "dp": False, "charged": False, "reason": self.reason, "n": self.n, **facts}
+
+
+def charge_evaluation(config: Mapping, policy: DatasetPolicy, ledger_path: Path, dataset: str, n_train: int,
+                      n_test: int, run_id: str, server_round: int, l2_bound: float) -> Release | ExactEvaluation:
+    """A round's evaluation release: one Gaussian mechanism on the test split's bounded per-patient vectors,
+    checked against the policy and charged (kind ``evaluation``, one step at sample rate 1, the dataset's δ)
+    before anything is computed — or, where ``evaluation_sigma`` is 0, an exact release, not charged."""
+    sigma = evaluation_sigma(config, policy)
+    if sigma == 0:
+        reason = ('site policy evaluation = "exact"' if policy.evaluation == "exact"
+                  else "non-DP study (dp = false, which the site's allow_non_dp permits)")
+        return ExactEvaluation(run_id, server_round, dataset, n_test, reason)
+    check_evaluation_request(policy, sigma)
+    charge = PrivacyLedger(ledger_path).charge(
+        dataset, run_id=run_id, server_round=server_round, noise_multiplier=sigma, clip_norm=l2_bound,
+        sample_rate=MECHANISM_STEP_RATE, steps=1, delta=policy.delta_for(n_train), budget=policy.epsilon_budget,
+        accountant=policy.accountant, kind="evaluation")
+    request = DPRequest(enabled=True, noise_multiplier=sigma, clip_norm=l2_bound)
+    return Release(run_id, server_round, dataset, request, MECHANISM_STEP_RATE, 1, n_test, policy.epsilon_budget,
+                   charge, facts={"mechanism": "evaluation"})
+
+
+def release_evaluation(released: Release | ExactEvaluation, vectors: np.ndarray, layout: Layout) -> dict:
+    """The evaluate reply's metrics: Σ of the clipped per-patient vectors plus N(0, (σ·bound)²) per coordinate
+    (no noise when exact) under the layout's keys, with what the coordinator needs to judge them."""
+    sigma = released.noise_multiplier
+    total = noisy_sum(vectors, layout.l2_bound, sigma) if sigma > 0 else clipped_sum(vectors, layout.l2_bound)
+    metrics = {**layout.unpack(total), "eval-dp": 1.0 if sigma > 0 else 0.0, "noise-std": sigma * layout.l2_bound}
+    if isinstance(released, Release):
+        metrics.update({"epsilon": released.charge.epsilon_after, "delta": released.charge.delta,
+                        "noise-multiplier": sigma, "l2-bound": layout.l2_bound})
+    return metrics
+
+
+def exact_sums(vectors: np.ndarray, layout: Layout, prefix: str) -> dict:
+    """The layout's sums without noise under ``prefix``ed keys (a non-DP report the policy allowed)."""
+    return layout.unpack(clipped_sum(vectors, layout.l2_bound), prefix=prefix)

@@ -8,8 +8,9 @@ end, and long runs (imaging rounds take minutes) show their progress.
 
 TensorBoard (run config ``tensorboard = true``, ``--tensorboard`` on the run commands): scalars per
 round in ``<run dir>/tensorboard/`` — ``<metric>/<site>`` for each site's test metrics, training
-loss and ε, ``federation/<metric>`` for the pooled and mean-centre metrics. Only numbers the
-coordinator already holds. Needs the ``tensorboard`` package, imported only when asked for.
+loss and ε, ``federation/<metric>`` for the pooled and mean-centre metrics (their noise std stays in the
+run directory and the report). Only numbers the coordinator already holds. Needs the ``tensorboard``
+package, imported only when asked for.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ log = logging.getLogger("flwr")
 REFRESH_SECONDS = 30.0
 TENSORBOARD_DIR = "tensorboard"
 # Per-site record keys that are not metrics (or are not worth a chart of their own).
-NOT_SCALARS = {"round", "site", "error", "dp", "delta", "clip_norm", "sample_rate", "local_steps", "num_train",
-               "num_test", "noise_multiplier"}
+NOT_SCALARS = {"round", "site", "error", "dp", "delta", "clip_norm", "sample_rate", "local_steps", "weight",
+               "num_test", "noise_multiplier", "eval_dp", "eval_noise_std", "eval_noise_multiplier", "eval_l2_bound"}
+STD_SUFFIX = "_std"  # a figure's noise std (server/metrics.py)
 
 
 class TensorBoardUnavailable(RuntimeError):
@@ -56,12 +58,13 @@ def round_scalars(run_dir: Path, server_round: int) -> dict[str, float]:
             continue
         for key, value in record.items():
             v = _number(value)
-            if key not in NOT_SCALARS and v is not None:
+            if key not in NOT_SCALARS and not key.endswith(STD_SUFFIX) and v is not None:
                 scalars[f"{key}/{record['site']}"] = v
     for record in read_jsonl(run_dir / ROUNDS_FILE):
         if record.get("round") == server_round:
             scalars.update({f"federation/{k}": float(v) for k, v in record.items()
-                            if k not in ("round", "sites_replied") and _number(v) is not None})
+                            if k not in ("round", "sites_replied") and not k.endswith(STD_SUFFIX)
+                            and _number(v) is not None})
     return scalars
 
 

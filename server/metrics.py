@@ -1,67 +1,116 @@
-"""Turn the sites' evaluation replies into federation-level metrics.
+"""Turn the sites' evaluation releases into figures, each with its noise scale.
 
-Sites send confusion counts and per-class score histograms (never per-patient scores), so the
-pooled accuracy is exact and the pooled AUC is exact up to ties inside a histogram bin.
+A site's evaluate reply holds sums — confusion counts, per-class score histograms and the summed test
+loss, or per-class Σ Dice, Σ IoU and the case count (shared_models/eval_release.py) — with Gaussian noise
+of std ``noise-std`` on each released coordinate (0 for a site in exact mode). Every figure is derived from
+those sums alone (shared_models/metrics.py, seg_metrics.py): per site, pooled (the sites' sums added: the
+union of their test sets) and mean over sites (each site weighs the same). Its std is estimated by
+re-adding the noise: DRAWS draws of N(0, noise-std²) on each site's released coordinates (fixed seed), the
+figure recomputed on each; the std over the draws is written beside it as ``<figure>_std``.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
-from shared_models.metrics import PERSONAL_PREFIX, auc_from_histograms, metrics_from_counts
-from shared_models.seg_metrics import pooled_dice
+from shared_models.eval_release import Layout, layout_of
+from shared_models.metrics import PERSONAL_PREFIX, binary_figures
+from shared_models.seg_metrics import seg_figures
+from shared_models.tasks import BINARY
 
-COUNT_KEYS = ("tp", "fp", "tn", "fn")
+DRAWS = 300  # re-noised draws per figure: the std's own relative error is about 1/√(2·DRAWS) ≈ 4 %
+SEED = 20240517
+
+
+def _figures(layout: Layout, coords: np.ndarray) -> dict[str, np.ndarray]:
+    """The figures of sums given as coordinates [draws, size], one array over the draws per figure."""
+    release = layout.columns(coords)
+    return binary_figures(release) if layout.family == BINARY else seg_figures(release)
+
+
+def _draws(record: dict, layout: Layout, prefix: str, draws: int, rng: np.random.Generator) -> np.ndarray:
+    """Row 0: the sums as released; then ``draws`` rows with the release's noise added again."""
+    coords = layout.pack(record, prefix)
+    std = 0.0 if prefix else float(record.get("noise-std", 0.0))  # the personal- counts are exact
+    noise = rng.normal(0.0, std, (draws, coords.size)) if std > 0 else np.zeros((draws, coords.size))
+    return np.vstack([coords, coords + noise])
+
+
+def _with_std(figures: dict[str, np.ndarray], prefix: str = "") -> dict[str, float]:
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN figure (no positives ...) has NaN std
+        for key, values in figures.items():
+            values = np.atleast_1d(np.asarray(values, dtype=np.float64))
+            out[prefix + key] = float(values[0])
+            out[prefix + key + "_std"] = float(np.nanstd(values[1:])) if len(values) > 1 else 0.0
+    return out
+
+
+def _noisy(records: list[dict], prefix: str) -> bool:
+    return not prefix and any(float(r.get("noise-std", 0.0)) > 0 for r in records)
+
+
+def site_figures(record: dict, prefix: str = "") -> dict[str, float]:
+    """One site's figures from its release (``prefix``: its ``personal-`` counts), under the run directory's
+    names (accuracy, auc, …, dice, dice_1, …, num_test) with ``_std`` beside each."""
+    layout = layout_of(record, prefix)
+    draws = DRAWS if _noisy([record], prefix) else 0
+    return _with_std(_figures(layout, _draws(record, layout, prefix, draws, np.random.default_rng(SEED))))
 
 
 def pooled_metrics(site_reports: list[dict]) -> dict[str, float]:
-    """Pooled (union of test sets) and mean-centre (each site weighs the same) metrics; with
+    """Pooled (union of test sets) and mean-centre (each site weighs the same) figures with their std; with
     personalisation also the same figures over each site's fine-tuned model (``personalised_*``)."""
     if not site_reports:
         return {}
-    result = _pooled(site_reports)
-    if all(f"{PERSONAL_PREFIX}accuracy" in r or f"{PERSONAL_PREFIX}mean-dice" in r for r in site_reports):
-        personal = [{k[len(PERSONAL_PREFIX):]: v for k, v in r.items() if k.startswith(PERSONAL_PREFIX)}
-                    for r in site_reports]
-        result.update({f"personalised_{k}": v for k, v in _pooled(personal).items()})
+    result = _pooled(site_reports, "")
+    if all(f"{PERSONAL_PREFIX}tp" in r or f"{PERSONAL_PREFIX}cases" in r for r in site_reports):
+        result.update({f"personalised_{k}": v for k, v in _pooled(site_reports, PERSONAL_PREFIX).items()})
     return result
 
 
-def _pooled(site_reports: list[dict]) -> dict[str, float]:
-    if "dice-num-1" in site_reports[0]:
-        return pooled_segmentation(site_reports)
-    totals = {k: sum(int(r[k]) for r in site_reports) for k in COUNT_KEYS}
-    pooled = metrics_from_counts(**totals)
-    pos = np.sum([r["score-hist-pos"] for r in site_reports], axis=0)
-    neg = np.sum([r["score-hist-neg"] for r in site_reports], axis=0)
-    site_aucs = [r["auc"] for r in site_reports if not math.isnan(r["auc"])]
-    return {
-        "mean_centre_accuracy": float(np.mean([r["accuracy"] for r in site_reports])),
-        "mean_centre_auc": float(np.mean(site_aucs)) if site_aucs else math.nan,
-        "pooled_accuracy": pooled["accuracy"],
-        "pooled_auc": auc_from_histograms(pos, neg),
-        "pooled_sensitivity": pooled["sensitivity"],
-        "pooled_specificity": pooled["specificity"],
-        "pooled_f1": pooled["f1"],
-    }
+def _pooled(site_reports: list[dict], prefix: str) -> dict[str, float]:
+    layout = layout_of(site_reports[0], prefix)
+    rng = np.random.default_rng(SEED)
+    draws = DRAWS if _noisy(site_reports, prefix) else 0
+    total, per_site = None, []
+    for record in site_reports:  # one site's draws at a time: a thousand simulated sites stay small
+        coords = _draws(record, layout, prefix, draws, rng)
+        total = coords if total is None else total + coords
+        per_site.append(_figures(layout, coords))
+    pooled = _figures(layout, total)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a site without a defined figure is left out
+        mean = {k: np.nanmean([np.atleast_1d(f[k]) for f in per_site], axis=0) for k in per_site[0]}
+    if layout.family == BINARY:
+        figures = {"mean_centre_accuracy": mean["accuracy"], "mean_centre_auc": mean["auc"],
+                   **{f"pooled_{k}": pooled[k] for k in ("accuracy", "auc", "sensitivity", "specificity", "f1",
+                                                         "test_loss")}}
+    else:
+        classes = [k for k in pooled if k.startswith("dice_") and k != "dice_0"]
+        figures = {"mean_dice": mean["dice"], "pooled_dice": pooled["dice"],
+                   **{f"pooled_{k}": pooled[k] for k in classes}}
+    return _with_std(figures)
 
 
-def pooled_segmentation(site_reports: list[dict]) -> dict[str, float]:
-    """Mean over sites of each site's mean foreground Dice, and Dice of all test cases pooled."""
-    classes = sorted(int(k.rsplit("-", 1)[1]) for k in site_reports[0] if k.startswith("dice-num-"))
-    counts = [{"num": [r[f"dice-num-{c}"] for c in classes], "den": [r[f"dice-den-{c}"] for c in classes]}
-              for r in site_reports]
-    pooled = pooled_dice(counts)
-    result = {"mean_dice": float(np.mean([r["mean-dice"] for r in site_reports])),
-              "pooled_dice": float(np.mean(pooled[1:]))}
-    result.update({f"pooled_dice_{c}": pooled[i] for i, c in enumerate(classes) if c})
-    return result
+def release_problem(record: dict) -> str | None:
+    """Why a site's evaluate reply cannot be read as an evaluation release (None: it can)."""
+    try:
+        layout = layout_of(record)
+        coords = layout.pack(record)
+        std = float(record.get("noise-std", 0.0))
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"not an evaluation release ({exc})"
+    if not np.isfinite(coords).all() or not (np.isfinite(std) and std >= 0):
+        return "an evaluation release with non-finite sums or noise std"
+    return None
 
 
 def pooled_evaluate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Flower ``evaluate_metrics_aggr_fn``: pool the sites' reports of one round."""
-    reports = [dict(next(iter(r.metric_records.values()))) for r in records]
-    return MetricRecord(pooled_metrics(reports))
+    """Flower ``evaluate_metrics_aggr_fn``: pool the sites' readable releases of one round."""
+    reports = [dict(next(iter(r.metric_records.values()))) for r in records if len(r.metric_records) == 1]
+    return MetricRecord(pooled_metrics([r for r in reports if release_problem(r) is None]))

@@ -3,9 +3,11 @@
 It shows what the coordinator already holds and nothing else: the per-site metrics per round
 (``metrics.jsonl``), the federation's pooled and mean-centre metrics (``rounds.jsonl``), each site's
 cumulative ε as the site reported it, the final table (``summary.json``), the errors, and baselines
-when the run directory has them. Plots are PNG inline (``shared_models/report_html.py``); the page
-fetches nothing. A partial run (no ``summary.json`` yet), a run with errors and a run without DP all
-give a report; ``carefl report RUN_DIR`` writes it again at any time.
+when the run directory has them. Test figures come from the sites' DP evaluation releases: each is shown
+± its noise std, and a site that released exactly (its policy's choice) is marked not DP. Plots are PNG
+inline (``shared_models/report_html.py``); the page fetches nothing. A partial run (no ``summary.json``
+yet), a run with errors and a run without DP all give a report; ``carefl report RUN_DIR`` writes it
+again at any time.
 
 Baselines (``<run dir>/baselines.json``, or a ``baselines`` entry of ``summary.json``): reference
 figures to compare the federation with, e.g. from a benchmark script::
@@ -24,9 +26,10 @@ import datetime as dt
 import math
 from pathlib import Path
 
+from server.metrics import DRAWS
 from server.report_data import (FEDERATION_METRICS, FEDERATION_ROWS, PERSONAL, PERSONALISED,
                                 PLOTTED_SITE_METRICS, REPORT_FILE, SITE_METRICS, RunData, load_run, metric_label,
-                                number)
+                                number, std_of)
 from server.report_data import ReportError
 from server.report_plots import plot_epsilon, plot_federation, plot_sites
 from server.run_dir import SUMMARY_FILE, atomic_write_bytes
@@ -45,6 +48,16 @@ def _fmt(value, digits: int = 3) -> str:
     if math.isinf(v):
         return "∞"
     return f"{v:.{digits}f}" if abs(v) < 1000 else f"{v:.4g}"
+
+
+def _fmt_pm(record: dict, key: str, digits: int = 3) -> str:
+    """A figure with its noise std (``0.812 ± 0.034``) when it has one above 0."""
+    std = std_of(record, key)
+    text = _fmt(record.get(key), digits)
+    return f"{text} ± {std:.{digits}f}" if std and text != "—" else text
+
+
+NOT_DP = '<span class="bad">evaluation not DP</span>'
 
 
 def _column_of(key: str) -> str:
@@ -131,12 +144,12 @@ def _final_table(run: RunData) -> str:
     source = (f"from {SUMMARY_FILE}" if (run.summary or {}).get("per_site")
               else "each site's latest round without an error (the run has no summary yet)")
     final_round = run.rounds[-1] if run.rounds else {}
-    head = ("<tr><th>site / federation</th><th>train</th><th>test</th>" + "".join(f"<th>{e(lab)}</th>"
+    head = ("<tr><th>site / federation</th><th>weight</th><th>test</th>" + "".join(f"<th>{e(lab)}</th>"
             for _, lab in columns) + "<th>ε (lifetime)</th></tr>")
     body = []
 
     def values_row(label: str, values: dict, cls: str = "", bold: bool = False) -> str:
-        cells = "".join(f"<td class=num>{'<b>' if bold else ''}{_fmt(values.get(k))}{'</b>' if bold else ''}</td>"
+        cells = "".join(f"<td class=num>{'<b>' if bold else ''}{e(_fmt_pm(values, k))}{'</b>' if bold else ''}</td>"
                         for k, _ in columns)
         return f'<tr{cls}><th>{e(label)}</th><td></td><td></td>{cells}<td></td></tr>'
 
@@ -148,9 +161,11 @@ def _final_table(run: RunData) -> str:
             eps = e(_fmt(m["epsilon"]) + (f" (δ={m['delta']:g})" if number(m.get("delta")) is not None else ""))
         else:
             eps = "—"
-        body.append(f"<tr><td>{e(site)}</td><td class=num>{e(m.get('num_train', '—'))}</td>"
-                    f"<td class=num>{e(m.get('num_test', '—'))}</td>"
-                    + "".join(f"<td class=num>{_fmt(m.get(k))}</td>" for k, _ in columns) + f"<td class=nowrap>{eps}</td></tr>")
+        marked = f" {NOT_DP}" if site in run.exact_evaluation_sites else ""
+        body.append(f"<tr><td>{e(site)}{marked}</td><td class=num>{e(m.get('weight', '—'))}</td>"
+                    f"<td class=num>{e(_fmt_pm(m, 'num_test', 0) if 'num_test' in m else '—')}</td>"
+                    + "".join(f"<td class=num>{e(_fmt_pm(m, k))}</td>" for k, _ in columns)
+                    + f"<td class=nowrap>{eps}</td></tr>")
         personal = {k[len(PERSONAL):]: v for k, v in m.items() if k.startswith(PERSONAL)}
         if personal:
             body.append(values_row(f"{site}, fine-tuned at the site", personal, ' class="muted"'))
@@ -169,9 +184,17 @@ def _final_table(run: RunData) -> str:
                     + "".join(f"<td class=num>{_fmt(values.get(k))}</td>" for k, _ in columns)
                     + f"<td>{e('; '.join(other))}</td></tr>")
     note = (f'<p class="muted">Per site: its test metrics of the final global model ({e(source)}). '
-            f"Pooled: over all sites' test {'patients' if task == BINARY else 'cases'}, from counts "
-            f"{'and score histograms ' if task == BINARY else ''}the sites sent; mean over sites: each site "
-            f"weighs the same.</p>")
+            f"Pooled: over all sites' test {'patients' if task == BINARY else 'cases'}, from the "
+            f"{'counts and score histograms' if task == BINARY else 'per-class Dice and IoU sums and case counts'} "
+            f"the sites released{'' if task == BINARY else ' (a mean over cases)'}; mean over sites: each site "
+            f"weighs the same. Every test figure comes from those released sums: ± is its noise std (each site's "
+            f"DP evaluation adds Gaussian noise to every count it sends; the std is found by adding that noise again, "
+            f"{DRAWS} times); test patients are a noisy count too.</p>")
+    exact = run.exact_evaluation_sites
+    if exact:
+        note += (f'<p class="bad">Evaluation not DP at {e(", ".join(exact))}: the site\'s policy released its test '
+                 f"counts exactly (evaluation = \"exact\", or a non-DP study), without noise and without charging "
+                 f"its ε.</p>")
     return f"<table>{head}{''.join(body)}</table>{note}"
 
 
@@ -198,7 +221,7 @@ def _rounds_table(run: RunData) -> str:
             + "".join(f"<th>{e(metric_label(k, run.task))}</th>" for k in keys) + "</tr>")
     rows = "".join(f"<tr><td class=num>{e(r.get('round'))}</td><td>{e(', '.join(r.get('sites_replied') or []))}</td>"
                    f"<td class=num>{_fmt(r.get('seconds'), 1)}</td>"
-                   + "".join(f"<td class=num>{_fmt(r.get(k))}</td>" for k in keys) + "</tr>" for r in run.rounds)
+                   + "".join(f"<td class=num>{e(_fmt_pm(r, k))}</td>" for k in keys) + "</tr>" for r in run.rounds)
     return f"<details><summary>every round ({len(run.rounds)})</summary><table>{head}{rows}</table></details>"
 
 
@@ -211,9 +234,9 @@ def _privacy_section(run: RunData) -> str:
     if not plot:
         return '<p class="muted">no site has reported an ε yet</p>'
     parts = [plot, '<p class="muted">ε is per patient, cumulative over the dataset\'s lifetime at the site (all '
-                   "runs), each with the δ the site reported. Each site's lifetime budget is its own policy and "
-                   "is enforced there; a site refuses a round that would exceed it (that refusal is listed under "
-                   "errors). The site's privacy officer sees the budget with <code>carefl site budget</code>.</p>"]
+                   "runs, every release: training, and each round's evaluation release), each with the δ the site "
+                   "reported. Each site's lifetime budget is its own policy and is enforced there; a site refuses "
+                   "a round that would exceed it (that refusal is listed under errors). The site's privacy officer sees the budget with <code>carefl site budget</code>.</p>"]
     if 0.0 in dp_values:
         parts.append('<p class="bad">Some rounds ran without DP (see the final table).</p>')
     return "".join(parts)
@@ -235,9 +258,6 @@ def render(run: RunData) -> str:
         "<h2>Federation metrics per round</h2>", plot_federation(run), _rounds_table(run),
         "<h2>Test metrics per site and round</h2>",
         plot_sites(run, site_keys, "test metrics of the global model at each site", "test metrics per site"),
-        "<h2>Training loss per site and round</h2>",
-        plot_sites(run, ["train_loss"], "mean local training loss at each site (before aggregation)",
-                    "training loss per site", federation=False),
         "<h2>Privacy: ε per site and round</h2>", _privacy_section(run),
         "<h2>Errors and missing replies</h2>", _errors(run),
     ]

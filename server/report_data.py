@@ -62,6 +62,10 @@ FEDERATION_ROWS = {BINARY: (("pooled (all test patients)", "pooled_"), ("mean ov
 # With personalise = finetune (docs/OPERATIONS.md) a site also reports its fine-tuned model's figures.
 PERSONAL, PERSONALISED = "personal_", "personalised_"
 
+# Every figure derived from an evaluation release has its noise std beside it (server/metrics.py), and each
+# site record says whether its release was DP (eval_dp = 0: the site's policy released it exactly).
+STD, EVAL_DP = "_std", "eval_dp"
+
 
 class ReportError(ValueError):
     """The folder is not a run directory; the message says why."""
@@ -101,6 +105,12 @@ class RunData:
     def sites(self) -> list[str]:
         named = (self.summary or {}).get("sites") or self.started.get("sites") or []
         return list(dict.fromkeys([*named, *(str(r["site"]) for r in self.metrics if "site" in r)]))
+
+    @property
+    def exact_evaluation_sites(self) -> list[str]:
+        """Sites that released test metrics without DP in any round (policy evaluation = "exact", or a non-DP
+        study): their figures are marked not DP."""
+        return list(dict.fromkeys(str(r["site"]) for r in self.metrics if number(r.get(EVAL_DP)) == 0.0))
 
     @property
     def stopped(self) -> dict | None:
@@ -216,6 +226,12 @@ def load_run(path: Path) -> RunData:
     run.unfinished = [r for r in rejections if isinstance(r.get("round"), int) and r["round"] > run.rounds_done]
     run.baselines = _read_baselines(path, summary, run.task, notes)
     return run
+
+def std_of(record: dict, key: str) -> float | None:
+    """The noise std written beside ``key`` in a record (None when the record has none)."""
+    value = number(record.get(key + STD))
+    return value if value is not None and math.isfinite(value) else None
+
 
 def metric_label(key: str, task: str) -> str:
     names = dict(SITE_METRICS[task]) | dict(FEDERATION_METRICS[task]) | LABELS

@@ -1,11 +1,13 @@
 """The run report's plots: federation metrics, per-site metrics (a band when sites are many) and ε per
-site over rounds, each an inline PNG (shared_models/report_html.py)."""
+site over rounds, each an inline PNG (shared_models/report_html.py). A figure from DP evaluation releases is
+drawn with a shaded band of ± one noise std (the ``_std`` beside it)."""
 
 from __future__ import annotations
 
 import math
 
-from server.report_data import FEDERATION_METRICS, MEAN_OVER_SITES, PERSONALISED, RunData, metric_label, number
+from server.report_data import (FEDERATION_METRICS, MEAN_OVER_SITES, PERSONALISED, STD, RunData, metric_label,
+                                number)
 from shared_models.report_html import PALETTE, e, figure_img, new_figure
 
 
@@ -28,6 +30,17 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
             by_round[int(r["round"])] = v if v is not None and math.isfinite(v) else math.nan
     xs = sorted(by_round)
     return xs, [by_round[x] for x in xs]
+
+
+def _noise_band(ax, records: list[dict], key: str, color: str, alpha: float = 0.15):
+    """Shade ± one noise std around the series of ``key`` where its records state one; None if none does."""
+    xs, ys = _series(records, key)
+    _, stds = _series(records, key + STD)
+    if not any(s > 0 for s in stds if math.isfinite(s)):
+        return None
+    low = [y - s if math.isfinite(s) else math.nan for y, s in zip(ys, stds)]
+    high = [y + s if math.isfinite(s) else math.nan for y, s in zip(ys, stds)]
+    return ax.fill_between(xs, low, high, color=color, alpha=alpha, linewidth=0)
 
 
 def _style_rounds_axis(ax, run: RunData) -> None:
@@ -72,6 +85,7 @@ def plot_federation(run: RunData) -> str:
     for i, (key, label) in enumerate(keys):
         xs, ys = _series(run.rounds, key)
         ax.plot(xs, ys, marker="o", markersize=4, color=PALETTE[i % len(PALETTE)], label=label)
+        _noise_band(ax, run.rounds, key, PALETTE[i % len(PALETTE)])
         if any(PERSONALISED + key in r for r in run.rounds):
             xs, ys = _series(run.rounds, PERSONALISED + key)
             ax.plot(xs, ys, marker="^", markersize=4, linestyle=":", color=PALETTE[i % len(PALETTE)],
@@ -79,7 +93,9 @@ def plot_federation(run: RunData) -> str:
         _baseline_lines(ax, run.baselines, key, task, color=PALETTE[i % len(PALETTE)])
     _on_unit_scale(ax, keys[0][0])
     _style_rounds_axis(ax, run)
-    ax.set_title("federation metrics per round (from the sites' aggregate test metrics)", fontsize=10)
+    noisy = any(number(r.get(k + STD)) for k, _ in keys for r in run.rounds)
+    ax.set_title("federation metrics per round (from the sites' released test counts"
+                 + ("; shaded: ± one noise std of the DP evaluation)" if noisy else ")"), fontsize=10)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     return figure_img(fig, "federation metrics per round")
@@ -119,9 +135,13 @@ def plot_sites(run: RunData, keys: list[str], title: str, alt: str, federation: 
             if line is not None:
                 handles.setdefault(f"range over {len(sites)} sites", line)
         for site in sites if len(sites) <= MAX_SITE_LINES else ():
-            xs, ys = _series([r for r in run.metrics if r.get("site") == site], key)
+            mine = [r for r in run.metrics if r.get("site") == site]
+            xs, ys = _series(mine, key)
             (line,) = ax.plot(xs, ys, label=site, **_site_style(sites, site))
             handles.setdefault(site, line)
+            band = _noise_band(ax, mine, key, _site_style(sites, site)["color"], alpha=0.12)
+            if band is not None:
+                handles.setdefault("± one noise std (DP evaluation)", band)
         mean_key = MEAN_OVER_SITES.get(key)
         if federation and mean_key and any(mean_key in r for r in run.rounds):
             xs, ys = _series(run.rounds, mean_key)

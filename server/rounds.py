@@ -11,21 +11,21 @@ import time
 
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord
 
-from server.metrics import pooled_metrics
+from server.metrics import pooled_metrics, release_problem, site_figures
 from server.run_dir import METRICS_FILE, ROUNDS_FILE, RunDirectory
 from shared_models.metrics import PERSONAL_PREFIX
 
 log = logging.getLogger("flwr")
 
 # Keys a site's metrics are written under (Flower key → run-directory key).
-TRAIN_KEYS = {"num-examples": "num_train", "train-loss": "train_loss", "local-steps": "local_steps",
-              "dp": "dp", "epsilon": "epsilon", "delta": "delta", "noise-multiplier": "noise_multiplier",
-              "clip-norm": "clip_norm", "sample-rate": "sample_rate"}
-EVAL_KEYS = {"num-examples": "num_test", "test-loss": "test_loss", "accuracy": "accuracy", "auc": "auc",
-             "sensitivity": "sensitivity", "specificity": "specificity", "f1": "f1",
-             "mean-dice": "dice", "dice-1": "dice_1", "dice-2": "dice_2", "iou-1": "iou_1", "iou-2": "iou_2"}
-# With personalisation, the site's fine-tuned model's figures under the same names, prefixed.
-EVAL_KEYS.update({PERSONAL_PREFIX + k: "personal_" + v for k, v in EVAL_KEYS.items() if k != "num-examples"})
+# A train reply carries no data-derived number besides its weights: its weight is the site's public nominal
+# size (never N), and neither the training loss nor the sample rate (B/N) leaves the site.
+TRAIN_KEYS = {"num-examples": "weight", "local-steps": "local_steps", "dp": "dp", "epsilon": "epsilon",
+              "delta": "delta", "noise-multiplier": "noise_multiplier", "clip-norm": "clip_norm"}
+# An evaluation release's own facts; its figures (accuracy, auc, …, dice, … and each one's _std) are derived from
+# its sums (server/metrics.py: site_figures). Its ε is the dataset's after the round's evaluation: the latest.
+EVAL_KEYS = {"eval-dp": "eval_dp", "noise-std": "eval_noise_std", "epsilon": "epsilon", "delta": "delta",
+             "noise-multiplier": "eval_noise_multiplier", "l2-bound": "eval_l2_bound"}
 
 
 def _pick(record: MetricRecord, keys: dict[str, str]) -> dict:
@@ -54,8 +54,16 @@ class RoundRecorder:
             if message_type == MessageType.TRAIN:
                 self._train[site] = _pick(metrics, TRAIN_KEYS)
             elif message_type == MessageType.EVALUATE:
-                self._eval[site] = _pick(metrics, EVAL_KEYS)
-                self._eval_raw[site] = dict(metrics)
+                raw = dict(metrics)
+                problem = release_problem(raw)
+                if problem is not None:
+                    self._errors.setdefault(site, f"{message_type}: {problem}")
+                    continue
+                figures = site_figures(raw)
+                if f"{PERSONAL_PREFIX}tp" in raw or f"{PERSONAL_PREFIX}cases" in raw:  # its fine-tuned model's
+                    figures.update({f"personal_{k}": v for k, v in site_figures(raw, PERSONAL_PREFIX).items()})
+                self._eval[site] = {**_pick(metrics, EVAL_KEYS), **figures}
+                self._eval_raw[site] = raw
 
     def stop_round(self, server_round: int | None, site_errors: dict[str, str], reason: str) -> None:
         """The round the run stopped in: one record for each site that has something to say — its own
@@ -91,6 +99,10 @@ class RoundRecorder:
         self.run_dir.append(ROUNDS_FILE, self.last_round)
         self.last_eval.update(self._eval)
         self.last_train.update(self._train)
+        for site, figures in self._eval.items():  # the latest ε is the one after the round's evaluation release
+            if site in self.last_train and "epsilon" in figures:
+                self.last_train[site] = {**self.last_train[site], "epsilon": figures["epsilon"],
+                                         "delta": figures["delta"]}
         headline = {k: v for k, v in pooled.items() if k in ("mean_centre_accuracy", "pooled_auc", "mean_dice",
                                                                "pooled_dice")}
         log.info("round %d: %d/%d sites, %s (%.1fs)", server_round, len(self.last_round["sites_replied"]),

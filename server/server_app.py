@@ -20,7 +20,7 @@ from server.live_report import RunReporter
 from server.rounds import RoundRecorder
 from server.run_dir import RunDirectory, RunDirectoryBusy
 from server.settings import RunConfigError, RunSettings
-from server.sites import SiteGrid, SiteSelectionError, discover_sites
+from server.sites import SiteGrid, SiteSelectionError, discover_sites, witness_run_end
 from server.strategies import build_strategy
 from server.validation import UpdateValidator
 from shared_models import public_checkpoint
@@ -124,6 +124,8 @@ def main(grid: Grid, context: Context) -> None:
         raise
     else:
         audit.run_end("completed")
+        witnessed = witness_run_end(grid, sites)
+        log.info("run end witnessed by %d of %d sites", len(witnessed), len(sites))
     finally:
         watchdog.set()
         reporter.close()  # report.html of the run as it ended (a stopped run too); never raises
@@ -248,7 +250,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
         train = recorder.last_train.get(s.site_id, {})
         privacy = {k: train[k] for k in ("epsilon", "delta", "dp") if k in train}
         per_site[s.site_id] = {**recorder.last_eval.get(s.site_id, {}), **privacy,
-                               "num_train": s.n_train, "num_test": s.n_test}
+                               "weight": s.weight}
     final = {k: v for k, v in recorder.last_round.items() if k not in ("round", "seconds", "sites_replied")}
     run_dir.write_summary({
         "run_id": context.run_id,
@@ -265,7 +267,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
         **final,
         **({"pooled_auc_method": f"sum of per-site score histograms ({SCORE_BINS} bins); ties inside a bin count 1/2"}
            if settings.study.metric_family == BINARY else
-           {"pooled_dice_method": "per class Σ2|P∩T| / Σ(|P|+|T|) over all sites' test cases",
+           {"pooled_dice_method": "per class Σ per-case Dice / Σ cases over all sites' test cases (DP sums)",
             "data_note": "MSD hippocampus is single-centre (Vanderbilt); its sites are a synthetic split"}),
         "config": dict(context.run_config),
         "seconds": round(time.time() - run_dir.started, 1),

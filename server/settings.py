@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from shared_models.eval_release import EVAL_NOISE_MULTIPLIER
 from shared_models.registry import UnknownModelError, get_spec
 from shared_models.schema import Schema, SchemaError, builtin_schema
 from shared_models.tasks import TASKS, Task, get_task
@@ -55,6 +57,7 @@ class RunSettings:
     stats_noise_multiplier: float = 10.0  # ehr-seq: σ of each site's DP feature-statistics release
     train_params: str = "all"  # which parameters the sites train (shared_models/trainable.py); the rest stay frozen
     init_checkpoint: str = ""  # a public checkpoint (carefl coordinator pretrain): the round-0 global model
+    eval_noise_multiplier: float = EVAL_NOISE_MULTIPLIER  # σ of each site's DP evaluation release, every round
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> "RunSettings":
@@ -92,6 +95,7 @@ class RunSettings:
             personalise=str(cfg.get("personalise", "none")).lower(), finetune_steps=int(cfg.get("finetune-steps", 100)),
             schema=str(cfg.get("schema", "")), stats_noise_multiplier=float(cfg.get("stats-noise-multiplier", 10.0)),
             train_params=str(cfg.get("train-params", "all")), init_checkpoint=str(cfg.get("init-checkpoint", "")),
+            eval_noise_multiplier=_number(cfg.get("eval-noise-multiplier", EVAL_NOISE_MULTIPLIER)),
         )
         if s.task not in TASKS:
             problems.append(f"task '{s.task}' is not one of {', '.join(TASKS)} (shared_models/tasks.py)")
@@ -139,6 +143,9 @@ class RunSettings:
                 problems.append(f"'schema' (task {s.task}): {exc}")
             if not s.stats_noise_multiplier > 0:
                 problems.append("'stats-noise-multiplier' must be > 0 (the feature statistics are a DP release)")
+        if not (math.isfinite(s.eval_noise_multiplier) and s.eval_noise_multiplier > 0):
+            problems.append("'eval-noise-multiplier' must be a number > 0 (σ of each site's DP evaluation release; a "
+                            "site whose policy says evaluation = \"exact\" releases without noise instead)")
         if s.train_params not in TRAINABLE:
             problems.append(f"'train-params' must be one of {', '.join(TRAINABLE)}")
         elif s.train_params == "decoder" and s.task != "seg":
@@ -155,6 +162,7 @@ class RunSettings:
                 "batch-size": self.batch_size, "optimizer": self.optimizer, "lr": self.lr, "seed": self.seed,
                 "dp": self.dp, "noise-multiplier": self.noise_multiplier, "target-epsilon": self.target_epsilon,
                 "clip-norm": self.clip_norm, "num-server-rounds": self.num_rounds, "train-params": self.train_params,
+                "eval-noise-multiplier": self.eval_noise_multiplier,  # sites plan their study's ε with it
                 **({"stats-noise-multiplier": self.stats_noise_multiplier} if self.study.shared_statistics else {})}
 
     @property
@@ -167,7 +175,16 @@ class RunSettings:
         return builtin_schema(self.schema)
 
     def evaluate_config(self) -> dict:
-        """What every site receives with an evaluate message (with fine-tuning: how to fine-tune)."""
+        """What every site receives with an evaluate message: the release's σ and whether the study is DP (with
+        fine-tuning also how to fine-tune)."""
         if self.personalise == "none":
-            return {"model": self.model}
+            return {"model": self.model, "dp": self.dp, "eval-noise-multiplier": self.eval_noise_multiplier}
         return {**self.train_config(), "local-steps": self.finetune_steps, "personalise": self.personalise}
+
+
+def _number(value) -> float:
+    """A run-config number, NaN when it is none (the check then names the key)."""
+    try:
+        return float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        return math.nan

@@ -46,8 +46,7 @@ TRANSPORT_ERRORS = {
 class SiteInfo:
     site_id: str
     node_id: int
-    n_train: int
-    n_test: int
+    weight: int        # the dataset's public nominal size, or 1 (equal weights): never its exact N
     n_features: int
     models: list[str] = field(default_factory=list)
     schema_sha256: str = ""  # schema-driven tasks: the study schema the site reads
@@ -65,10 +64,29 @@ def _query(grid: Grid, node_ids: list[int], study: dict | None = None) -> tuple[
             failed[node] = reply.error.reason or "no reason given"
             continue
         info, counts = reply.content["site"], reply.content["counts"]
-        answered.append(SiteInfo(str(info["site-id"]), node, int(counts["n-train"]), int(counts["n-test"]),
+        answered.append(SiteInfo(str(info["site-id"]), node, int(counts["nominal-size"]),
                                  int(counts["n-features"]), list(info.get("models", [])),
                                  str(info.get("schema-sha256", ""))))
     return answered, failed
+
+
+WITNESS_TIMEOUT = 30.0  # the run-end witness: a site that does not answer by then is not waited for
+
+
+def witness_run_end(grid: Grid, sites: list[SiteInfo]) -> list[str]:
+    """Send each site the run's last message, ``query.witness``: through the ``WitnessedGrid`` it carries
+    the coordinator log's head after its run-end record, which the site logs (docs/AUDIT.md). The replies
+    are not logged here (that would leave a new unwitnessed tail). Returns the sites that answered."""
+    messages = [Message(RecordDict(), dst_node_id=s.node_id, message_type=f"{MessageType.QUERY}.witness",
+                        ttl=WITNESS_TIMEOUT) for s in sites]
+    names = {s.node_id: s.site_id for s in sites}
+    try:
+        replies = grid.send_and_receive(messages, timeout=WITNESS_TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - the run has ended already; the auditor sees the unwitnessed tail
+        log.warning("the run-end witness could not be sent (%s); the log's last records have no witness",
+                    type(exc).__name__)
+        return []
+    return sorted(names[r.metadata.src_node_id] for r in replies if not r.has_error())
 
 
 def discover_sites(grid: Grid, wanted: tuple[str, ...], min_sites: int, wait: float,
@@ -143,7 +161,7 @@ class SiteGrid:
         self._grid = grid
         self._trained = trained  # None: sites send every array; else only these (the rest stay frozen)
         self._site_of = {s.node_id: s.site_id for s in sites}
-        self._n_train = {s.site_id: s.n_train for s in sites}
+        self._weight = {s.site_id: s.weight for s in sites}
         self._on_replies = on_replies
         self._validator = validator
         self._quorum = quorum
@@ -285,7 +303,7 @@ class SiteGrid:
         replies with content and their FedAvg average, if requested and all of them were accepted."""
         updates = [r for r in replies if not r.has_error()]
         results, average = self._validator.check_all(
-            [r.content for r in updates], global_arrays, [self._n_train.get(self._site(r), 0) for r in updates],
+            [r.content for r in updates], global_arrays, [self._weight.get(self._site(r), 0) for r in updates],
             average_by=self._average_by)
         verdict = {id(r): result for r, result in zip(updates, results)}
         out, new = [], {}

@@ -51,7 +51,17 @@ def weighted_average(records: list[RecordDict], weighted_by_key: str) -> ArrayRe
     return out
 
 
-class _ViewsFedAvg(flwr_strategy.FedAvg):
+class _EvaluationReleases:
+    """The sites' evaluate replies pooled by ``evaluate_metrics_aggr_fn`` (server/metrics.py) without FedAvg's
+    consistency check: that check wants every reply to carry the weighting key and one key set, but an
+    evaluation release carries no ``num-examples`` and a site in exact mode sends no ε (docs/PRIVACY.md)."""
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        valid = [m for m in replies if not m.has_error()]
+        return self.evaluate_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key) if valid else None
+
+
+class _ViewsFedAvg(_EvaluationReleases, flwr_strategy.FedAvg):
     """FedAvg's ``aggregate_train`` without Flower's copies. Under ``SiteGrid`` the average comes from
     the validation pass (``fuse_average``: every update is then read from memory once per round);
     otherwise ``weighted_average``. Placed after a Flower subclass in the bases (``class FedAdam(flwr
@@ -102,7 +112,7 @@ def _stacked_layers(valid: list[Message]) -> tuple[list[str], list[list[np.ndarr
     return keys, [[as_ndarray(a[k]) for a in arrays] for k in keys]
 
 
-class _CoordinateWise:
+class _CoordinateWise(_EvaluationReleases):
     """Flower's coordinate-wise robust aggregation over views (Flower's copies each array first);
     ``combine`` reduces the stacked updates of one layer along the first axis."""
 
@@ -158,7 +168,7 @@ def krum_select(contents: list[RecordDict], num_malicious_nodes: int, num_nodes_
     return [contents[i] for i in np.argsort(scores)[:num_nodes_to_select]]
 
 
-class _ViewsMultiKrum(flwr_strategy.MultiKrum):
+class _ViewsMultiKrum(_EvaluationReleases, flwr_strategy.MultiKrum):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, _ = check_and_log_replies(self, replies, is_train=True)

@@ -69,11 +69,11 @@ class UpdateValidator:
     max_norm: float = 0.0     # > 0: absolute bound on ||update − global||₂
     max_ratio: float = 100.0  # > 0: bound relative to the median of the round's other updates (needs ≥ 3)
 
-    def check(self, content: RecordDict, global_arrays: ArrayRecord, n_train: int) -> tuple[str | None, float]:
+    def check(self, content: RecordDict, global_arrays: ArrayRecord, weight: int) -> tuple[str | None, float]:
         """(reason for rejecting, or None; the update's L2 distance to the global model)."""
-        return self.check_all([content], global_arrays, [n_train])[0][0]
+        return self.check_all([content], global_arrays, [weight])[0][0]
 
-    def check_all(self, contents: list[RecordDict], global_arrays: ArrayRecord, n_trains: list[int],
+    def check_all(self, contents: list[RecordDict], global_arrays: ArrayRecord, weights: list[int],
                   average_by: str | None = None) -> tuple[list[tuple[str | None, float]], ArrayRecord | None]:
         """``check`` for each update of a round, reading every update's arrays from memory once.
 
@@ -114,7 +114,7 @@ class UpdateValidator:
             average = ArrayRecord({name: average[name] for name in names})
         results: list[tuple[str | None, float]] = [(reason, 0.0) for reason, _ in structure]
         for j, k in enumerate(good):
-            results[k] = self._verdict(contents[k], n_trains[k], names, views[j], bases, parts[j])
+            results[k] = self._verdict(contents[k], weights[k], names, views[j], bases, parts[j])
         if any(reason is not None for reason, _ in results):
             average = None
         return results, average
@@ -137,7 +137,7 @@ class UpdateValidator:
             views.append(as_ndarray(got))
         return None, views
 
-    def _verdict(self, content: RecordDict, n_train: int, names: list[str], views: list[np.ndarray],
+    def _verdict(self, content: RecordDict, weight: int, names: list[str], views: list[np.ndarray],
                  bases: list[np.ndarray], parts: np.ndarray) -> tuple[str | None, float]:
         squared = 0.0
         for name, local, base, part in zip(names, views, bases, parts):
@@ -152,8 +152,8 @@ class UpdateValidator:
         if self.max_norm > 0 and norm > self.max_norm:
             return f"update norm {norm:.4g} exceeds max-update-norm {self.max_norm:g}", norm
         examples = next(iter(content.metric_records.values())).get(WEIGHT_KEY)
-        if not isinstance(examples, (int, float)) or not 0 < examples <= max(n_train, 1):
-            return f"{WEIGHT_KEY} = {examples!r} is not in (0, {n_train}] (the site's training count)", norm
+        if not isinstance(examples, (int, float)) or isinstance(examples, bool) or examples != weight:
+            return f"{WEIGHT_KEY} = {examples!r} is not the weight {weight} the site declared at the handshake", norm
         return None, norm
 
     def outliers(self, norms: dict[str, float]) -> dict[str, str]:

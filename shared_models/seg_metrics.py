@@ -1,4 +1,4 @@
-"""Segmentation metrics on label maps, plus counts a coordinator can pool across sites.
+"""Segmentation metrics on label maps, and the figures a coordinator derives from the sites' released sums.
 
 Inputs are integer label maps of shape ``[B, 1, *spatial]`` (or ``[B, *spatial]``), one case per
 item; predictions are ``argmax`` of the logits. Dice and IoU come from MONAI (``DiceMetric``,
@@ -11,23 +11,25 @@ With ``ignore_empty=True`` (MONAI's default, selectable here) both cases would b
 so false positives on cases without the class would go unseen, and a class absent from every case
 would report NaN. We default to ``False`` so that every reported number is defined and errors count.
 
-**Pooling across sites without per-patient values**: per class a site reports Σ 2|P∩T| and
-Σ (|P|+|T|) over its test cases (``dice_counts``); the coordinator sums them over sites and takes the
-ratio (``pooled_dice``). That equals the Dice of all test cases concatenated into one volume. These
-counts, like the EHR confusion counts, are not DP-protected (see docs/PRIVACY.md, known limitations).
+**Pooling across sites without per-patient values**: per class a site releases Σ Dice and Σ IoU over its
+test cases and the number of cases (``per_case`` → ``shared_models/eval_release.py``), as a Gaussian
+mechanism charged to its ledger unless its policy opts out (docs/PRIVACY.md, "Evaluation releases"). The
+coordinator sums them over sites: pooled Dice is the mean over all sites' test cases (``seg_figures``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 from monai.metrics import DiceMetric, MeanIoU
 from monai.networks.utils import one_hot
 
-__all__ = ["dice_counts", "dice_per_class", "iou_per_class", "mean_foreground_dice", "pooled_dice", "seg_report"]
+from shared_models.metrics import ratio
+
+__all__ = ["dice_per_class", "iou_per_class", "mean_foreground_dice", "per_case", "seg_figures", "seg_report"]
 
 
 def _label_maps(pred, truth) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,33 +72,38 @@ def mean_foreground_dice(pred, truth, num_classes: int = 3, ignore_empty: bool =
     return float(np.mean(fg)) if fg else math.nan
 
 
-def dice_counts(pred, truth, num_classes: int = 3) -> dict[str, list[int]]:
-    """Per class, Σ over cases of 2|P∩T| (``"num"``) and of |P|+|T| (``"den"``): poolable, no per-case values."""
+def per_case(pred, truth, num_classes: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Dice and IoU of every case and class ([cases, K] each, in [0, 1]; ignore_empty=False, so all defined)."""
     pred, truth = _label_maps(pred, truth)
-    num, den = [], []
-    for c in range(num_classes):
-        p, t = pred == c, truth == c
-        num.append(int(2 * (p & t).sum()))
-        den.append(int(p.sum() + t.sum()))
-    return {"num": num, "den": den}
+    dice = DiceMetric(include_background=True, reduction="none", num_classes=num_classes, ignore_empty=False)
+    iou = MeanIoU(include_background=True, reduction="none", ignore_empty=False)
+    return (dice(pred, truth).double().numpy(),
+            iou(one_hot(pred, num_classes, dim=1), one_hot(truth, num_classes, dim=1)).double().numpy())
 
 
-def pooled_dice(site_counts: Iterable[Mapping[str, list[int]]]) -> list[float]:
-    """Per-class Dice of all sites' cases together: ΣΣ 2|P∩T| / ΣΣ (|P|+|T|); 1.0 where the class never occurs."""
-    site_counts = list(site_counts)
-    num = np.sum([c["num"] for c in site_counts], axis=0)
-    den = np.sum([c["den"] for c in site_counts], axis=0)
-    return [float(n / d) if d else 1.0 for n, d in zip(num, den)]  # 1.0: as ignore_empty=False
+def seg_figures(release: Mapping) -> dict:
+    """Every figure of one (or a pooled) segmentation release — Σ Dice, Σ IoU per class and the case count
+    (``eval_release.seg_layout``) — under the run directory's names: per-class case-mean Dice and IoU (clipped
+    to [0, 1]; NaN without cases), mean foreground Dice, test cases. Numbers, or arrays over draws."""
+    classes = sorted(int(k.rsplit("-", 1)[1]) for k in release if k.startswith("dice-sum-"))
+    cases = np.maximum(np.asarray(release["cases"], dtype=np.float64), 0.0)
+    out = {}
+    for c in classes:
+        for name in ("dice", "iou"):
+            out[f"{name}_{c}"] = np.clip(ratio(release[f"{name}-sum-{c}"], cases), 0.0, 1.0)
+    foreground = [out[f"dice_{c}"] for c in classes if c]
+    out["dice"] = np.mean(foreground, axis=0) if foreground else np.full(np.shape(cases), math.nan)
+    out["num_test"] = cases
+    return {k: float(v) if np.ndim(v) == 0 else v for k, v in out.items()}
 
 
 def seg_report(pred, truth, num_classes: int = 3, ignore_empty: bool = False) -> dict[str, float]:
-    """Everything a site reports about one segmentation evaluation, under fixed keys, as plain floats."""
+    """A site's own exact figures of one segmentation evaluation (its local tools), as plain floats; what
+    leaves the site is the release."""
     dice = dice_per_class(pred, truth, num_classes, ignore_empty)
     iou = iou_per_class(pred, truth, num_classes, ignore_empty)
-    counts = dice_counts(pred, truth, num_classes)
     fg = [d for d in dice[1:] if not math.isnan(d)]
     report = {"mean-dice": float(np.mean(fg)) if fg else math.nan, "cases": float(_label_maps(pred, truth)[0].shape[0])}
     for c in range(num_classes):
-        report.update({f"dice-{c}": dice[c], f"iou-{c}": iou[c],
-                       f"dice-num-{c}": float(counts["num"][c]), f"dice-den-{c}": float(counts["den"][c])})
+        report.update({f"dice-{c}": dice[c], f"iou-{c}": iou[c]})
     return report

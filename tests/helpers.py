@@ -89,7 +89,7 @@ def hippocampus_cases():
     return hippocampus.cases(root)
 
 
-def hippocampus_site(folder: Path, site_id: str, site_cases, max_sample_rate: float = 0.6) -> Path:
+def hippocampus_site(folder: Path, site_id: str, site_cases, max_sample_rate: float = 0.6, **policy) -> Path:
     """A site config for ``site_cases`` (every third case in the test split), DP policy for small crops."""
     from deploy.datasets import hippocampus
     from client.site import write_site_config
@@ -98,7 +98,7 @@ def hippocampus_site(folder: Path, site_id: str, site_cases, max_sample_rate: fl
     manifest = hippocampus.write_manifest(folder / site_id / "hippocampus.csv", rows)
     return write_site_config(folder / site_id / "site.toml", site_id, manifest, device="cpu",
                              dataset="hippocampus", manifest=True, labels=[0, 1, 2], epsilon_budget=50.0,
-                             delta=1e-3, max_sample_rate=max_sample_rate, min_noise_multiplier=0.3)
+                             delta=1e-3, max_sample_rate=max_sample_rate, min_noise_multiplier=0.3, **policy)
 
 
 # ---- one DP training message for the ClientApp, and a fresh context (as a restarted agent has) ----

@@ -55,13 +55,13 @@ def _round(n=6, seed=0, buffers=True):
                     dst_node_id=node, message_type=MessageType.TRAIN) for node in nodes]
     updates = [_arrays(rng, 0.05, base, buffers) for _ in nodes]
     replies = [_reply(m, u, 10 + 7 * k) for k, (m, u) in enumerate(zip(sent, updates))]
-    sites = [SiteInfo(f"s{node}", node, n_train=1000, n_test=10, n_features=0) for node in nodes]
+    sites = [SiteInfo(f"s{node}", node, weight=10 + 7 * k, n_features=0) for k, node in enumerate(nodes)]
     return global_arrays, sent, replies, sites, updates
 
 
 def _reply(msg, arrays: dict, examples: int) -> Message:
     content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                          "metrics": MetricRecord({"num-examples": examples, "train-loss": 0.5})})
+                          "metrics": MetricRecord({"num-examples": examples, "local-steps": 5.0})})
     return Message(content, reply_to=msg)
 
 
@@ -177,10 +177,11 @@ def test_norms_agree_with_float64_and_do_not_depend_on_the_average():
     global_arrays, _, replies, _, updates = _round(n=5, seed=6)
     base = {k: v.numpy() for k, v in global_arrays.items()}
     contents = [r.content for r in replies]
-    fused = UpdateValidator().check_all(contents, global_arrays, [1000] * 5, average_by="num-examples")
-    alone = UpdateValidator().check_all(contents, global_arrays, [1000] * 5)
+    weights = [10 + 7 * k for k in range(5)]
+    fused = UpdateValidator().check_all(contents, global_arrays, weights, average_by="num-examples")
+    alone = UpdateValidator().check_all(contents, global_arrays, weights)
     assert fused[0] == alone[0] and alone[1] is None and fused[1] is not None
-    assert [UpdateValidator().check(c, global_arrays, 1000) for c in contents] == fused[0]
+    assert [UpdateValidator().check(c, global_arrays, w) for c, w in zip(contents, weights)] == fused[0]
     for (reason, norm), update in zip(fused[0], updates):
         exact = math.sqrt(sum(float(np.sum((update[k].astype(np.float64) - base[k].astype(np.float64)) ** 2))
                               for k in SHAPES))
@@ -203,7 +204,7 @@ def test_each_broken_update_gets_the_reason_the_array_by_array_check_gives():
     broken(2, lambda a: a.__setitem__("dense.bias", np.zeros(3, np.float32)))
     broken(3, lambda a: a["dense.bias"].__setitem__(0, 3e30))  # finite, but its square overflows float32
     validator = UpdateValidator(max_norm=1e6)
-    results, average = validator.check_all([r.content for r in replies], global_arrays, [1000] * 6,
+    results, average = validator.check_all([r.content for r in replies], global_arrays, [20] * 4 + [38, 45],
                                            average_by="num-examples")
     reasons = [reason for reason, _ in results]
     assert reasons[0] == "array 'dense.weight' holds NaN or infinite values"
@@ -212,5 +213,5 @@ def test_each_broken_update_gets_the_reason_the_array_by_array_check_gives():
     assert reasons[3].startswith("update norm 3e+30 exceeds max-update-norm 1e+06")
     assert reasons[4] is None and reasons[5] is None and average is None
     assert results[3][1] == pytest.approx(3e30, rel=1e-6)
-    too_many = validator.check(replies[4].content, global_arrays, n_train=10)
-    assert too_many[0] == "num-examples = 38 is not in (0, 10] (the site's training count)"
+    other_weight = validator.check(replies[4].content, global_arrays, weight=10)
+    assert other_weight[0] == "num-examples = 38 is not the weight 10 the site declared at the handshake"

@@ -368,6 +368,45 @@ def test_weights_without_an_approved_message_or_a_dp_round_are_flagged(deploymen
     assert any("without a dp-round" in f.message for f in findings)
 
 
+def test_weights_the_egress_guard_blocked_never_left_and_are_reported_as_such(deployment, tmp_path):
+    """An app that skipped its ledger charge: the reply record is there, no dp-round, but the gate's
+    egress-blocked record says the reply never left. A warning naming the rule, not a weights error."""
+    def blocked(records):
+        records[:] = [r for r in records if not (r["event"] == "dp-round" and r["payload"]["round"] == 3)]
+        reply = next(r for r in records if r["event"] == "reply" and r["payload"]["round"] == 3)
+        records.insert(records.index(reply) + 1, {**reply, "event": "egress-blocked", "payload": {
+            "run_id": reply["payload"]["run_id"], "round": 3, "message_type": "train", "rule": "ledger",
+            "why": "no training charge", "sent_instead": {"code": 4006, "reason": "blocked"}}})
+    findings = check_site(read(_edit_site_log(deployment, "alpha", tmp_path, blocked)))
+    assert not [f for f in findings if f.level == "error"]
+    assert [(f.level, f.check) for f in findings if "egress guard" in f.message] == [("warning", "egress")]
+    assert "rule ledger" in next(f.message for f in findings if f.check == "egress")
+
+
+def test_a_rounds_evaluation_release_is_composed_and_never_stands_in_for_its_training(deployment, tmp_path):
+    history = tuple([(1.0, 0.05, 20)] * 3 + [(5.0, 1.0, 1)])  # build_deployment's three rounds, then an evaluation
+
+    def evaluation(records):  # round 3's evaluation release, logged after its reply as the ClientApp does
+        training = [r for r in records if r["event"] == "dp-round"][-1]
+        after = site_epsilon(history, 1e-4, "prv")
+        payload = {**training["payload"], "mechanism": "evaluation", "noise_multiplier": 5.0, "sample_rate": 1.0,
+                   "steps": 1, "clip_norm": 3 ** 0.5, "epsilon_before": training["payload"]["epsilon_after"],
+                   "epsilon_after": after, "budget_left": 10.0 - after}
+        records.insert(len(records) - 1, {**training, "payload": payload})
+    log = read(_edit_site_log(deployment, "alpha", tmp_path, evaluation))
+    table = recompute(log)["heart-disease"]
+    assert [(r.round, r.mechanism, r.charged, r.status) for r in table.rounds][-2:] == \
+        [(3, "training", True, "ok"), (3, "evaluation", True, "ok")]
+    assert table.by_mechanism()["evaluation"] == pytest.approx(site_epsilon(history[-1:], 1e-4, "prv"), rel=0.01)
+    assert not [f for f in check_site(log) if f.level == "error"]
+
+    def evaluation_only(records):  # round 3's training release swapped for an evaluation: weights lack their round
+        rec = [r for r in records if r["event"] == "dp-round"][-1]
+        rec["payload"]["mechanism"] = "evaluation"
+    findings = check_site(read(_edit_site_log(deployment, "alpha", tmp_path, evaluation_only)))
+    assert any("round 3" in f.message and "without a dp-round" in f.message for f in findings)
+
+
 def test_epsilon_over_budget_is_flagged(deployment, tmp_path):
     def edit(records):
         for r in records:

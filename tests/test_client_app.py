@@ -8,6 +8,7 @@ Flower identity has to be faked. Data: the real Cleveland file from $CAREFL_DATA
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from flwr.app.message import make_message
 
 from client import client_app
 from client.ingest import heart_disease
+from privacy.ledger import PrivacyLedger
+from shared_models.metrics import SCORE_BINS, binary_figures
 from shared_models.registry import build_model, model_names
 
 SERVER_NODE, SITE_NODE = 1, 42
@@ -65,10 +68,11 @@ def _train_msg(weights=None, **overrides) -> Message:
                      MessageType.TRAIN)
 
 
-def _evaluate_msg(model=None, name="ehr-logreg") -> Message:
+def _evaluate_msg(model=None, name="ehr-logreg", **config) -> Message:
     model = model if model is not None else _model(name)
-    return _incoming(RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                                 "config": ConfigRecord({"model": name, "server-round": 3})}), MessageType.EVALUATE)
+    config = {"model": name, "server-round": 3, "dp": True, "eval-noise-multiplier": 2.0, **config}
+    return _incoming(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(config)}),
+                     MessageType.EVALUATE)
 
 
 def _assert_reply_to(reply: Message, msg: Message) -> None:
@@ -93,7 +97,7 @@ def test_query_reports_identity_and_counts_only(cleveland_ctx):
     assert dict(site) == {"site-id": "cleveland", "task": "ehr", "dataset": "heart-disease",
                           "models": model_names("ehr")}
     counts = content.metric_records["counts"]
-    assert dict(counts) == {"n-train": 199, "n-test": 104, "n-features": 13}
+    assert dict(counts) == {"nominal-size": 1, "n-features": 13}  # no nominal_size disclosed: weight 1, never N
 
 
 # ---- train ----
@@ -111,9 +115,9 @@ def test_train_returns_new_weights_and_counts(cleveland_ctx):
     changed = [k for k in new_state if not torch.equal(new_state[k], start.state_dict()[k])]
     assert set(changed) == set(start.state_dict())  # every tensor moved
     metrics = reply.content["metrics"]
-    assert metrics["num-examples"] == 199
+    assert metrics["num-examples"] == 1  # the public weight (no nominal_size in site.toml), not N = 199
     assert metrics["local-steps"] == 20
-    assert np.isfinite(metrics["train-loss"])
+    assert "train-loss" not in metrics and "sample-rate" not in metrics  # not DP / B over N: stay at the site
     # the returned weights load into the coordinator's copy of the architecture
     build_model("ehr-logreg", n_features=13).load_state_dict(new_state)
 
@@ -140,28 +144,50 @@ def test_train_honours_proximal_mu_from_config(tmp_path):
 
 # ---- evaluate ----
 
-def test_evaluate_reports_poolable_metrics(cleveland_ctx):
+BINARY_RELEASE = {"tp", "fp", "tn", "fn", "score-hist-pos", "score-hist-neg", "loss-sum", "loss-bound"}
+
+
+def test_evaluate_releases_noisy_counts_charged_to_the_ledger_before_computing(cleveland_ctx, tmp_path):
     msg = _evaluate_msg()
     reply = client_app.evaluate(msg, cleveland_ctx)
-    assert not reply.has_error()
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     _assert_reply_to(reply, msg)
+    assert set(reply.content.keys()) == {"metrics", "audit-head"}
     m = reply.content["metrics"]
-    for key in ("accuracy", "auc", "tp", "fp", "tn", "fn", "score-hist-pos", "score-hist-neg", "num-examples"):
-        assert key in m
-    assert m["tp"] + m["fp"] + m["tn"] + m["fn"] == 104
-    assert m["num-examples"] == 104
-    assert sum(m["score-hist-pos"]) + sum(m["score-hist-neg"]) == 104
-    assert sum(m["score-hist-pos"]) == m["tp"] + m["fn"]
-    assert m["accuracy"] == pytest.approx((m["tp"] + m["tn"]) / 104)
-    assert 0.0 <= m["auc"] <= 1.0
+    assert set(m) == BINARY_RELEASE | {"eval-dp", "noise-std", "epsilon", "delta", "noise-multiplier", "l2-bound"}
+    assert m["eval-dp"] == 1.0 and m["noise-multiplier"] == 2.0 and m["noise-std"] == pytest.approx(2 * 3 ** 0.5)
+    assert len(m["score-hist-pos"]) == len(m["score-hist-neg"]) == SCORE_BINS
+    assert m["tp"] + m["fp"] + m["tn"] + m["fn"] == pytest.approx(104, abs=6 * 2 * m["noise-std"])  # 4 noisy counts
+    assert m["tp"] + m["fp"] + m["tn"] + m["fn"] != 104  # … noisy: none of them is the exact count
+    rows = PrivacyLedger(tmp_path / "cleveland" / "privacy-ledger.sqlite").rounds("heart-disease")
+    assert [(r["round"], r["kind"], r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in rows] == \
+        [(3, "evaluation", 2.0, 1.0, 1)]
+    assert m["epsilon"] == rows[0]["epsilon_after"] and m["delta"] == 1e-4
+    log = [json.loads(line) for line in (tmp_path / "cleveland" / "audit.jsonl").read_text().splitlines()]
+    dp_round = next(r["payload"] for r in log if r["event"] == "dp-round")
+    assert dp_round["mechanism"] == "evaluation" and dp_round["round"] == 3 and dp_round["n"] == 104
+    assert [r["event"] for r in log].index("dp-round") < [r["event"] for r in log].index("reply")
+    again = client_app.evaluate(_evaluate_msg(), cleveland_ctx)  # the same round's release is never charged twice
+    assert again.has_error() and again.error.code == client_app.CODE_PRIVACY and "already charged" in again.error.reason
 
 
-def test_trained_model_evaluates_better(cleveland_ctx):
-    trained = client_app.train(_train_msg(**{"local-steps": 200}), cleveland_ctx)
+def test_exact_evaluation_is_logged_as_not_dp_and_marked_in_the_reply(tmp_path, caplog):
+    ctx = _context({"site-config": str(helpers.site_config(tmp_path, "cleveland", evaluation="exact"))})
+    trained = client_app.train(_train_msg(**{"local-steps": 200}), ctx)
     model = build_model("ehr-logreg", n_features=13)
     model.load_state_dict(trained.content["arrays"].to_torch_state_dict())
-    reply = client_app.evaluate(_evaluate_msg(model), cleveland_ctx)
-    assert reply.content["metrics"]["accuracy"] > 0.7
+    m = client_app.evaluate(_evaluate_msg(model), ctx).content["metrics"]
+    assert set(m) == BINARY_RELEASE | {"eval-dp", "noise-std"} and m["eval-dp"] == 0.0 and m["noise-std"] == 0.0
+    assert m["tp"] + m["fp"] + m["tn"] + m["fn"] == 104
+    assert sum(m["score-hist-pos"]) + sum(m["score-hist-neg"]) == 104
+    assert sum(m["score-hist-pos"]) == m["tp"] + m["fn"] and 0 < m["loss-sum"] <= 104 * m["loss-bound"]
+    assert binary_figures(m)["accuracy"] > 0.7  # the trained model, judged from its counts
+    rows = PrivacyLedger(tmp_path / "cleveland" / "privacy-ledger.sqlite").rounds("heart-disease")
+    assert [r["kind"] for r in rows] == ["training"]  # nothing charged for the exact release
+    log = [json.loads(line) for line in (tmp_path / "cleveland" / "audit.jsonl").read_text().splitlines()]
+    exact = [r["payload"] for r in log if r["event"] == "non-dp-release"]
+    assert len(exact) == 1 and exact[0]["dp"] is False and "exact" in exact[0]["reason"]
+    assert "EXACT EVALUATION" in caplog.text
 
 
 # ---- errors become replies ----
@@ -265,16 +291,19 @@ def test_simulation_partition_node_config(data_dir, tmp_path):
         site = reply.content["site"]
         centre = heart_disease.CENTRES[pid % 4]
         assert site["site-id"] == f"sim-{pid:04d}-{centre}"
-        sizes.setdefault(centre, []).append(reply.content["counts"]["n-train"])
+        _, shard, shards = heart_disease.partition_for(pid, 8)
+        rows = heart_disease.load_centre(heart_disease.centre_file(data_dir, centre), shard, shards).y_train
+        sizes.setdefault(centre, []).append(len(rows))
+        assert reply.content["counts"]["nominal-size"] == 1  # a virtual site discloses no size either
     assert {c: sum(v) for c, v in sizes.items()} == {"cleveland": 199, "hungarian": 172, "switzerland": 30, "va": 85}
 
     ctx = _context({"partition-id": 1, "num-partitions": 8}, run_config)  # hungarian, shard 0 of 2
     trained = client_app.train(_train_msg(**{"local-steps": 5}), ctx)
     assert not trained.has_error(), trained.error.reason
-    assert trained.content["metrics"]["num-examples"] == 86
-    evaluated = client_app.evaluate(_evaluate_msg(), ctx)
+    assert trained.content["metrics"]["num-examples"] == 1
+    evaluated = client_app.evaluate(_evaluate_msg(dp=False), ctx)  # a non-DP study its policy allows: exact
     m = evaluated.content["metrics"]
-    assert m["tp"] + m["fp"] + m["tn"] + m["fn"] == 89  # the centre's whole test split
+    assert m["eval-dp"] == 0.0 and m["tp"] + m["fp"] + m["tn"] + m["fn"] == 89  # the centre's whole test split
 
 
 def test_simulation_without_data_dir_is_a_site_error(caplog):

@@ -20,7 +20,9 @@ def test_demo_runs_a_tls_federation_of_four_hospitals(tmp_path):
     assert summary["sites"] == ["cleveland", "hungarian", "switzerland", "va"]
     assert summary["rounds_completed"] == 2 and summary["strategy"] == "fedavg"
     assert {"mean_centre_accuracy", "pooled_accuracy", "pooled_auc"} <= summary.keys()
-    assert summary["mean_centre_accuracy"] > 0.6
+    # the figures come from the sites' DP evaluation releases: judged with their stated noise std
+    assert summary["mean_centre_accuracy_std"] > 0
+    assert summary["mean_centre_accuracy"] > 0.6 - 3 * summary["mean_centre_accuracy_std"]
     assert all({"accuracy", "auc"} <= m.keys() for m in summary["per_site"].values())
     # DP on by default: every site sized its noise for the study's ε = 4 at δ = 1e-4, from its own ledger
     assert summary["dp"]["enabled"] is True
@@ -59,15 +61,17 @@ def test_demo_runs_a_tls_federation_of_four_hospitals(tmp_path):
         tampered = run_carefl(["audit", "verify", "--run-dir", str(out)], tmp_path, timeout=120)
         assert tampered.returncode == 1 and "FAIL" in tampered.stdout, tampered.stdout
         log.write_bytes(original)
-    # and so is the coordinator's log losing its last records: every message carried its signed head,
-    # which the sites logged (a clean prefix would verify on its own)
+    # and so is the coordinator's log losing even its last record: every message carried its signed head,
+    # which the sites logged, and the run's last message (the run-end witness) came after `run-end`
     coordinator_log = out / "deployment" / "coordinator" / "audit.jsonl"
     witnessed = [r["payload"]["coordinator_head"]["seq"]
                  for site in summary["sites"]
                  for r in map(json.loads, (out / "deployment" / "sites" / site / "audit.jsonl").read_text().splitlines())
                  if r["payload"].get("coordinator_head")]
     original = coordinator_log.read_bytes()
-    coordinator_log.write_bytes(b"".join(original.splitlines(keepends=True)[:max(witnessed)]))
+    lines = original.splitlines(keepends=True)
+    assert max(witnessed) == len(lines) - 1 and json.loads(lines[-1])["event"] == "run-end"  # no unwitnessed tail
+    coordinator_log.write_bytes(b"".join(lines[:-1]))
     truncated = run_carefl(["audit", "verify", "--run-dir", str(out)], tmp_path, timeout=120)
     assert truncated.returncode == 1 and "coordinator's log was truncated" in " ".join(truncated.stdout.split())
     coordinator_log.write_bytes(original)

@@ -103,14 +103,17 @@ def test_an_ehr_seq_study_pools_private_statistics_then_trains_on_them(tmp_path)
         assert 0.0 <= summary["per_site"][site]["auc"] <= 1.0
         charged = PrivacyLedger(tmp_path / "sites" / site / "privacy-ledger.sqlite").rounds("diabetes-visits")
         assert [(r["round"], r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in charged][0] == (0, 5.0, 1.0, 1)
-        assert [r["round"] for r in charged] == [0, 1]  # the release, then the training round, one ledger
+        # the statistics release, then the training round and its evaluation release, one ledger
+        assert [(r["round"], r["kind"]) for r in charged] == [(0, "feature-statistics"), (1, "training"),
+                                                              (1, "evaluation")]
         log = (tmp_path / "sites" / site / "audit.jsonl").read_text()
         assert '"mechanism":"feature-statistics"' in log.replace(" ", "")
 
 
 def test_a_site_whose_policy_refuses_the_release_stops_the_study_with_its_reason(tmp_path):
-    # refused at the handshake, before any release: the study's statistics σ and its training σ, both named
+    # refused at the handshake, before any release: the study's statistics, evaluation and training σ, all named
     with pytest.raises(Exception, match=r"site rural cannot take this study: statistics noise multiplier 5 is "
-                                        r"below the site minimum 50; noise multiplier 1 is below"):
+                                        r"below the site minimum 50; evaluation noise multiplier 5 is below the "
+                                        r"site minimum 50; noise multiplier 1 is below"):
         _study(tmp_path, strict_site="rural")
     assert not (tmp_path / "run" / STATS_FILE).exists()

@@ -126,3 +126,41 @@ def test_site_seam_builds_the_fab_whose_hash_sites_approve(tmp_path):
         assert "tiny.py" in fab.namelist()
     app_dir = site_seam.installed_app_dir("t/tiny", "1.0.0", "ab" * 32)
     assert isinstance(app_dir, Path) and app_dir.name.endswith("abababab")
+
+
+def test_site_seam_puts_a_checked_reply_or_its_replacement_through_flowers_own_push():
+    """The egress guard's place in the SuperNode: Flower's reply push, on Flower's own state and object
+    store, sends what the check returns — the reply read whole from the store, or an error in its place."""
+    from flwr.app import Error
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate import NodeStateFactory
+
+    module, _ = site_seam.message_intake()
+    push = module._push_messages
+    objects = ObjectStoreFactory()
+    state, store = NodeStateFactory(objects).state(), objects.store()
+    site_seam.set_task_identity(task_id=3, run_id=7, node_id=0)
+    instruction = Message(RecordDict({"c": ConfigRecord({"k": 1})}), dst_node_id=2, message_type=MessageType.TRAIN)
+    site_seam.insert_reply(instruction, state, store)  # stored as the intake stores a pulled message
+    reply = Message(RecordDict({"arrays": ArrayRecord([np.arange(3, dtype=np.float32)])}), reply_to=instruction)
+    site_seam.insert_reply(reply, state, store)  # … and as the ClientApp's push leaves its reply
+    seen, sent = [], []
+
+    def check(message, state_, store_):
+        whole, size = site_seam.reply_with_content(message, store_, timeout=5)
+        seen.append((whole.content["arrays"].to_numpy_ndarrays()[0].tolist(), size > 0))
+        return site_seam.replace_reply(message, Error(4006, "blocked"), state_, store_)
+
+    def send(message, tree, runtime):
+        sent.append(message)
+        return set(), "session"
+
+    try:
+        site_seam.check_replies_before_push(check)
+        module._push_messages(state, store, send, lambda *a: None)
+    finally:
+        module._push_messages = push
+    assert seen == [([0.0, 1.0, 2.0], True)]
+    assert len(sent) == 1 and sent[0].has_error() and sent[0].error.code == 4006
+    assert sent[0].metadata.reply_to_message_id == instruction.metadata.message_id
+    assert sent[0].metadata.group_id == reply.metadata.group_id and store.get(reply.metadata.message_id) is None

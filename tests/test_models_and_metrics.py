@@ -10,8 +10,9 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from torch import nn
 
-from server.metrics import pooled_evaluate_metrics, pooled_metrics
+from server.metrics import pooled_evaluate_metrics, pooled_metrics, release_problem, site_figures
 from shared_models import metrics
+from shared_models.eval_release import binary_layout, binary_vectors
 from shared_models.registry import UnknownModelError, build_model, get_spec, model_names
 
 
@@ -79,7 +80,7 @@ def test_auc_from_histograms_exact_when_scores_are_distinct_bin_centres():
     rng = np.random.default_rng(1)
     bins = metrics.SCORE_BINS
     centres = (np.arange(bins) + 0.5) / bins
-    chosen = rng.permutation(bins)[:40]  # 40 distinct bins, one patient each
+    chosen = rng.permutation(bins)  # every bin once: distinct bins, one patient each
     scores = centres[chosen]
     labels = rng.integers(0, 2, len(scores)).astype(float)
     labels[:2] = [0.0, 1.0]
@@ -141,13 +142,16 @@ def test_binary_report_matches_sklearn():
     assert report["tp"] == float(np.sum(pred & (labels == 1)))
 
 
-# ---- server.metrics ----
+# ---- server.metrics: figures from the sites' releases ----
 
-def _site_report(rng, n: int, shift: float) -> tuple[dict, np.ndarray, np.ndarray]:
+def _site_report(rng, n: int, shift: float, noise_std: float = 0.0) -> tuple[dict, np.ndarray, np.ndarray]:
+    """A site's evaluation release as the ClientApp builds it (exact, or with the given noise std)."""
     labels = rng.integers(0, 2, n).astype(float)
     scores = 1 / (1 + np.exp(-rng.normal(shift * (labels - 0.5), 1.0)))
-    report = metrics.binary_report(scores, labels)
-    report["score-hist-pos"], report["score-hist-neg"] = metrics.score_histograms(scores, labels)
+    losses = -np.log(np.where(labels == 1, scores, 1 - scores))
+    layout = binary_layout()
+    total = binary_vectors(scores, labels, losses).sum(axis=0) + rng.normal(0, noise_std, layout.size)
+    report = {**layout.unpack(total), "eval-dp": float(noise_std > 0), "noise-std": noise_std}
     return report, scores, labels
 
 
@@ -160,39 +164,58 @@ def test_pooled_metrics_pool_counts_and_average_centres():
 
     pooled = pooled_metrics(reports)
     pooled_acc = accuracy_score(all_labels, all_scores > 0.5)
-    site_accs = [r["accuracy"] for r in reports]
+    site_accs = [accuracy_score(s[2], s[1] > 0.5) for s in sites]
     assert pooled["pooled_accuracy"] == pytest.approx(pooled_acc, abs=1e-12)
     assert pooled["mean_centre_accuracy"] == pytest.approx(np.mean(site_accs), abs=1e-12)
     # the two differ here (sites of unequal size and skill), so each is what it claims to be
     assert abs(pooled["mean_centre_accuracy"] - pooled_acc) > 0.01
-    assert pooled["mean_centre_auc"] == pytest.approx(np.mean([r["auc"] for r in reports]))
+    site_aucs = [metrics.auc_from_histograms(r["score-hist-pos"], r["score-hist-neg"]) for r in reports]
+    assert pooled["mean_centre_auc"] == pytest.approx(np.mean(site_aucs))
     assert abs(pooled["pooled_auc"] - roc_auc_score(all_labels, all_scores)) < 0.02
     tp = np.sum((all_scores > 0.5) & (all_labels == 1))
     assert pooled["pooled_sensitivity"] == pytest.approx(tp / all_labels.sum())
+    assert all(pooled[k] == 0.0 for k in pooled if k.endswith("_std"))  # exact releases: no noise to state
 
 
 def test_pooled_metrics_skip_nan_site_auc():
     rng = np.random.default_rng(5)
-    good, _, _ = _site_report(rng, 50, 2.0)
-    one_class = metrics.binary_report(np.array([0.7, 0.8, 0.2]), np.ones(3))
-    one_class["score-hist-pos"], one_class["score-hist-neg"] = metrics.score_histograms(
-        np.array([0.7, 0.8, 0.2]), np.ones(3))
-    assert math.isnan(one_class["auc"])
+    good, scores, labels = _site_report(rng, 50, 2.0)
+    layout = binary_layout()
+    one_class = {**layout.unpack(binary_vectors(np.array([0.7, 0.8, 0.2]), np.ones(3), np.zeros(3)).sum(axis=0)),
+                 "eval-dp": 0.0, "noise-std": 0.0}
     pooled = pooled_metrics([good, one_class])
-    assert pooled["mean_centre_auc"] == pytest.approx(good["auc"])
-    assert pooled["mean_centre_accuracy"] == pytest.approx((good["accuracy"] + 2 / 3) / 2)
+    assert pooled["mean_centre_auc"] == pytest.approx(metrics.auc_from_histograms(good["score-hist-pos"],
+                                                                                  good["score-hist-neg"]))
+    assert pooled["mean_centre_accuracy"] == pytest.approx((accuracy_score(labels, scores > 0.5) + 2 / 3) / 2)
+
+
+def test_figures_from_noisy_counts_clip_at_zero_and_state_their_noise():
+    exact = [_site_report(np.random.default_rng(i), n, 2.0) for i, n in enumerate((120, 80, 60))]
+    noisy = [_site_report(np.random.default_rng(i), n, 2.0, noise_std=4.0)[0] for i, n in enumerate((120, 80, 60))]
+    truth, pooled = pooled_metrics([e[0] for e in exact]), pooled_metrics(noisy)
+    for key in ("pooled_accuracy", "pooled_auc", "mean_centre_accuracy"):
+        assert 0.0 <= pooled[key] <= 1.0 and 0.0 < pooled[f"{key}_std"] < 0.2
+        assert abs(pooled[key] - truth[key]) < 5 * pooled[f"{key}_std"]
+    site = site_figures(noisy[0])
+    assert 0.0 <= site["accuracy"] <= 1.0 and site["accuracy_std"] > pooled["pooled_accuracy_std"] * 0.5
+    assert site["num_test"] == pytest.approx(120, abs=5 * 2 * 4.0)
+    hopeless = {**noisy[2], "tp": -3.0, "fp": -1.0, "tn": -2.0, "fn": -4.0}  # noise pushed every count below 0
+    assert math.isnan(site_figures(hopeless)["accuracy"]) and site_figures(hopeless)["num_test"] == 0.0
+    assert pooled_metrics(noisy) == pooled  # the std is re-noised with a fixed seed: the same figures again
 
 
 def test_pooled_metrics_empty():
     assert pooled_metrics([]) == {}
 
 
-def test_pooled_evaluate_metrics_reads_metric_records():
+def test_pooled_evaluate_metrics_reads_metric_records_and_leaves_out_unreadable_ones():
     from flwr.app import MetricRecord, RecordDict
 
     rng = np.random.default_rng(6)
     reports = [_site_report(rng, n, 1.5)[0] for n in (30, 60)]
-    records = [RecordDict({"metrics": MetricRecord({"num-examples": 1, **r})}) for r in reports]
-    out = pooled_evaluate_metrics(records, "num-examples")
+    records = [RecordDict({"metrics": MetricRecord(r)}) for r in reports]
+    broken = RecordDict({"metrics": MetricRecord({"accuracy": 0.9})})  # the old reply format: no counts
+    out = pooled_evaluate_metrics(records + [broken], "num-examples")
     assert isinstance(out, MetricRecord)
     assert out["pooled_accuracy"] == pytest.approx(pooled_metrics(reports)["pooled_accuracy"])
+    assert release_problem({"accuracy": 0.9}).startswith("not an evaluation release")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ from privacy.accounting import epsilon, plan_noise, sample_rate
 from privacy.dp_sgd import make_private
 from privacy.ledger import BudgetExceeded, LedgerError, PrivacyLedger
 from privacy.policy import DatasetPolicy, DPRequest, PolicyError, RequestRefused, check_request, default_delta
+from shared_models.eval_release import EVAL_NOISE_MULTIPLIER
 from shared_models.registry import build_model
 from tests import helpers
 from tests.helpers import dp_train_message, fresh_context
@@ -151,9 +153,12 @@ def test_study_target_makes_each_site_size_its_own_noise(tmp_path):
             reply = client_app.train(dp_train_message(r, **{"noise-multiplier": 0.0, "target-epsilon": 2.0,
                                                              "batch-size": 4}), ctx)
             assert not reply.has_error(), reply.error.reason
-        spent[centre] = reply.content["metrics"]["epsilon"]
         sigma = reply.content["metrics"]["noise-multiplier"]
         assert sigma > 0
+        # the target covers the study's three evaluation releases too (not made here): planned in, charged later
+        history = PrivacyLedger(load_site_config(site_toml).ledger_path).history("heart-disease")
+        assert reply.content["metrics"]["epsilon"] == pytest.approx(epsilon(history, 1e-4, "prv"))
+        spent[centre] = epsilon(history + [(EVAL_NOISE_MULTIPLIER, 1.0, 3)], 1e-4, "prv")
     assert all(1.95 <= e <= 2.0 for e in spent.values()), spent
 
 
@@ -239,9 +244,17 @@ def test_cli_plan_and_budget(tmp_path):
     site_toml = helpers.site_config(tmp_path, "cleveland")
     for r in (1, 2):
         assert not client_app.train(dp_train_message(r), fresh_context(site_toml)).has_error()
+    evaluate = dp_train_message(2, **{"eval-noise-multiplier": 5.0})  # the same content, as an evaluate message
+    evaluate.metadata.message_type = "evaluate"
+    assert not client_app.evaluate(evaluate, fresh_context(site_toml)).has_error()
     budget = subprocess.run(env_python + ["site", "budget", "--config", str(site_toml), "--json"],
                             capture_output=True, text=True, timeout=120)
     assert budget.returncode == 0, budget.stderr
     report = json.loads(budget.stdout)["datasets"]["heart-disease"]
-    assert report["rounds"] == 2 and report["delta"] == 1e-4 and report["epsilon_budget"] == 10.0
+    assert report["rounds"] == 3 and report["delta"] == 1e-4 and report["epsilon_budget"] == 10.0
     assert report["epsilon_spent"] + report["epsilon_remaining"] == pytest.approx(10.0)
+    assert set(report["epsilon_by_kind"]) == {"training", "evaluation"} and report["evaluation"] == "dp"
+    exact_toml = helpers.site_config(tmp_path / "exact", "cleveland", evaluation="exact")
+    table = subprocess.run(env_python + ["site", "budget", "--config", str(exact_toml)],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "250"})
+    assert table.returncode == 0 and "exact: not DP" in table.stdout, table.stdout + table.stderr

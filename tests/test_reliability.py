@@ -69,7 +69,7 @@ def corrupting_app(bad_sites: tuple[str, ...], mode: str):
 @pytest.mark.parametrize("mode", ["nan", "inf", "shape", "huge"])
 def test_a_broken_update_is_rejected_every_round_and_the_model_stays_sane(tmp_path, mode):
     out = tmp_path / "run"
-    _serve(corrupting_app(("va",), mode), _nodes(tmp_path), _config(out))
+    _serve(corrupting_app(("va",), mode), _nodes(tmp_path, evaluation="exact"), _config(out))  # exact figures
     records = read_jsonl(out / "metrics.jsonl")
     va = [r for r in records if r["site"] == "va"]
     assert len(va) == 2 and all("update rejected by the coordinator" in r["error"] for r in va)
@@ -205,7 +205,9 @@ def test_a_site_that_crashes_after_charging_continues_with_a_correct_ledger(tmp_
     assert "internal error" in first[0]["error"] and "error" not in first[1]
     ledger = PrivacyLedger(tmp_path / "sites" / crashed / "privacy-ledger.sqlite")
     rounds = ledger.rounds("heart-disease")
-    assert [r["round"] for r in rounds] == [1, 2]  # the lost round is charged, once; the next one too
+    # the lost round is charged, once; the next one too; each with its evaluation release
+    assert [(r["round"], r["kind"]) for r in rounds] == [(1, "training"), (1, "evaluation"), (2, "training"),
+                                                         (2, "evaluation")]
     spent = ledger.spent("heart-disease", 1e-4, "prv")
     history = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in rounds]
     assert spent == pytest.approx(epsilon(history, 1e-4, "prv"), rel=1e-9)
@@ -215,7 +217,7 @@ def test_a_site_that_crashes_after_charging_continues_with_a_correct_ledger(tmp_
 @pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg", "krum", "multikrum"])
 def test_robust_aggregators_train_a_sane_model_with_dp(tmp_path, strategy):
     out = tmp_path / "run"
-    _serve(client_app, _nodes(tmp_path), _config(out, strategy=strategy, **{"trim-beta": 0.25}))
+    _serve(client_app, _nodes(tmp_path, evaluation="exact"), _config(out, strategy=strategy, **{"trim-beta": 0.25}))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["strategy"] == strategy and summary["rounds_completed"] == 2
     assert summary["mean_centre_accuracy"] > 0.55

@@ -81,7 +81,7 @@ def seg_run(tmp_path_factory):
         configs[site] = write_site_config(folder / site / "site.toml", site, manifest, device="cpu",
                                           dataset="hippocampus", manifest=True, labels=[0, 1, 2],
                                           epsilon_budget=50.0, delta=1e-3, max_sample_rate=0.6,
-                                          min_noise_multiplier=0.3)
+                                          min_noise_multiplier=0.3, evaluation="exact")  # one test case each
     nodes = {20 + i: {"site-config": str(p)} for i, p in enumerate(configs.values())}
     out = _serve(nodes, folder / "run", **{"task": "seg", "model": "seg-unet3d", "num-server-rounds": 1,
                                            "local-steps": 1, "batch-size": 1, "lr": 0.05, "noise-multiplier": 0.5,
@@ -104,10 +104,10 @@ def test_every_run_writes_a_report_with_curves_epsilon_errors_and_final_table(eh
     out, _ = ehr_run
     page = (out / REPORT_FILE).read_text(encoding="utf-8")  # written by the ServerApp itself
     _self_contained(page)
-    # federation curves, per-site test metrics, training loss, ε per site
-    assert len(_images(page)) == 4
+    # federation curves, per-site test metrics, ε per site (no training loss: it never leaves a site)
+    assert len(_images(page)) == 3 and "Training loss" not in page
     for section in ("Final results", "Federation metrics per round", "Test metrics per site and round",
-                    "Training loss per site and round", "Privacy: ε per site and round", "Errors and missing replies"):
+                    "Privacy: ε per site and round", "Errors and missing replies"):
         assert section in page
     for site in ("cleveland", "hungarian", "switzerland"):
         assert f"<td>{site}</td>" in page
@@ -126,7 +126,7 @@ def test_tensorboard_logs_each_round_per_site_and_federation(ehr_run):
     events = EventAccumulator(str(out / live_report.TENSORBOARD_DIR))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"federation/pooled_auc", "accuracy/cleveland", "epsilon/switzerland", "train_loss/hungarian"} <= tags
+    assert {"federation/pooled_auc", "accuracy/cleveland", "epsilon/switzerland", "auc/hungarian"} <= tags
     assert [s.step for s in events.Scalars("federation/pooled_auc")] == [1, 2]
     assert [s.step for s in events.Scalars("epsilon/switzerland")] == [1]  # round 2 was refused
 
@@ -182,7 +182,7 @@ def test_non_dp_run_states_that_no_epsilon_holds(tmp_path):
     page = (out / REPORT_FILE).read_text(encoding="utf-8")
     _self_contained(page)
     assert "Differential privacy was off" in page and page.count(">no DP<") == 2
-    assert len(_images(page)) == 3  # no ε plot
+    assert len(_images(page)) == 2  # federation and per-site metrics; no ε plot, no training loss
     # personalisation: each site's fine-tuned model has its own rows beside the global model's
     assert "<th>cleveland, fine-tuned at the site</th>" in page
     assert "<th>pooled (all test patients), fine-tuned at each site</th>" in page
@@ -226,7 +226,7 @@ def test_seg_run_report_and_site_overlays(seg_run, tmp_path):
     page = (out / REPORT_FILE).read_text(encoding="utf-8")
     _self_contained(page)
     assert "mean foreground Dice" in page and "pooled (all test cases)" in page
-    assert all(f"<td>{s}</td>" in page for s in configs)
+    assert all(f'<td>{s} <span class="bad">evaluation not DP</span></td>' in page for s in configs)
 
     site, config = next(iter(configs.items()))
     result = runner.invoke(cli, ["site", "report", "--config", str(config), "--model", str(out / "final_model.pt"),
@@ -271,7 +271,7 @@ def test_many_sites_are_drawn_as_their_range_not_one_line_each(tmp_path, monkeyp
     monkeypatch.setattr(report_plots, "_site_band", lambda ax, data, key: drawn.append(key) or band(ax, data, key))
     page = write_report(run).read_text(encoding="utf-8")
     _self_contained(page)
-    assert {"accuracy", "auc", "train_loss", "epsilon"} <= set(drawn)
+    assert {"accuracy", "auc", "epsilon"} <= set(drawn)
 
 
 def test_quality_metrics_are_drawn_on_their_natural_scale(seg_run, monkeypatch):
@@ -293,3 +293,26 @@ def test_quality_metrics_are_drawn_on_their_natural_scale(seg_run, monkeypatch):
     loss.plot([1, 2], [5.0, 7.0])
     report_plots._on_unit_scale(loss, "train_loss")
     assert loss.get_ylim()[1] > 7.0
+
+
+def test_figures_show_their_noise_std_and_exact_sites_are_marked_not_dp(tmp_path, monkeypatch):
+    from server import report_plots
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"round": r, "site": site, "accuracy": 0.7, "accuracy_std": std, "auc": 0.8, "auc_std": std,
+                "num_test": 100.0, "num_test_std": 2 * std, "eval_dp": float(std > 0), "dp": 1.0,
+                "epsilon": 0.5 * r, "delta": 1e-4} for r in (1, 2) for site, std in (("a", 0.05), ("b", 0.0))]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in records))
+    (run / "rounds.jsonl").write_text("".join(json.dumps({"round": r, "pooled_accuracy": 0.7,
+                                                          "pooled_accuracy_std": 0.03}) + "\n" for r in (1, 2)))
+    bands, noise_band = [], report_plots._noise_band
+    monkeypatch.setattr(report_plots, "_noise_band",
+                        lambda ax, data, key, *a, **k: bands.append((key, noise_band(ax, data, key, *a, **k))))
+    page = write_report(run).read_text(encoding="utf-8")
+    _self_contained(page)
+    assert "0.700 ± 0.050" in page and "0.700 ± 0.030" in page  # a site's figure, the pooled one
+    assert "<td>b <span class=\"bad\">evaluation not DP</span></td>" in page and "<td>a</td>" in page
+    assert "Evaluation not DP at b" in page
+    drawn = {key for key, band in bands if band is not None}
+    assert {"pooled_accuracy", "accuracy", "auc"} <= drawn  # ± one std shaded where a std was stated

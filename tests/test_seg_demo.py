@@ -29,12 +29,13 @@ def test_seg_demo_fine_tunes_a_public_unet_under_dp_from_dicom(tmp_path):
         with open(out / "deployment" / "sites" / site / "hippocampus.csv", newline="") as fh:
             assert not {row["case_id"] for row in csv.DictReader(fh)} & public_ids
     assert public_ids <= {c.case_id for c in hippocampus.public_cases(hippocampus.cases(data_dir()))}
-    assert summary["sites"] == ["site-1", "site-2", "site-3"] and 0.0 <= summary["mean_dice"] <= 1.0
-    for site, m in summary["per_site"].items():
-        assert 0.0 <= m["dice"] <= 1.0 and m["delta"] == 1e-3 and 0 < m["epsilon"] <= 4.0, site
+    assert summary["sites"] == ["site-1", "site-2", "site-3"] and summary["mean_dice_std"] > 0  # DP evaluation
+    for site, m in summary["per_site"].items():  # a few noisy test cases: a site's Dice may be undefined (null)
+        assert (m["dice"] is None or 0.0 <= m["dice"] <= 1.0) and m["delta"] == 1e-3 and 0 < m["epsilon"] <= 4.0, site
         dp_rounds = [json.loads(line)["payload"] for line in
                      (out / "deployment" / "sites" / site / "audit.jsonl").read_text().splitlines()
-                     if json.loads(line)["event"] == "dp-round"]
+                     if json.loads(line)["event"] == "dp-round"
+                     and json.loads(line)["payload"].get("mechanism") == "training"]
         assert [r["model_in_sha256"] for r in dp_rounds] == [public.sha256] and dp_rounds[0]["sample_rate"] == 1.0
         # the site read DICOM: its cache holds one preprocessed file per valid case
         cache = out / "deployment" / "sites" / site / "cache" / "hippocampus"

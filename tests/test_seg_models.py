@@ -166,7 +166,8 @@ def test_dice_and_iou_against_hand_counts():
     assert dice == pytest.approx([16 / 20, 6 / 8, 2 / 4])
     assert iou == pytest.approx([8 / 12, 3 / 5, 1 / 3])
     assert seg_metrics.mean_foreground_dice(pred[None], truth[None]) == pytest.approx((6 / 8 + 2 / 4) / 2)
-    assert seg_metrics.dice_counts(pred[None], truth[None]) == {"num": [16, 6, 2], "den": [20, 8, 4]}
+    dice_cases, iou_cases = seg_metrics.per_case(pred[None], truth[None])
+    assert dice_cases[0].tolist() == pytest.approx([16 / 20, 6 / 8, 2 / 4]) and iou_cases[0, 2] == pytest.approx(1 / 3)
 
     # second case: class 2 absent in truth and prediction; class 1 perfect
     empty_both = torch.zeros(1, 4, 4, dtype=torch.long)
@@ -182,21 +183,25 @@ def test_dice_and_iou_against_hand_counts():
     assert seg_metrics.iou_per_class(fp, empty_both)[2] == 0.0
     report = seg_metrics.seg_report(*both)
     assert all(type(v) is float for v in report.values())
-    assert report["dice-2"] == pytest.approx(0.75) and report["cases"] == 2.0 and report["dice-num-1"] == 8.0
+    assert report["dice-2"] == pytest.approx(0.75) and report["cases"] == 2.0
 
 
-def test_pooled_counts_give_the_dice_of_all_cases_concatenated():
+def test_pooled_sums_give_the_case_mean_dice_of_all_sites():
+    from server.metrics import pooled_metrics, site_figures
+    from shared_models.eval_release import seg_layout, seg_vectors
+
     g = torch.Generator().manual_seed(4)
     sites = [(torch.randint(0, 3, (n, 1, 12, 10), generator=g), torch.randint(0, 3, (n, 1, 12, 10), generator=g))
              for n in (3, 1, 5)]
-    pooled = seg_metrics.pooled_dice(seg_metrics.dice_counts(p, t) for p, t in sites)
-    # every case of every site side by side in one image: its Dice is the pooled Dice
-    one_pred = torch.cat([c for p, _ in sites for c in p], dim=-1)[None]
-    one_truth = torch.cat([c for _, t in sites for c in t], dim=-1)[None]
-    assert pooled == pytest.approx(seg_metrics.dice_per_class(one_pred, one_truth), rel=1e-6)  # MONAI: float32
-    # ... which differs from the mean of per-case Dice that a site reports
-    assert pooled != pytest.approx(seg_metrics.dice_per_class(*map(torch.cat, zip(*sites))), rel=1e-6)
-    assert seg_metrics.pooled_dice([{"num": [0, 4], "den": [0, 4]}]) == [1.0, 1.0]  # never seen → 1.0, as ignore_empty=False
+    releases = [{**seg_layout(3).unpack(seg_vectors(*seg_metrics.per_case(p, t)).sum(axis=0)), "eval-dp": 0.0,
+                 "noise-std": 0.0} for p, t in sites]
+    pooled = pooled_metrics(releases)
+    every_case = seg_metrics.dice_per_class(*map(torch.cat, zip(*sites)))  # the mean over all 9 cases
+    assert [pooled["pooled_dice_1"], pooled["pooled_dice_2"]] == pytest.approx(every_case[1:], rel=1e-6)
+    assert pooled["pooled_dice"] == pytest.approx((every_case[1] + every_case[2]) / 2, rel=1e-6)
+    site_dice = [seg_metrics.mean_foreground_dice(p, t) for p, t in sites]
+    assert pooled["mean_dice"] == pytest.approx(sum(site_dice) / 3, rel=1e-6)  # each site weighs the same
+    assert site_figures(releases[0])["iou_1"] == pytest.approx(seg_metrics.iou_per_class(*sites[0])[1], rel=1e-6)
 
 
 # ---- DP-SGD through carefl's make_private ----

@@ -9,6 +9,7 @@ import torch
 from flwr.app import Context, RecordDict
 
 from client.client_app import app as client_app
+from privacy.ledger import PrivacyLedger
 from server.run_dir import read_jsonl
 from server.server_app import StudyStopped
 from server.server_app import app as server_app
@@ -36,7 +37,7 @@ def _run(tmp_path, nodes, **overrides):
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "fedyogi"])
 def test_two_rounds_write_the_run_directory_contract(tmp_path, strategy):
-    grid, out = _run(tmp_path, _nodes(tmp_path), strategy=strategy)
+    grid, out = _run(tmp_path, _nodes(tmp_path, evaluation="exact"), strategy=strategy)  # exact counts: checkable
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "ehr" and summary["strategy"] == strategy and summary["rounds"] == 2
     assert summary["sites"] == sorted(CENTRES)
@@ -54,19 +55,37 @@ def test_two_rounds_write_the_run_directory_contract(tmp_path, strategy):
     records = read_jsonl(out / "metrics.jsonl")
     assert sorted((r["round"], r["site"]) for r in records) == sorted((r, s) for r in (1, 2) for s in CENTRES)
     assert all("error" not in r and r["local_steps"] == 20 for r in records)
+    assert all(r["eval_dp"] == 0.0 and r["accuracy_std"] == 0.0 for r in records)  # marked: not DP, no noise
 
     saved = torch.load(out / "final_model.pt", weights_only=True)
     model = build_model(saved["model"], **saved["model_kwargs"])
     model.load_state_dict(saved["state_dict"])
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    # per site and round: one train and one evaluate message, plus one query per node
-    assert len(grid.sent) == 4 + 2 * 2 * 4
+    # per site and round: one train and one evaluate message, plus one query per node and, after the
+    # coordinator's run-end record, one witness message per site carrying its log's final head
+    assert len(grid.sent) == 4 + 2 * 2 * 4 + 4
+    assert [m.metadata.message_type for m in grid.sent[-4:]] == ["query.witness"] * 4
 
 
 def test_federation_beats_untrained_model(tmp_path):
-    _, out = _run(tmp_path, _nodes(tmp_path), **{"num-server-rounds": 3, "local-steps": 100})
+    _, out = _run(tmp_path, _nodes(tmp_path, evaluation="exact"), **{"num-server-rounds": 3, "local-steps": 100})
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mean_centre_accuracy"] > 0.65
+
+
+def test_dp_evaluation_releases_are_charged_and_every_figure_states_its_noise(tmp_path):
+    _, out = _run(tmp_path, _nodes(tmp_path), **{"num-server-rounds": 1, "eval-noise-multiplier": 3.0})
+    records = {r["site"]: r for r in read_jsonl(out / "metrics.jsonl")}
+    for site, r in records.items():
+        assert r["eval_dp"] == 1.0 and r["eval_noise_std"] == pytest.approx(3.0 * 3 ** 0.5)
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["accuracy_std"] > 0.0 and r["auc_std"] > 0.0
+        ledger = PrivacyLedger(tmp_path / "sites" / site / "privacy-ledger.sqlite").rounds("heart-disease")
+        assert [row["kind"] for row in ledger] == ["training", "evaluation"]
+        assert r["epsilon"] == ledger[-1]["epsilon_after"]  # the dataset's ε after the round's last release
+    pooled = read_jsonl(out / "rounds.jsonl")[-1]
+    assert 0.0 < pooled["pooled_accuracy_std"] < records["switzerland"]["accuracy_std"]  # pooling averages noise
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["per_site"]["va"]["epsilon"] == records["va"]["epsilon"]
 
 
 def test_work_goes_only_to_the_named_sites(tmp_path):

@@ -40,6 +40,16 @@ def test_every_strategy_and_model_is_accepted(defaults, strategy, model):
     assert s.strategy == strategy and s.model == model
 
 
+def test_the_evaluation_sigma_goes_to_every_site_with_train_and_evaluate_messages(defaults):
+    from shared_models.eval_release import EVAL_NOISE_MULTIPLIER
+
+    s = RunSettings.from_run_config({k: v for k, v in defaults.items() if k != "eval-noise-multiplier"})
+    assert s.eval_noise_multiplier == EVAL_NOISE_MULTIPLIER  # the measured default (docs/BENCHMARKS.md)
+    s = RunSettings.from_run_config({**defaults, "eval-noise-multiplier": 8})
+    assert s.train_config()["eval-noise-multiplier"] == 8.0  # sites plan the study's ε with it
+    assert s.evaluate_config() == {"model": s.model, "dp": True, "eval-noise-multiplier": 8.0}
+
+
 def test_sites_are_parsed(defaults):
     s = RunSettings.from_run_config({**defaults, "sites": " cleveland, va ,,hungarian"})
     assert s.sites == ("cleveland", "va", "hungarian")
@@ -78,6 +88,9 @@ def test_missing_and_mistyped_keys_are_listed(defaults):
     ("sites", "va,va", "names a site twice"),
     ("personalise", "fedbn", "'personalise' must be one of none, finetune"),
     ("personalise", "finetune", "needs dp = false"),
+    ("eval-noise-multiplier", 0.0, "'eval-noise-multiplier' must be a number > 0"),
+    ("eval-noise-multiplier", "lots", "'eval-noise-multiplier' must be a number > 0"),
+    ("eval-noise-multiplier", float("inf"), "'eval-noise-multiplier' must be a number > 0"),
 ])
 def test_single_problems(defaults, key, value, expected):
     with pytest.raises(RunConfigError, match=expected.replace("(", r"\(")):

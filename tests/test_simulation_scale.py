@@ -56,7 +56,7 @@ class SlowSites:
             assert msg.metadata.ttl == sites.QUERY_TIMEOUT  # an unanswered query expires, it does not pile up
             if self.asks[node] >= self.patience[node]:
                 content = RecordDict({"site": ConfigRecord({"site-id": f"s{node}", "models": ["ehr-logreg"]}),
-                                      "counts": MetricRecord({"n-train": 10, "n-test": 5, "n-features": 13})})
+                                      "counts": MetricRecord({"nominal-size": 10, "n-features": 13})})
                 replies.append(Message(content, reply_to=msg))
         return replies
 

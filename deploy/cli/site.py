@@ -111,8 +111,9 @@ def site_budget(
     config: Path = typer.Option(..., "--config", help="The site's config file (site.toml)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Spent and remaining ε per dataset, with δ, the rounds that spent it and the split by kind of release
-    (training, feature statistics), from the site's ledger."""
+    """Spent and remaining ε per dataset, with δ, the releases that spent it, the split by kind of release
+    (training, feature statistics, evaluation) from the site's ledger, and how test metrics leave (the policy's
+    evaluation mode: DP, or exact — not DP)."""
     site = load_site_config(config)
     ledger = PrivacyLedger(site.ledger_path)
     report = {"site": site.site_id, "ledger": str(site.ledger_path), "datasets": {}}
@@ -128,20 +129,21 @@ def site_budget(
             "accountant": ds.policy.accountant, "rounds": len(rounds),
             "runs": sorted({r["run_id"] for r in rounds}),
             "non_dp_rounds": sum(1 for r in rounds if r["noise_multiplier"] == 0),
+            "evaluation": ds.policy.evaluation,
         }
     if as_json:
         print(json.dumps(json_safe(report), indent=2))
         return
     table = Table(title=f"privacy budget of site {site.site_id}", title_justify="left")
     for col in ("dataset", "ε spent", "of which, each alone", "ε budget", "ε remaining", "δ", "accountant",
-                "rounds", "runs"):
+                "releases", "runs", "evaluation"):
         table.add_column(col)
     for name, d in report["datasets"].items():
         spent_text = "∞ (non-DP rounds)" if d["non_dp_rounds"] else f"{d['epsilon_spent']:.4f}"
         kinds = ", ".join(f"{kind} {eps:.4f}" for kind, eps in d["epsilon_by_kind"].items()) or "–"
         table.add_row(name, spent_text, kinds, f"{d['epsilon_budget']:g}", f"{d['epsilon_remaining']:.4f}",
                       "–" if d["delta"] is None else f"{d['delta']:g}", d["accountant"], str(d["rounds"]),
-                      str(len(d["runs"])))
+                      str(len(d["runs"])), "DP (charged)" if d["evaluation"] == "dp" else "exact: not DP")
     console.print(table)
     if any(len(d["epsilon_by_kind"]) > 1 for d in report["datasets"].values()):
         console.print("each kind's ε is its releases alone; together they compose to the ε spent (less than "

@@ -44,11 +44,11 @@ def progress_table(run_dir: Path, total_rounds: int, status: str) -> Table:
             latest[rec["site"]] = rec
     done = rounds[-1]["round"] if rounds else 0
     table = Table(title=f"carefl run — round {done}/{total_rounds} — {status}", title_justify="left")
-    for col, justify in (("site", "left"), ("round", "right"), ("train loss", "right"),
+    for col, justify in (("site", "left"), ("round", "right"), ("weight", "right"),
                          ("test acc. / Dice", "right"), ("AUC", "right"), ("ε (δ)", "right"), ("note", "left")):
         table.add_column(col, justify=justify)
     for site, rec in sorted(latest.items()):
-        table.add_row(site, str(rec["round"]), _fmt(rec.get("train_loss")), _fmt(_quality(rec)),
+        table.add_row(site, str(rec["round"]), str(rec.get("weight", "–")), _fmt(_quality(rec)),
                       _fmt(rec.get("auc")), _epsilon(rec), rec.get("error", ""))
     if rounds:
         last = rounds[-1]
@@ -65,11 +65,11 @@ def progress_table(run_dir: Path, total_rounds: int, status: str) -> Table:
 def summary_table(summary: dict) -> Table:
     table = Table(title=f"carefl summary — {summary['strategy']} / {summary['model']}, "
                         f"{summary['rounds_completed']} rounds", title_justify="left")
-    for col in ("site", "train", "test", "acc. / Dice", "AUC", "sensitivity", "specificity", "F1", "ε (δ)"):
+    for col in ("site", "weight", "test (DP)", "acc. / Dice", "AUC", "sensitivity", "specificity", "F1", "ε (δ)"):
         table.add_column(col, justify="left" if col == "site" else "right")
     for site in summary["sites"]:
         m = summary["per_site"].get(site, {})
-        table.add_row(site, str(m.get("num_train", "")), str(m.get("num_test", "")), _fmt(_quality(m)),
+        table.add_row(site, str(m.get("weight", "")), _fmt(m.get("num_test"), 0), _fmt(_quality(m)),
                       _fmt(m.get("auc")), _fmt(m.get("sensitivity")), _fmt(m.get("specificity")), _fmt(m.get("f1")),
                       _epsilon(m))
     table.add_section()

@@ -19,8 +19,10 @@ gate logs it and falls back to Flower's own per-message processes, and the execu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
+import time
 import os
 import sys
 from pathlib import Path
@@ -54,8 +56,10 @@ try:
     from flwr.supercore.auth import load_superexec_auth_secret
     from flwr.supercore.constant import TaskType
     from flwr.supercore.exit import ExitCode, add_exit_handler, exit_handler, flwr_exit
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.app.message.message import make_message
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, iterate_object_tree
     from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+    from flwr.supercore.object_store import ObjectStore
     from flwr.supercore.run import RunNotRunningException
     from flwr.supercore.superexec import run_superexec as _superexec
     from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
@@ -66,6 +70,7 @@ try:
     from flwr.supernode import start_client_internal as _supernode
     from flwr.supernode.cli import flower_supernode
     from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.nodestate.nodestate import NodeState
     from flwr.supernode.runtime import run_clientapp as _clientapp_runtime
 except ImportError as _exc:
     raise _seam_error([f"cannot import {_exc.name or _exc}"]) from _exc
@@ -74,7 +79,8 @@ __all__ = [
     "FLOWER_SERIES", "FLOWER_LOCKED", "FlowerVersionError", "FlowerSeamError", "check_flower_version",
     # gate
     "INTAKE_PARAMS", "RunNotRunningException", "message_intake", "wrap_message_intake", "insert_reply",
-    "wrap_reply_push", "wrap_node_activation", "deactivate_node", "run_supernode", "exit_connection_lost",
+    "wrap_reply_push", "observe_intake", "check_replies_before_push", "reply_with_content", "replace_reply",
+    "inflate_message", "run_config_of", "wrap_node_activation", "deactivate_node", "run_supernode", "exit_connection_lost",
     "exit_without_teardown",
     # warm executor
     "WARM_PROBLEMS", "require_warm_executor_seam", "clear_exit_handlers", "wrap_client_app_loader",
@@ -107,6 +113,12 @@ def _required_problems() -> list[str]:
         problems.append("start_client_internal._insert_message (stores the gate's refusal reply) is missing")
     if _params(getattr(_supernode, "_push_messages", None)) != _PUSH_PARAMS:
         problems.append("start_client_internal._push_messages (reply push, timed) is missing or changed")
+    if not all(callable(getattr(NodeState, m, None)) for m in ("get_messages_legacy", "delete_messages", "get_run",
+                                                                "get_run_series_context")):
+        problems.append("NodeState lost a method the egress guard uses (get_messages_legacy, delete_messages, "
+                        "get_run, get_run_series_context)")
+    if not all(callable(getattr(ObjectStore, m, None)) for m in ("get_object_tree", "get", "delete")):
+        problems.append("ObjectStore lost get_object_tree, get or delete (the egress guard reads replies there)")
     if not all(callable(getattr(FleetHttpClient, m, None)) for m in ("ActivateNode", "DeactivateNode")):
         problems.append("FleetHttpClient.ActivateNode/DeactivateNode (ending a stale session) are missing")
     if not hasattr(ExitCode, "SUPERNODE_CONNECTION_ERROR"):
@@ -182,6 +194,105 @@ def wrap_reply_push(wrap: Callable[[Callable], Callable]) -> None:
     """``wrap(push)`` replaces the SuperNode's reply push (``_push_messages(state, object_store, send,
     push_object)``, polled every 0.5 s)."""
     _wrap(_supernode, "_push_messages", wrap)
+
+
+def observe_intake(on_stored: Callable[[object, dict[str, bytes]], None]) -> None:
+    """After each pulled message is stored for a ClientApp, call ``on_stored(message, contents)``: the
+    message as pulled (metadata) and the serialised contents of all its objects (those the SuperNode
+    already held from earlier messages included). A message refused or dropped at intake pulls nothing."""
+
+    def observing(intake):
+        def observed(state, object_store, node_config, receive, get_run, get_fab, pull_object,
+                     confirm_message_received, trusted_entities):
+            seen, pulled = [], {}
+
+            def recording_receive():
+                received = receive()
+                if received is not None:
+                    seen.append(received[0])
+                return received
+
+            def recording_pull(run_id, object_id):
+                pulled[object_id] = content = pull_object(run_id, object_id)
+                return content
+
+            result = intake(state, object_store, node_config, recording_receive, get_run, get_fab, recording_pull,
+                            confirm_message_received, trusted_entities)
+            if seen and pulled:
+                message = seen[0]
+                for node in iterate_object_tree(object_store.get_object_tree(message.metadata.message_id)):
+                    if node.object_id not in pulled:  # held from an earlier message with the same content
+                        pulled[node.object_id] = object_store.get(node.object_id) or b""
+                on_stored(message, pulled)
+            return result
+        return observed
+
+    wrap_message_intake(observing)
+
+
+def check_replies_before_push(check: Callable[[object, object, object], object]) -> None:
+    """Every reply the SuperNode is about to push passes ``check(reply, state, object_store)`` first, which
+    returns the reply to send: the same one, or one it put in its place (``replace_reply``)."""
+
+    class CheckedState:
+        def __init__(self, state, object_store) -> None:
+            self._state, self._store = state, object_store
+
+        def __getattr__(self, name):
+            return getattr(self._state, name)
+
+        def get_messages_legacy(self, **kwargs):
+            messages = self._state.get_messages_legacy(**kwargs)
+            if not kwargs.get("is_reply"):
+                return messages
+            return [check(m, self._state, self._store) for m in messages]
+
+    def checking(push):
+        def checked_push(state, object_store, send, push_object):
+            return push(CheckedState(state, object_store), object_store, send, push_object)
+        return checked_push
+
+    wrap_reply_push(checking)
+
+
+def run_config_of(state, run_id: int) -> dict | None:
+    """The run config the SuperNode fused for ``run_id`` (the FAB's defaults with the run's overrides)."""
+    run = state.get_run(run_id)
+    context = state.get_run_series_context(run.series_id) if run is not None else None
+    return dict(context.run_config) if context is not None else None
+
+
+def inflate_message(root_id: str, contents: dict[str, bytes]):
+    """The message whose object id is ``root_id``, inflated from its objects' serialised contents (which
+    Flower's inflation removes from ``contents`` as it goes)."""
+    return inflate_object_from_contents(root_id, contents)
+
+
+def reply_with_content(reply, object_store, timeout: float, poll: float = 0.02):
+    """(the reply with its content, its size in bytes) from the SuperNode's object store, once the ClientApp
+    has pushed every object of it (as Flower's own push waits for them); None if that takes over ``timeout``."""
+    tree = object_store.get_object_tree(reply.metadata.message_id)
+    contents, deadline = {}, time.monotonic() + timeout
+    for node in iterate_object_tree(tree):
+        while not (content := object_store.get(node.object_id)):
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(poll)
+        contents[node.object_id] = content
+    size = sum(len(c) for c in contents.values())  # before inflating, which consumes the contents
+    return inflate_object_from_contents(tree.object_id, contents), size
+
+
+def replace_reply(reply, error, state, object_store):
+    """Put an error reply (``error``: flwr Error) in place of ``reply`` in the SuperNode's state: same
+    run, round, type and addressee, the content and its objects gone. Returns the new reply."""
+    metadata = copy.copy(reply.metadata)
+    metadata.__dict__["_message_id"] = ""  # set from the new content's object id when stored
+    substitute = make_message(metadata=metadata, error=error)
+    state.delete_messages(message_ids=[reply.metadata.message_id])
+    object_store.delete(reply.metadata.message_id)
+    _supernode._insert_message(substitute, state, object_store)
+    return substitute
 
 
 def wrap_node_activation(wrap: Callable[[Callable], Callable]) -> None:

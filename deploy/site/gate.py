@@ -3,7 +3,8 @@
 ``python -m deploy.site.gate SITE_TOML [--audit-key KEY] [--warm] [--work-dir DIR] <flower-supernode
 arguments>`` (gate_args.py) runs Flower's ``flower-supernode`` with one change: every pulled message
 first passes the approval hook (approval_hook.py), which refuses messages of apps the site has not
-approved before anything of them is stored, installed or run. The gate runs in the SuperNode process,
+approved before anything of them is stored, installed or run, and every reply passes the egress guard
+(egress_hook.py, egress.py), which lets out only what the site's rules and ledger allow. The gate runs in the SuperNode process,
 not in the app it judges, so the app cannot skip it. Everything it takes from Flower's internals
 comes through deploy/site/flower_seam.py, which refuses to load (and so the gate to start) if a Flower
 upgrade moved it. Limits: docs/SECURITY.md.
@@ -27,7 +28,7 @@ import logging
 import sys
 from pathlib import Path
 
-from deploy.site import approval_hook, gate_args, warm_launch
+from deploy.site import approval_hook, egress_hook, gate_args, warm_launch
 from deploy.site import flower_seam as seam
 from deploy.site.stale_session import NODE_ID_FILE, end_stale_sessions
 from deploy.site.timing import TIMING_FILE
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("flwr").propagate = False
     audit = AuditLog(site.audit_log, site.site_id, args.audit_key) if site.audit_log else None
     approval_hook.install(args.site_config, audit, timing_log)
+    egress_hook.install(args.site_config, audit, timing_log)  # outside the approval check: sees what it let in
     if args.work_dir is not None:
         end_stale_sessions(args.work_dir / NODE_ID_FILE)
     seam.exit_without_teardown()  # after Flower's own exit handlers (audit records are already on disk)

@@ -33,8 +33,10 @@ def _number(value) -> bool:
 
 def check_site(records: Iterable[dict], epsilon: dict[str, DatasetEpsilon] | None = None,
                actor: str | None = None) -> list[Finding]:
-    """What a site's log must show: weights leave only after an approved train message and a DP
-    round, every DP round within budget, and each logged ε recomputable within 1%."""
+    """What a site's log must show: weights leave only after an approved train message and a DP training
+    round (an evaluation release of the same round does not count for them), every DP release within
+    budget, and each logged ε recomputable within 1%. A reply the site's egress guard blocked never left:
+    it is reported as a warning naming the rule, not judged as weights that left."""
     records = list(records)
     actor = actor or (records[0]["actor"] if records else "site")
     findings: list[Finding] = []
@@ -44,12 +46,16 @@ def check_site(records: Iterable[dict], epsilon: dict[str, DatasetEpsilon] | Non
 
     approved: set = set()
     dp_rounds: dict[tuple, list[bool]] = {}
+    # replies the site's egress guard stopped (logged after the app's own reply record): they never left
+    blocked = {(*_key(r["payload"]), r["payload"].get("message_type")): r["payload"].get("rule")
+               for r in records if r["event"] == "egress-blocked"}
     for rec in records:
         p, event = rec["payload"], rec["event"]
         if event == "message" and p.get("approved") is True and p.get("message_type") == "train":
             approved.add(_key(p))
         elif event == "dp-round":
-            dp_rounds.setdefault(_key(p), []).append(p.get("dp") is True)
+            if str(p.get("mechanism") or "training") == "training":  # what weights need; evaluation is another
+                dp_rounds.setdefault(_key(p), []).append(p.get("dp") is True)
             if p.get("dp") is True:
                 after, budget = p.get("epsilon_after"), p.get("epsilon_budget")
                 if not _number(budget):
@@ -63,6 +69,10 @@ def check_site(records: Iterable[dict], epsilon: dict[str, DatasetEpsilon] | Non
         elif _weights_reply(rec):
             run, rnd = _key(p)
             what = f"reply with weights (run {run}, round {rnd}, sha256 {str(p.get('arrays_sha256'))[:16]}…)"
+            if (run, rnd, p.get("message_type")) in blocked:
+                add("warning", "egress", rec, f"{what} was blocked by the site's egress guard (rule "
+                                              f"{blocked[run, rnd, p.get('message_type')]}): it never left the site")
+                continue
             if p.get("message_type") != "train":
                 add("error", "weights", rec, f"{what} answers a '{p.get('message_type')}' message: weights "
                                              f"may only leave with a train reply")

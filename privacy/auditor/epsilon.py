@@ -18,6 +18,10 @@ tight PLD ε (the site claims less privacy loss than its own logged parameters g
 counterpart (the ledger charged more than the logged rounds explain: rounds missing from the log?);
 in between it is a warning: the logged ε is still a valid bound, and the gap comes from the
 looseness of one of the two accountants, which the finding names.
+
+Every kind of release is composed into its dataset's ε in log order: training rounds, the feature-statistics
+release and each round's evaluation release (``mechanism``; a record without one is a training round, as
+older logs wrote them). A round's training and its evaluation are two releases, never a repeat.
 """
 
 from __future__ import annotations
@@ -222,7 +226,8 @@ class RoundEpsilon:
     recomputed_after: float | None = None   # the dp-accounting counterpart (see module doc)
     tight_after: float | None = None        # PLD ε, when it was needed to judge a difference
     rel_diff: float | None = None           # (logged − recomputed) / recomputed
-    charged: bool = True                    # False: a repeat of a (run, round) already charged
+    charged: bool = True                    # False: a repeat of a (run, round, mechanism) already charged
+    mechanism: str = "training"             # training | feature-statistics | evaluation
     status: str = "ok"                      # ok | warning | error | n/a (non-DP round)
     message: str = ""
 
@@ -256,6 +261,20 @@ class DatasetEpsilon:
     def runs(self) -> list[str]:
         return list(dict.fromkeys(r.run_id for r in self.rounds))
 
+    def by_mechanism(self) -> dict[str, float]:
+        """Each kind of release's ε alone (the dp-accounting counterpart of the site's accountant, as the
+        ledger's ``spent_by_kind``), over the releases this log charged, at the last δ logged."""
+        last = next((r for r in reversed(self.rounds) if r.dp and r.delta is not None), None)
+        if last is None:
+            return {}
+        out = {}
+        for mechanism in dict.fromkeys(r.mechanism for r in self.rounds):
+            rows = [r for r in self.rounds if r.mechanism == mechanism and r.charged and r.dp and r.status != "error"]
+            history = [(r.sigma, r.sample_rate, r.steps) for r in rows]
+            if history:
+                out[mechanism] = epsilon(history, last.delta, last.accountant)
+        return out
+
     def to_dict(self) -> dict:
         last = self.last
         return {"dataset": self.dataset, "rounds": len(self.rounds), "dp_rounds": len(self.dp_rounds),
@@ -265,6 +284,7 @@ class DatasetEpsilon:
                 "logged_epsilon": _num(last.logged_after) if last else None,
                 "recomputed_epsilon": _num(last.recomputed_after) if last else None,
                 "max_rel_diff": _num(self.max_rel_diff),
+                "epsilon_by_mechanism": {k: _num(v) for k, v in self.by_mechanism().items()},
                 "per_round": [r.to_dict() for r in self.rounds]}
 
 
@@ -317,7 +337,8 @@ def recompute(records: Iterable[dict]) -> dict[str, DatasetEpsilon]:
             dp=p.get("dp") is True, accountant=str(p.get("accountant")), delta=_float(p.get("delta")),
             sigma=_float(p.get("noise_multiplier")), sample_rate=_float(p.get("sample_rate")),
             steps=p.get("steps") if type(p.get("steps")) is int else None, budget=_float(p.get("epsilon_budget")),
-            logged_before=_float(p.get("epsilon_before")), logged_after=_float(p.get("epsilon_after")))
+            logged_before=_float(p.get("epsilon_before")), logged_after=_float(p.get("epsilon_after")),
+            mechanism=str(p.get("mechanism") or "training"))
         table.rounds.append(row)
         if not row.dp:
             comp.unbounded = True  # the ledger records a non-DP round with σ = 0: ε is unbounded after it
@@ -331,9 +352,9 @@ def recompute(records: Iterable[dict]) -> dict[str, DatasetEpsilon]:
             row.status, row.message = "error", problem
             continue
         row.recomputed_before = comp.counterpart(row.accountant, row.delta)
-        key = (row.run_id, row.round)
+        key = (row.run_id, row.round, row.mechanism)  # a round's training and its evaluation: two releases
         if key in charged.setdefault(dataset, set()):
-            row.charged = False  # the ledger never charges a (run, round) twice; neither do we
+            row.charged = False  # the ledger never charges a (run, round, kind) twice; neither do we
         else:
             charged[dataset].add(key)
             comp.add(row.sigma, row.sample_rate, row.steps)

@@ -127,30 +127,36 @@ def _dataset_section(table: DatasetEpsilon, entries: list[dict]) -> str:
         left = payload.get("budget_left")
         if not isinstance(left, (int, float)) and last_dp.budget is not None and last_dp.logged_after is not None:
             left = last_dp.budget - last_dp.logged_after
-    summary = [("runs", ", ".join(runs) or "—"), ("rounds released (DP)", len(table.dp_rounds)),
-               ("non-DP rounds", table.non_dp_rounds)]
+    exact = sum(1 for rec in entries if rec["event"] == "non-dp-release"
+                and rec["payload"].get("dataset") == table.dataset)
+    summary = [("runs", ", ".join(runs) or "—"), ("releases (DP)", len(table.dp_rounds)),
+               ("non-DP rounds", table.non_dp_rounds),
+               ("evaluations released exactly (not DP, not charged)", exact)]
     if last_dp is not None:
         summary += [("accountant", last_dp.accountant),
                     ("ε spent", fmt_eps(last_dp.logged_after, last_dp.delta)),
                     ("ε recomputed by the auditor", fmt_eps(last_dp.recomputed_after, last_dp.delta)),
                     ("budget", fmt_eps(last_dp.budget, last_dp.delta)),
-                    ("budget left", fmt_eps(left, last_dp.delta))]
+                    ("budget left", fmt_eps(left, last_dp.delta)),
+                    ("each kind alone (recomputed; together they compose to the ε spent)",
+                     ", ".join(f"{k} {fmt_eps(v)}" for k, v in table.by_mechanism().items()) or "—")]
     out.append("<table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in summary) + "</table>")
     out.append(_plot(table))
-    head = ("<tr><th>time (UTC)</th><th>run</th><th>round</th><th>DP</th><th>σ</th><th>q</th><th>steps</th>"
+    head = ("<tr><th>time (UTC)</th><th>run</th><th>round</th><th>release</th><th>DP</th><th>σ</th><th>q</th>"
+            "<th>steps</th>"
             "<th>ε before</th><th>ε after</th><th>recomputed</th><th>difference</th><th>check</th></tr>")
     rows = []
     for r in table.rounds:
         diff = "—" if r.rel_diff is None or not math.isfinite(r.rel_diff) else f"{100 * r.rel_diff:+.2f}%"
         cls = {"ok": "ok", "error": "bad", "warning": "warn"}.get(r.status, "muted")
         rows.append(f"<tr><td>{e(r.time)}</td><td>{e(r.run_id)}</td><td class=num>{e(r.round)}</td>"
-                    f"<td>{'yes' if r.dp else 'no'}</td><td class=num>{e(_g(r.sigma))}</td>"
+                    f"<td>{e(r.mechanism)}</td><td>{'yes' if r.dp else 'no'}</td><td class=num>{e(_g(r.sigma))}</td>"
                     f"<td class=num>{e(_g(r.sample_rate))}</td><td class=num>{e(r.steps)}</td>"
                     f"<td class=num>{e(fmt_eps(r.logged_before, r.delta))}</td>"
                     f"<td class=num>{e(fmt_eps(r.logged_after, r.delta))}</td>"
                     f"<td class=num>{e(fmt_eps(r.recomputed_after, r.delta))}</td><td class=num>{e(diff)}</td>"
                     f'<td class="{cls}" title="{e(r.message)}">{e(r.status)}</td></tr>')
-    out.append(f"<details><summary>{len(table.rounds)} round(s)</summary><table>{head}{''.join(rows)}</table>"
+    out.append(f"<details><summary>{len(table.rounds)} release(s)</summary><table>{head}{''.join(rows)}</table>"
                f"</details>")
     return "\n".join(out)
 
