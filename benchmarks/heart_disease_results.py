@@ -72,7 +72,8 @@ def run_federated(label: str, seed: int, data_dir: Path, out: Path) -> dict:
         site_toml = write_site_config(out / "sites" / centre / "site.toml", centre,
                                       heart_disease.centre_file(data_dir, centre), device="cpu",
                                       epsilon_budget=100.0, delta=DP_DELTA, allow_non_dp=not config["dp"],
-                                      max_sample_rate=1.0, evaluation="exact")  # model quality: exact test counts
+                                      max_sample_rate=1.0, evaluation="exact",  # model quality: exact test counts
+                                      nominal_size=heart_disease.PUBLISHED_TRAIN_SIZES[centre])  # FLamby's weights
         nodes[10 + i] = {"site-config": str(site_toml)}
     run_config = app_run_config(**{**config, "seed": seed, "out-dir": str(out / "run"), "min-sites": 4,
                                        "target-epsilon": config.get("target-epsilon", 0.0)})

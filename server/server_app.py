@@ -249,8 +249,10 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
     for s in sites:
         train = recorder.last_train.get(s.site_id, {})
         privacy = {k: train[k] for k in ("epsilon", "delta", "dp") if k in train}
-        per_site[s.site_id] = {**recorder.last_eval.get(s.site_id, {}), **privacy,
-                               "weight": s.weight}
+        evaluated = recorder.last_eval.get(s.site_id, {})
+        # the dataset's lifetime ε is the latest the site stated: after its last evaluation release, if DP
+        latest = {k: evaluated[k] for k in ("epsilon", "delta") if k in evaluated}
+        per_site[s.site_id] = {**evaluated, **privacy, **latest, "weight": s.weight}
     final = {k: v for k, v in recorder.last_round.items() if k not in ("round", "seconds", "sites_replied")}
     run_dir.write_summary({
         "run_id": context.run_id,

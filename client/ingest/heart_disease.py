@@ -22,6 +22,9 @@ from client.errors import DataFormatError, DataNotFoundError
 
 FOLDER = "uci_heart_disease"
 CENTRES = ("cleveland", "hungarian", "switzerland", "va")
+# Training rows per centre as the FLamby paper publishes them (Table 1): a public size each demo hospital may
+# declare as its `nominal_size`, so FedAvg weighs the centres as FLamby does without any N leaving a site.
+PUBLISHED_TRAIN_SIZES = {"cleveland": 199, "hungarian": 172, "switzerland": 30, "va": 85}
 MD5 = {
     "cleveland": "2d91a8ff69cfd9616aa47b59d6f843db",
     "hungarian": "22e96bee155b5973568101c93b3705f6",

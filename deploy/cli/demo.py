@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from client.ingest.heart_disease import PUBLISHED_TRAIN_SIZES
 from client.site import write_site_config
 from deploy.cli.common import DataDir, TensorBoardFlag, console, heart_disease_files, out_dir, tensorboard_config
 from deploy.cli.data import dicomize_sites
@@ -47,8 +48,10 @@ def demo(
     if study.name == "ehr":
         files = heart_disease_files(data_dir)
         # Each hospital's own config file: its data, its privacy policy, its ledger (kept per demo run).
+        # Each declares FLamby's published training size as its public weight (docs/PRIVACY.md, "No exact N").
         sites = {c: write_site_config(out / "deployment" / "sites" / c / "site.toml", c, p,
-                                      epsilon_budget=epsilon_budget, delta=1e-4) for c, p in files.items()}
+                                      epsilon_budget=epsilon_budget, delta=1e-4,
+                                      nominal_size=PUBLISHED_TRAIN_SIZES[c]) for c, p in files.items()}
     elif study.name == "ehr-seq":
         # Visit histories, sequence model, DP; sites first pool DP feature statistics (round 0).
         sites = _synthetic_ehr_sites(out / "deployment", epsilon_budget)

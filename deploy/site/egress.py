@@ -34,6 +34,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from client.site import SiteConfig
 from privacy.ledger import PrivacyLedger
+from shared_models.eval_release import COUNT_KEYS, HIST_KEYS
 from shared_models.metrics import PERSONAL_PREFIX, SCORE_BINS
 from shared_models.registry import model_names
 from shared_models.tasks import TASKS
@@ -54,9 +55,9 @@ HEAD = "audit-head"         # client/audit.py: the site log's signed head, on ev
 TRAIN_METRICS = {"num-examples", "local-steps", "dp", "epsilon", "delta", "noise-multiplier", "clip-norm",
                  "trained-parameters"}
 EVAL_METRICS = {"eval-dp", "noise-std", "epsilon", "delta", "noise-multiplier", "l2-bound"}
-BINARY_COUNTS = {"tp", "fp", "tn", "fn", "score-hist-pos", "score-hist-neg", "loss-sum", "loss-bound"}
+BINARY_COUNTS = {*COUNT_KEYS, *HIST_KEYS, "loss-sum", "loss-bound"}  # the evaluation layouts' keys
 SEG_COUNT = re.compile(r"(dice|iou)-sum-\d|cases")
-HISTOGRAMS = {"score-hist-pos", "score-hist-neg"}
+HISTOGRAMS = set(HIST_KEYS)
 # message type → record name → (record type, allowed keys or a key pattern)
 RECORDS: dict[str, dict[str, tuple[type, object]]] = {
     "query": {"site": (ConfigRecord, {"site-id", "task", "dataset", "models", "schema-sha256"}),

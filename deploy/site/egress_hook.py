@@ -34,6 +34,8 @@ def instruction_of(message, contents: dict[str, bytes]) -> egress.Instruction:
     kind, server_round = str(message.metadata.message_type), int(group) if group.isdigit() else None
     arrays: dict = {}
     size = 0
+    if message.metadata.message_id not in contents:  # nothing of it was stored (refused by the approval check)
+        return egress.Instruction(kind, server_round)
     try:
         full = seam.inflate_message(message.metadata.message_id, contents)
         for record in full.content.array_records.values():
@@ -55,13 +57,23 @@ class Guard:
         self._lock = threading.Lock()
 
     def on_stored(self, message, contents: dict[str, bytes]) -> None:
-        """At intake: remember what the reply to ``message`` may return."""
+        """At intake: remember what the reply to ``message`` may return (never raises: it runs in the
+        SuperNode's main loop; a message it could not read gets replies without arrays only)."""
         instruction = instruction_of(message, contents)
         with self._lock:
             self.instructions[message.metadata.message_id] = instruction
 
     def checked(self, reply, state, object_store):
-        """Before the push: ``reply`` if it may leave, else the error reply now in its place."""
+        """Before the push: ``reply`` if it may leave, else the error reply now in its place. Runs in the
+        SuperNode's main loop, so nothing may escape it: an unexpected failure blocks the reply."""
+        try:
+            return self._checked(reply, state, object_store)
+        except Exception:  # noqa: BLE001 - fail closed: the reply does not leave; the details stay in the site's log
+            log.exception("egress guard failed on a %s reply; it is blocked", reply.metadata.message_type)
+            return seam.replace_reply(reply, Error(egress.BLOCKED, f"{egress.SITE_CODES[egress.BLOCKED]} "
+                                                                  "(rule: guard-error)"), state, object_store)
+
+    def _checked(self, reply, state, object_store):
         started = time.perf_counter()
         with self._lock:
             instruction = self.instructions.pop(reply.metadata.reply_to_message_id, None)

@@ -199,12 +199,35 @@ def wrap_reply_push(wrap: Callable[[Callable], Callable]) -> None:
 def observe_intake(on_stored: Callable[[object, dict[str, bytes]], None]) -> None:
     """After each pulled message is stored for a ClientApp, call ``on_stored(message, contents)``: the
     message as pulled (metadata) and the serialised contents of all its objects (those the SuperNode
-    already held from earlier messages included). A message refused or dropped at intake pulls nothing."""
+    already held from earlier messages included). A message refused or dropped at intake stores nothing.
+    ``on_stored`` must not raise: it runs in the SuperNode's main loop."""
+
+    class RecordingStore:
+        """The object store as the intake sees it, keeping a copy of every object of the message it stores:
+        read while the intake stores them, because a warm ClientApp may take the message (and Flower then
+        delete its objects) as soon as they are in."""
+
+        def __init__(self, store) -> None:
+            self._store, self.contents = store, {}
+
+        def __getattr__(self, name):
+            return getattr(self._store, name)
+
+        def preregister(self, run_id, object_tree):
+            missing = self._store.preregister(run_id, object_tree)
+            for node in iterate_object_tree(object_tree):
+                if node.object_id not in missing:  # held from an earlier message with the same content
+                    self.contents[node.object_id] = self._store.get(node.object_id) or b""
+            return missing
+
+        def put(self, object_id, content):
+            self.contents[object_id] = content
+            return self._store.put(object_id, content)
 
     def observing(intake):
         def observed(state, object_store, node_config, receive, get_run, get_fab, pull_object,
                      confirm_message_received, trusted_entities):
-            seen, pulled = [], {}
+            seen, store = [], RecordingStore(object_store)
 
             def recording_receive():
                 received = receive()
@@ -212,18 +235,10 @@ def observe_intake(on_stored: Callable[[object, dict[str, bytes]], None]) -> Non
                     seen.append(received[0])
                 return received
 
-            def recording_pull(run_id, object_id):
-                pulled[object_id] = content = pull_object(run_id, object_id)
-                return content
-
-            result = intake(state, object_store, node_config, recording_receive, get_run, get_fab, recording_pull,
+            result = intake(state, store, node_config, recording_receive, get_run, get_fab, pull_object,
                             confirm_message_received, trusted_entities)
-            if seen and pulled:
-                message = seen[0]
-                for node in iterate_object_tree(object_store.get_object_tree(message.metadata.message_id)):
-                    if node.object_id not in pulled:  # held from an earlier message with the same content
-                        pulled[node.object_id] = object_store.get(node.object_id) or b""
-                on_stored(message, pulled)
+            if seen and store.contents:  # stored for a ClientApp (a refused message stores nothing)
+                on_stored(seen[0], store.contents)
             return result
         return observed
 
@@ -275,7 +290,7 @@ def reply_with_content(reply, object_store, timeout: float, poll: float = 0.02):
     contents, deadline = {}, time.monotonic() + timeout
     for node in iterate_object_tree(tree):
         while not (content := object_store.get(node.object_id)):
-            if time.monotonic() > deadline:
+            if content is None or time.monotonic() > deadline:  # None: not even registered; b"": still coming
                 return None
             time.sleep(poll)
         contents[node.object_id] = content
