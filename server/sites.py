@@ -63,11 +63,18 @@ def _query(grid: Grid, node_ids: list[int], study: dict | None = None) -> tuple[
         if reply.has_error():
             failed[node] = reply.error.reason or "no reason given"
             continue
-        info, counts = reply.content["site"], reply.content["counts"]
-        answered.append(SiteInfo(str(info["site-id"]), node, int(counts["nominal-size"]),
-                                 int(counts["n-features"]), list(info.get("models", [])),
-                                 str(info.get("schema-sha256", ""))))
+        try:
+            answered.append(_site_info(reply, node))
+        except (KeyError, TypeError, ValueError):  # a broken reply is that site's failure, never a traceback
+            failed[node] = ("its handshake reply is malformed (it must carry the site's id, nominal size and "
+                            "feature count: is the site running this app version?)")
     return answered, failed
+
+
+def _site_info(reply: Message, node: int) -> SiteInfo:
+    info, counts = reply.content["site"], reply.content["counts"]
+    return SiteInfo(str(info["site-id"]), node, int(counts["nominal-size"]), int(counts["n-features"]),
+                    list(info.get("models", [])), str(info.get("schema-sha256", "")))
 
 
 WITNESS_TIMEOUT = 30.0  # the run-end witness: a site that does not answer by then is not waited for

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -101,6 +102,26 @@ def test_work_goes_only_to_the_named_sites(tmp_path):
 def test_a_named_site_that_never_answers_stops_the_run_with_its_name(tmp_path):
     with pytest.raises(StudyStopped, match="nowhere"):
         _run(tmp_path, _nodes(tmp_path), sites="cleveland,nowhere", **{"round-timeout": 1})
+
+
+def test_a_named_site_with_a_broken_handshake_stops_the_run_at_once_naming_it(tmp_path):
+    """A site whose query reply lacks its identity (another app version, a patched site): the run that
+    names it stops at discovery with the reason, without waiting out the round timeout."""
+    from flwr.app import Message as FlowerMessage
+
+    def broken_query(msg, context):
+        reply = client_app(msg, context)
+        if msg.metadata.message_type == "query" and msg.metadata.dst_node_id == 13:
+            return FlowerMessage(RecordDict(), reply_to=msg)  # no site, no counts
+        return reply
+    nodes = _nodes(tmp_path)
+    cfg = default_run_config(**{"num-server-rounds": 1, "out-dir": str(tmp_path / "run"), "round-timeout": 600,
+                                "sites": ",".join(CENTRES)})
+    started = time.monotonic()
+    with pytest.raises(StudyStopped, match="node 13: its handshake reply is malformed"):
+        server_app(InProcessGrid(broken_query, nodes, cfg),
+                   Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
+    assert time.monotonic() - started < 60  # not the 600 s round timeout
 
 
 def test_a_site_that_cannot_load_its_data_is_left_out(tmp_path):
