@@ -173,17 +173,18 @@ def test_dp_fine_tuning_from_a_public_checkpoint(tmp_path, cases, public_model):
         log = tmp_path / "sites" / site / "audit.jsonl"
         records = [json.loads(line) for line in log.read_text().splitlines()]
         audit_records[site] = records
-        rounds = [r["payload"] for r in records if r["event"] == "dp-round"]
+        rounds = [r["payload"] for r in records if r["event"] == "dp-round" and r["payload"]["mechanism"] == "training"]
         assert [r["round"] for r in rounds] == [1, 2]
         assert rounds[0]["model_in_sha256"] == digest and all(r["init_checkpoint_sha256"] == digest for r in rounds)
         assert all(r["train_params"] == "norms-head" and r["trained_parameters"] == d for r in rounds)
         replies = [r["payload"] for r in records if r["event"] == "reply" and r["payload"].get("arrays_sha256")]
         assert len(replies) == 2 and all(r["arrays_bytes"] < 4 * d + 4096 for r in replies)  # only d numbers left
         ledger = PrivacyLedger(tmp_path / "sites" / site / "privacy-ledger.sqlite").rounds("hippocampus")
-        assert [r["trained_parameters"] for r in ledger] == [d, d]
+        assert [r["trained_parameters"] for r in ledger if r["kind"] == "training"] == [d, d]
         # the auditor recomputes ε from the log and agrees with the ledger
         table = recompute(records)["hippocampus"]
-        assert len(table.rounds) == 2 and all(row.status not in ("error", "warning") for row in table.rounds)
+        assert [row.mechanism for row in table.rounds] == ["training", "evaluation"] * 2  # each round's two releases
+        assert all(row.status not in ("error", "warning") for row in table.rounds)
         assert summary["per_site"][site]["epsilon"] == pytest.approx(ledger[-1]["epsilon_after"])
     run_start = [json.loads(line) for line in (tmp_path / "run" / "audit.jsonl").read_text().splitlines()][0]
     assert run_start["event"] == "run-start" and run_start["payload"]["init_model"]["weights_sha256"] == digest

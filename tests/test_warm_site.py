@@ -67,11 +67,12 @@ def test_warm_sites_gate_every_message_load_each_approved_version_and_charge_per
         executors = set()
         for run, fab in ((run1, digest), (run2, digest2)):
             forked = [r for r in _timings(kits / "site-a", run) if "pid" in r]
-            assert sorted(r["type"] for r in forked) == ["evaluate", "query", "train"]
+            assert sorted(r["type"] for r in forked) == ["evaluate", "query", "query.witness", "train"]
             assert all(r["mode"] == "warm" and r["exit_code"] == 0 and r["fab_sha256"] == fab for r in forked)
             executors |= {r["executor_pid"] for r in forked}
             assert not executors & {r["pid"] for r in forked}
-            assert len(_charges(kits / "site-a", run)) == 1  # one round, one charge, in the site's ledger
+            # one round: its training and its evaluation release, each charged once, in the site's ledger
+            assert [r["kind"] for r in _charges(kits / "site-a", run)] == ["training", "evaluation"]
         assert len(executors) == 1
         assert "Start `flwr-clientapp` process" not in (kits / "site-a" / "agent" / "supernode.log").read_text()
         # the new version's code ran (its module left its mark beside itself); the old version's did not
