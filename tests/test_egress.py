@@ -3,7 +3,7 @@
 Each honest reply comes from the ClientApp's own handler (real data, real Opacus, the site's real
 ledger) and passes; each mutation is what an approved-but-malicious app version might send instead,
 and must be blocked by the rule that names it. The gate's wiring of these rules into a running
-SuperNode is tested on real processes in tests/test_egress_deployment.py.
+SuperNode is tested on real processes in tests/test_fault_injection.py.
 """
 
 from __future__ import annotations
@@ -194,3 +194,20 @@ def test_non_dp_evaluation_needs_the_sites_opt_in(site, trained):
     assert _check(uncharged, evaluate, site).rule == "ledger"
     arrays = Message(RecordDict({"arrays": msg.content["arrays"]}), reply_to=evaluate)
     assert _check(arrays, evaluate, site).rule == "record"
+
+
+def test_a_non_dp_round_the_sites_policy_allows_leaves_stating_an_unbounded_epsilon(tmp_path, data_dir):
+    """dp = false at a site with allow_non_dp: the ledger charged the round at σ = 0, the reply says ε = ∞."""
+    toml = helpers.site_config(tmp_path, "hungarian", allow_non_dp=True)
+    site = (toml, load_site_config(toml))
+    torch.manual_seed(0)
+    config = {"model": "ehr-logreg", "local-steps": 3, "local-epochs": 1, "batch-size": 8, "optimizer": "sgd",
+              "lr": 0.05, "seed": 1, "server-round": 1, "dp": False, "noise-multiplier": 0.0, "clip-norm": 1.0,
+              "target-epsilon": 0.0, "num-server-rounds": 1}
+    msg = _incoming(RecordDict({"arrays": ArrayRecord(build_model("ehr-logreg", n_features=13).state_dict()),
+                                "config": ConfigRecord(config)}), MessageType.TRAIN, group="1")
+    context = Context(run_id=RUN, node_id=42, node_config={"site-config": str(toml)}, state=RecordDict(),
+                      run_config={"task": "ehr"})
+    reply = client_app.train(msg, context)
+    assert not reply.has_error(), reply.error.reason
+    assert reply.content["metrics"]["epsilon"] == float("inf") and _check(reply, msg, site) == egress.ALLOWED

@@ -196,7 +196,9 @@ def _check_numbers(record: MetricRecord, allowed, kind: str, dataset, site: Site
         values = value if isinstance(value, list) else [value]
         if len(values) > MAX_LIST or (key.removeprefix(PERSONAL_PREFIX) in HISTOGRAMS and len(values) != SCORE_BINS):
             return _block("numbers", f"metric '{key}' holds {len(values)} numbers")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        unbounded = key == "epsilon" and values == [math.inf]  # a non-DP release states ε = ∞ (checked: ledger)
+        if not unbounded and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                     for v in values):
             return _block("numbers", f"metric '{key}' holds a value that is not a finite number")
     if kind in ("query", "train") and dataset is not None:
         weight = record.get("nominal-size", record.get("num-examples"))
