@@ -133,6 +133,17 @@ def run(full: bool) -> list[Figure]:
             return arrays
         return step
 
+    def aggregate_alone(strategy):
+        """The strategy's aggregate_train alone, on replies SiteGrid has already validated (untimed)."""
+        grid = SiteGrid(PreparedGrid(replies), sites, lambda *a: None, UpdateValidator(), quorum=UPDATES)
+        validated = grid.send_and_receive(list(strategy.configure_train(1, global_arrays, ConfigRecord(), grid)))
+
+        def step():
+            arrays, _ = strategy.aggregate_train(1, validated)
+            assert arrays is not None
+            return arrays
+        return step
+
     def validation_only():
         SiteGrid(PreparedGrid(replies), sites, lambda *a: None, UpdateValidator(),
                  quorum=UPDATES).send_and_receive(messages)
@@ -164,16 +175,19 @@ def run(full: bool) -> list[Figure]:
     del ours, theirs
 
     f = UPDATES // 10  # robust strategies assume f Byzantine sites
-    robust = [
-        ("FedMedian", carefl(strategies.FedMedian())),
-        ("FedTrimmedAvg (β = 0.2)", carefl(strategies.FedTrimmedAvg(beta=0.2))),
-        (f"Krum (f = {f})", carefl(strategies.Krum(num_malicious_nodes=f))),
+    robust = []
+    for name, make in [
+        ("FedMedian", strategies.FedMedian),
+        ("FedTrimmedAvg (β = 0.2)", lambda: strategies.FedTrimmedAvg(beta=0.2)),
+        (f"Krum (f = {f})", lambda: strategies.Krum(num_malicious_nodes=f)),
         (f"MultiKrum (f = {f}, keep {UPDATES - f})",
-         carefl(strategies.MultiKrum(num_malicious_nodes=f, num_nodes_to_select=UPDATES - f))),
-    ]
+         lambda: strategies.MultiKrum(num_malicious_nodes=f, num_nodes_to_select=UPDATES - f)),
+    ]:
+        robust += [(f"{name} (validation + aggregate_train)", carefl(make())),
+                   (f"{name}: aggregate_train alone", aggregate_alone(make()))]
     paths = [
         ("**FedAvg** (validation + aggregate_train)", default),
-        *(robust if full else []),  # a minute between them: full pass only
+        *(robust if full else []),  # full pass only
         ("validation alone (SiteGrid)", validation_only),
         ("context: Flower's FedAvg.aggregate_train alone", flower_fedavg),
         ("context: carefl before issue 8 (float64 validation + Flower's FedAvg)", previous_path),
@@ -220,7 +234,8 @@ def run(full: bool) -> list[Figure]:
                f"memory one call holds at once beyond the {data_mb:.0f} MB of replies and the global model "
                f"(tracemalloc, which counts numpy's buffers); the benchmark process peaked at {hwm:.0f} MB RSS. "
                f"FedAvg's average is bit-identical to Flower's (checked here). "
-               + ("The robust rows include the same validation pass. " if full else
+               + ("Robust rows: \"validation + aggregate_train\" includes the same validation pass, \"aggregate_train "
+                  "alone\" is the strategy on replies already validated. " if full else
                   "Robust strategies (FedMedian, FedTrimmedAvg, Krum, MultiKrum): `--full` only. ")
                + f"Rows marked context are not carefl's path. Machine load average at the end: {load:.1f}."),
     )]

@@ -78,6 +78,15 @@ class CoordinatorAudit:
                 self.log.append("site-head", {"site": site, "seq": int(head["seq"]), "hash": str(head["hash"]),
                                               "sig": str(head["sig"])})
 
+    def consensus(self, server_round: int, agreement: dict, radius: float) -> None:
+        """Each site's agreement with the round's consensus, and the bound its update was held to."""
+        self.log.append("consensus", {"run_id": self.run_id, "round": server_round, "bound": radius,
+                                      "sites": {site: a.record() for site, a in agreement.items()}})
+
+    def flagged(self, server_round: int, site: str, reason: str, excluded: bool) -> None:
+        self.log.append("site-flagged", {"run_id": self.run_id, "round": server_round, "site": site,
+                                         "reason": reason, "excluded": excluded})
+
     def aggregate(self, server_round: int, arrays: ArrayRecord) -> None:
         if server_round > 0:  # round 0 is the initial model, before any site contributed
             self.log.append("aggregate", {"run_id": self.run_id, "round": server_round,

@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
-from shared_models.eval_release import Layout, layout_of
+from shared_models.eval_release import COUNT_KEYS, HIST_KEYS, LOSS_BOUND, Layout, layout_of
 from shared_models.metrics import PERSONAL_PREFIX, binary_figures
 from shared_models.seg_metrics import seg_figures
 from shared_models.tasks import BINARY
@@ -97,16 +97,68 @@ def _pooled(site_reports: list[dict], prefix: str) -> dict[str, float]:
     return _with_std(figures)
 
 
-def release_problem(record: dict) -> str | None:
-    """Why a site's evaluate reply cannot be read as an evaluation release (None: it can)."""
+RELEASE_FACTS = ("eval-dp", "noise-std", "epsilon", "delta", "noise-multiplier", "l2-bound")
+TOLERANCE = 6.0  # noisy sums that should agree may differ by this many std of their difference
+
+
+def release_problem(record: dict, noise_multiplier: float | None = None) -> str | None:
+    """Why a site's evaluate reply cannot be read as an evaluation release (None: it can).
+
+    Beyond its form (the layout's keys and nothing else, finite numbers), its sums must agree with each
+    other as the sums of one test set do: every count ≥ 0, the confusion counts and the score histograms
+    count the same patients (and the same positives), the loss sum lies within [0, loss bound × patients]
+    — exactly for an exact release, within ``TOLERANCE`` std of the noise for a noisy one; and its noise
+    must be the study's (``noise_multiplier``: the σ the coordinator asked for) or none (exact mode)."""
     try:
         layout = layout_of(record)
         coords = layout.pack(record)
         std = float(record.get("noise-std", 0.0))
     except (KeyError, TypeError, ValueError) as exc:
         return f"not an evaluation release ({exc})"
+    expected = {f.key for f in layout.fields} | {k for k, _ in layout.constants} | set(RELEASE_FACTS)
+    personal = {k for k in record if k.startswith(PERSONAL_PREFIX)}
+    unknown = sorted(set(record) - expected - personal)
+    if unknown:
+        return f"an evaluation release with keys no release has: {', '.join(unknown[:5])}"
     if not np.isfinite(coords).all() or not (np.isfinite(std) and std >= 0):
         return "an evaluation release with non-finite sums or noise std"
+    if std > 0 and noise_multiplier is not None and not np.isclose(std, noise_multiplier * layout.l2_bound):
+        return (f"its noise std {std:.4g} is not the study's (σ {noise_multiplier:g} × bound {layout.l2_bound:.4g}) "
+                f"nor 0 (exact)")
+    counts = coords[:-1]  # binary: every coordinate but the loss is a count
+    if std == 0 and layout.family == BINARY and not np.array_equal(counts, np.round(counts)):
+        return "an exact release whose counts are not whole numbers"
+    return _inconsistency(layout, layout.columns(coords[None, :]), std)
+
+
+def _inconsistency(layout: Layout, sums: dict, std: float) -> str | None:
+    """Which of the release's sums contradict each other (None: none, within the noise)."""
+    def off(difference: float, terms: int) -> bool:
+        return abs(difference) > TOLERANCE * std * np.sqrt(terms) + 1e-9
+
+    if layout.family == BINARY:
+        counts = {k: float(sums[k][0]) for k in COUNT_KEYS}
+        positives, negatives = (np.asarray(sums[k][0]) for k in HIST_KEYS)
+        bins = len(positives)
+        if any(v < -TOLERANCE * std - 1e-9 for v in [*counts.values(), *positives, *negatives]):
+            return "an evaluation release with negative counts"
+        patients = sum(counts.values())
+        if off(patients - positives.sum() - negatives.sum(), 4 + 2 * bins):
+            return "its confusion counts and score histograms count different numbers of patients"
+        if off(counts["tp"] + counts["fn"] - positives.sum(), 2 + bins):
+            return "its confusion counts and score histograms count different numbers of positives"
+        loss = float(sums["loss-sum"][0]) / LOSS_BOUND  # in patients: each adds at most 1
+        if loss < -TOLERANCE * std - 1e-9 or (loss > patients and off(loss - patients, 5)):
+            return "its loss sum is outside [0, loss bound × patients]"
+        return None
+    cases = float(sums["cases"][0])
+    for key, values in sums.items():
+        if key.startswith(("dice-sum-", "iou-sum-")):
+            value = float(np.asarray(values)[0])
+            if value < -TOLERANCE * std - 1e-9 or (value > cases and off(value - cases, 2)):
+                return f"its '{key}' is outside [0, cases]"
+    if cases < -TOLERANCE * std - 1e-9:
+        return "an evaluation release with a negative case count"
     return None
 
 

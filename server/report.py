@@ -31,7 +31,7 @@ from server.report_data import (FEDERATION_METRICS, FEDERATION_ROWS, PERSONAL, P
                                 PLOTTED_SITE_METRICS, REPORT_FILE, SITE_METRICS, RunData, load_run, metric_label,
                                 number, std_of)
 from server.report_data import ReportError
-from server.report_plots import plot_epsilon, plot_federation, plot_sites
+from server.report_plots import plot_agreement, plot_epsilon, plot_federation, plot_sites
 from server.run_dir import SUMMARY_FILE, atomic_write_bytes
 from shared_models.tasks import BINARY
 from shared_models.report_html import e, page
@@ -242,6 +242,44 @@ def _privacy_section(run: RunData) -> str:
     return "".join(parts)
 
 
+def _agreement_section(run: RunData) -> str:
+    """Which sites' updates disagreed with the others, how the coordinator bounded them, and who was flagged."""
+    plot = plot_agreement(run)
+    if not plot:
+        return ('<p class="muted">no consensus records: fewer than 3 sites sent updates in a round, or the run '
+                "predates them</p>")
+    flagged = (run.summary or {}).get("flagged") or {}
+    if not flagged:  # a stopped run has no summary: the rounds' own records
+        for r in run.metrics:
+            if r.get("flagged"):
+                flagged.setdefault(str(r["site"]), str(r["flagged"]))
+    policy = str(run.config.get("outlier-policy", "flag"))
+    outliers = {}
+    for r in run.metrics:
+        if isinstance(r.get("consensus"), dict) and r["consensus"].get("outlier"):
+            outliers.setdefault(str(r["site"]), []).append(f"{r['round']} ({r['consensus']['outlier']})")
+    parts = [plot]
+    if flagged:
+        rows = "".join(f"<tr><td>{e(site)}</td><td>{e(reason)}</td></tr>" for site, reason in flagged.items())
+        parts.append(f'<p class="bad">{len(flagged)} site(s) flagged'
+                     + (" and excluded from the rest of the run" if policy == "exclude" else "")
+                     + f":</p><table><tr><th>site</th><th>why</th></tr>{rows}</table>")
+    else:
+        parts.append("<p>no site was flagged: none was an outlier "
+                     f"{e(run.config.get('outlier-rounds', 3))} rounds in a row.</p>")
+    if outliers:
+        cells = "".join(f"<tr><td>{e(site)}</td><td>{e(', '.join(rounds))}</td></tr>" for site, rounds in outliers.items())
+        parts.append(f"<details><summary>outlier rounds per site</summary><table><tr><th>site</th>"
+                     f"<th>rounds (why)</th></tr>{cells}</table></details>")
+    parts.append('<p class="muted">Every round the coordinator compares each update with the round\'s consensus (the '
+                 "geometric median of the updates). An update longer than <code>bound-factor</code> × the median "
+                 "update counts less the longer it is (far); one pointing against the consensus is opposed; one "
+                 "that barely moved is idle (docs/OPERATIONS.md, \"Bounded aggregation\"). Under DP an honest "
+                 "site's update is mostly noise, so an honest site is an outlier now and then; a site that is "
+                 "one round after round is flagged.</p>")
+    return "".join(parts)
+
+
 def render(run: RunData) -> str:
     """The report page of a loaded run directory."""
     task = run.task
@@ -258,6 +296,7 @@ def render(run: RunData) -> str:
         "<h2>Federation metrics per round</h2>", plot_federation(run), _rounds_table(run),
         "<h2>Test metrics per site and round</h2>",
         plot_sites(run, site_keys, "test metrics of the global model at each site", "test metrics per site"),
+        "<h2>Agreement between the sites' updates</h2>", _agreement_section(run),
         "<h2>Privacy: ε per site and round</h2>", _privacy_section(run),
         "<h2>Errors and missing replies</h2>", _errors(run),
     ]

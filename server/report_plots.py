@@ -201,3 +201,45 @@ def plot_epsilon(run: RunData) -> str:
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     return figure_img(fig, "epsilon per site per round")
+
+
+def plot_agreement(run: RunData) -> str:
+    """Each site's agreement with the round's consensus (server/consensus.py): the cosine, and its
+    update's length over the median site's; rounds where it was an outlier marked. A hostile or broken site is
+    the line that stays apart."""
+    records = [{"round": r["round"], "site": r["site"], **r["consensus"]} for r in run.metrics
+               if isinstance(r.get("consensus"), dict) and "round" in r]
+    if not records:
+        return ""
+    sites = run.sites
+    fig = new_figure(11, 3.6)
+    cos_ax, norm_ax = fig.subplots(1, 2)
+    for site in sites if len(sites) <= MAX_SITE_LINES else ():
+        mine = [r for r in records if r["site"] == site]
+        style = _site_style(sites, site)
+        for ax, key in ((cos_ax, "cosine"), (norm_ax, "norm_ratio")):
+            xs, ys = _series(mine, key)
+            ax.plot(xs, ys, label=site, **style)
+            bad = [(r["round"], r[key]) for r in mine if r.get("outlier") and number(r.get(key)) is not None]
+            if bad:
+                ax.scatter(*zip(*bad), s=90, facecolors="none", edgecolors="#b00020", linewidths=1.6, zorder=5)
+    if len(sites) > MAX_SITE_LINES:
+        for ax, key in ((cos_ax, "cosine"), (norm_ax, "norm_ratio")):
+            for site in sites:
+                xs, ys = _series([r for r in records if r["site"] == site], key)
+                ax.plot(xs, ys, color="#888", linewidth=0.6, alpha=0.5)
+    cos_ax.axhline(number(run.config.get("min-cosine")) or 0.0, color="#b00020", linestyle=":", linewidth=1.2)
+    cos_ax.set_ylim(-1.05, 1.05)
+    cos_ax.set_title("cosine with the round's consensus (below the red line: opposed)", fontsize=10)
+    norm_ax.set_yscale("log")
+    factor = number(run.config.get("bound-factor"))
+    if factor:
+        norm_ax.axhline(factor, color="#b00020", linestyle=":", linewidth=1.2)
+    norm_ax.set_title("update length ÷ the median update's (above the red line: bounded)", fontsize=10)
+    for ax in (cos_ax, norm_ax):
+        _style_rounds_axis(ax, run)
+    handles, labels = cos_ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1 if handles else 0, 1, 1))
+    return figure_img(fig, "agreement of each site's update with the others, per round; outliers circled in red")

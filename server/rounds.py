@@ -40,6 +40,8 @@ class RoundRecorder:
         self._eval: dict[str, dict] = {}
         self._eval_raw: dict[str, dict] = {}
         self._errors: dict[str, str] = {}
+        self._agreement: dict[str, dict] = {}  # site → its update's agreement with the round's consensus
+        self._consensus: dict = {}             # the round's bound, outliers and newly flagged sites
         self._round_started = time.time()
         self.last_eval: dict[str, dict] = {}  # site → its latest test metrics
         self.last_train: dict[str, dict] = {}  # site → its latest train reply (ε, δ, …)
@@ -65,6 +67,11 @@ class RoundRecorder:
                 self._eval[site] = {**_pick(metrics, EVAL_KEYS), **figures}
                 self._eval_raw[site] = raw
 
+    def on_consensus(self, agreement: dict, radius: float, flagged: dict[str, str]) -> None:
+        self._agreement = {site: a.record() for site, a in agreement.items()}
+        self._consensus = {"bound": radius, "outliers": sorted(s for s, a in agreement.items() if a.outlier),
+                           **({"flagged": flagged} if flagged else {})}
+
     def stop_round(self, server_round: int | None, site_errors: dict[str, str], reason: str) -> None:
         """The round the run stopped in: one record for each site that has something to say — its own
         failure, or its train reply (it trained and was charged, but its update was never aggregated)."""
@@ -78,7 +85,11 @@ class RoundRecorder:
                 continue
             self.run_dir.append(METRICS_FILE, {"round": server_round, "site": site, **self._train.get(site, {}),
                                                "error": error})
+        self._reset()
+
+    def _reset(self) -> None:
         self._train, self._eval, self._eval_raw, self._errors = {}, {}, {}, {}
+        self._agreement, self._consensus = {}, {}
 
     def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower ``evaluate_fn``: called with round 0 before training, then after every round."""
@@ -87,7 +98,10 @@ class RoundRecorder:
             return None
         seconds = time.time() - self._round_started
         for site in self.site_ids:
-            record = {"round": server_round, "site": site, **self._train.get(site, {}), **self._eval.get(site, {})}
+            record = {"round": server_round, "site": site, **self._train.get(site, {}), **self._eval.get(site, {}),
+                      **({"consensus": self._agreement[site]} if site in self._agreement else {}),
+                      **({"flagged": self._consensus["flagged"][site]} if site in self._consensus.get("flagged", {})
+                         else {})}
             if site in self._errors:
                 record["error"] = self._errors[site]
             elif site not in self._train or site not in self._eval:
@@ -95,7 +109,8 @@ class RoundRecorder:
             self.run_dir.append(METRICS_FILE, record)
         pooled = pooled_metrics(list(self._eval_raw.values()))
         self.last_round = {"round": server_round, "seconds": round(seconds, 3),
-                           "sites_replied": sorted(set(self._train) & set(self._eval)), **pooled}
+                           "sites_replied": sorted(set(self._train) & set(self._eval)), **pooled,
+                           **({"consensus": self._consensus} if self._consensus else {})}
         self.run_dir.append(ROUNDS_FILE, self.last_round)
         self.last_eval.update(self._eval)
         self.last_train.update(self._train)
@@ -107,6 +122,6 @@ class RoundRecorder:
                                                                "pooled_dice")}
         log.info("round %d: %d/%d sites, %s (%.1fs)", server_round, len(self.last_round["sites_replied"]),
                  len(self.site_ids), ", ".join(f"{k} {v:.3f}" for k, v in headline.items()), seconds)
-        self._train, self._eval, self._eval_raw, self._errors = {}, {}, {}, {}
+        self._reset()
         self._round_started = time.time()
         return None

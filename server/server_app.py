@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from privacy.audit import AuditLog
 from server import checkpoint, feature_stats
 from server.audit import CoordinatorAudit, WitnessedGrid
+from server.consensus import OutlierWatch
 from server.live_report import RunReporter
 from server.rounds import RoundRecorder
 from server.run_dir import RunDirectory, RunDirectoryBusy
@@ -118,6 +120,14 @@ def main(grid: Grid, context: Context) -> None:
         if audit is not None:
             audit.run_end(f"stopped: {exc}")
         raise StudyStopped(str(exc)) from None
+    except Exception as exc:  # a bug: one line for the operator, the traceback in the run directory
+        if audit is not None:
+            audit.run_end(f"failed: {type(exc).__name__}")
+        details = run_dir.path / "error.txt"
+        details.write_text(traceback.format_exc())
+        message = f"internal error ({type(exc).__name__}); details for a bug report in {details}"
+        run_dir.record_stop(message, None, settings.num_rounds)
+        raise StudyStopped(message) from None
     except BaseException as exc:
         if audit is not None:
             audit.run_end(f"failed: {type(exc).__name__}")
@@ -216,9 +226,25 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
         reporter.round_done(absolute)
         return result
 
+    watch = OutlierWatch(settings.consensus)
+
+    def on_consensus(server_round: int, agreement, radius: float) -> None:
+        absolute = done + server_round
+        flagged = watch.observe(absolute, agreement)
+        recorder.on_consensus(agreement, radius, flagged)
+        audit.consensus(absolute, agreement, radius)
+        for site, reason in flagged.items():
+            excluded = settings.consensus.policy == "exclude"
+            audit.flagged(absolute, site, reason, excluded)
+            if excluded:
+                site_grid.exclude(site, reason)
+            else:
+                log.warning("site %s flagged: %s", site, reason)
+
     site_grid = SiteGrid(grid, sites, on_replies, UpdateValidator(max_norm=settings.max_update_norm),
                          quorum=max(1, min(settings.min_sites, len(sites))), retries=settings.round_retries,
-                         wait_for_sites=settings.round_timeout, trained=trained)
+                         wait_for_sites=settings.round_timeout, trained=trained, rule=settings.consensus,
+                         on_consensus=on_consensus)
     train_config, evaluate_config = settings.train_config(), settings.evaluate_config()
     if public is not None:  # each site logs it beside the hash of the model it receives
         train_config["init-checkpoint-sha256"] = public.sha256
@@ -252,7 +278,8 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
         evaluated = recorder.last_eval.get(s.site_id, {})
         # the dataset's lifetime ε is the latest the site stated: after its last evaluation release, if DP
         latest = {k: evaluated[k] for k in ("epsilon", "delta") if k in evaluated}
-        per_site[s.site_id] = {**evaluated, **privacy, **latest, "weight": s.weight}
+        per_site[s.site_id] = {**evaluated, **privacy, **latest, "weight": s.weight,
+                               **({"flagged": watch.flagged[s.site_id]} if s.site_id in watch.flagged else {})}
     final = {k: v for k, v in recorder.last_round.items() if k not in ("round", "seconds", "sites_replied")}
     run_dir.write_summary({
         "run_id": context.run_id,
@@ -266,6 +293,8 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
         "rounds_completed": recorder.last_round.get("round", 0),
         "sites": site_ids,
         "per_site": per_site,
+        "flagged": dict(watch.flagged),
+        "outlier_policy": settings.consensus.policy,
         **final,
         **({"pooled_auc_method": f"sum of per-site score histograms ({SCORE_BINS} bins); ties inside a bin count 1/2"}
            if settings.study.metric_family == BINARY else

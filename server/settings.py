@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from server.consensus import POLICIES, ConsensusRule
 from shared_models.eval_release import EVAL_NOISE_MULTIPLIER
 from shared_models.registry import UnknownModelError, get_spec
 from shared_models.schema import Schema, SchemaError, builtin_schema
@@ -58,6 +59,7 @@ class RunSettings:
     train_params: str = "all"  # which parameters the sites train (shared_models/trainable.py); the rest stay frozen
     init_checkpoint: str = ""  # a public checkpoint (carefl coordinator pretrain): the round-0 global model
     eval_noise_multiplier: float = EVAL_NOISE_MULTIPLIER  # σ of each site's DP evaluation release, every round
+    consensus: ConsensusRule = ConsensusRule()  # bounded, consensus-checked updates (server/consensus.py)
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> "RunSettings":
@@ -96,6 +98,10 @@ class RunSettings:
             schema=str(cfg.get("schema", "")), stats_noise_multiplier=float(cfg.get("stats-noise-multiplier", 10.0)),
             train_params=str(cfg.get("train-params", "all")), init_checkpoint=str(cfg.get("init-checkpoint", "")),
             eval_noise_multiplier=_number(cfg.get("eval-noise-multiplier", EVAL_NOISE_MULTIPLIER)),
+            consensus=ConsensusRule(factor=_number(cfg.get("bound-factor", ConsensusRule.factor)),
+                                    min_cosine=_number(cfg.get("min-cosine", ConsensusRule.min_cosine)),
+                                    rounds_to_flag=_whole(cfg.get("outlier-rounds", ConsensusRule.rounds_to_flag)),
+                                    policy=str(cfg.get("outlier-policy", ConsensusRule.policy)).lower()),
         )
         if s.task not in TASKS:
             problems.append(f"task '{s.task}' is not one of {', '.join(TASKS)} (shared_models/tasks.py)")
@@ -146,6 +152,16 @@ class RunSettings:
         if not (math.isfinite(s.eval_noise_multiplier) and s.eval_noise_multiplier > 0):
             problems.append("'eval-noise-multiplier' must be a number > 0 (σ of each site's DP evaluation release; a "
                             "site whose policy says evaluation = \"exact\" releases without noise instead)")
+        rule = s.consensus
+        if not (math.isfinite(rule.factor) and rule.factor >= 1):
+            problems.append("'bound-factor' must be a number >= 1 (an update may be this many times the median "
+                            "update's length)")
+        if not -1 <= rule.min_cosine <= 1:
+            problems.append("'min-cosine' must be a number in [-1, 1]")
+        if rule.rounds_to_flag < 1:
+            problems.append("'outlier-rounds' must be a whole number >= 1")
+        if rule.policy not in POLICIES:
+            problems.append(f"'outlier-policy' must be one of {', '.join(POLICIES)}")
         if s.train_params not in TRAINABLE:
             problems.append(f"'train-params' must be one of {', '.join(TRAINABLE)}")
         elif s.train_params == "decoder" and s.task != "seg":
@@ -180,6 +196,12 @@ class RunSettings:
         if self.personalise == "none":
             return {"model": self.model, "dp": self.dp, "eval-noise-multiplier": self.eval_noise_multiplier}
         return {**self.train_config(), "local-steps": self.finetune_steps, "personalise": self.personalise}
+
+
+def _whole(value) -> int:
+    """A run-config whole number, 0 when it is none (the check then names the key)."""
+    number = _number(value)
+    return int(number) if math.isfinite(number) and number == int(number) else 0
 
 
 def _number(value) -> float:

@@ -15,8 +15,12 @@ from typing import Callable, Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+import numpy as np
+
+from server.consensus import MIN_UPDATES, Agreement, ConsensusRule, bound
 from server.flower_seam import NODE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, replace_content_with_error
-from server.validation import UpdateValidator
+from server.metrics import release_problem
+from server.validation import UpdateValidator, as_ndarray, exact_gram, to_array
 
 log = logging.getLogger("flwr")
 
@@ -143,6 +147,7 @@ def discover_sites(grid: Grid, wanted: tuple[str, ...], min_sites: int, wait: fl
 
 
 RepliesHook = Callable[[str, int, list[tuple[str, Message]]], None]
+ConsensusHook = Callable[[int, dict[str, Agreement], float], None]  # round, agreement per site, the bound
 
 
 class ValidatedReplies(list):
@@ -159,13 +164,20 @@ class SiteGrid:
     what keeps work away from nodes that are connected but not part of this run. Train replies are
     validated (``server/validation.py``) and an invalid update never reaches the strategy; a round
     with fewer than ``quorum`` valid updates is re-sent to the sites that failed, at most
-    ``retries`` times, and then the run stops with the reasons.
+    ``retries`` times, and then the run stops with the reasons. The accepted updates of a round are then
+    bounded against their consensus (``server/consensus.py``) before any strategy sees them, and each
+    site's agreement with it goes to ``on_consensus``.
     """
 
     def __init__(self, grid: Grid, sites: list[SiteInfo], on_replies: RepliesHook,
                  validator: UpdateValidator | None = None, quorum: int = 1, retries: int = 0,
-                 wait_for_sites: float = 600.0, trained: list[str] | None = None) -> None:
+                 wait_for_sites: float = 600.0, trained: list[str] | None = None,
+                 rule: ConsensusRule | None = None, on_consensus: ConsensusHook | None = None) -> None:
         self._grid = grid
+        self._rule = rule or ConsensusRule()
+        self._on_consensus = on_consensus
+        self._excluded: dict[str, str] = {}  # site → why it gets no more work in this run
+        self._refused: dict[str, bool] = {}
         self._trained = trained  # None: sites send every array; else only these (the rest stay frozen)
         self._site_of = {s.node_id: s.site_id for s in sites}
         self._weight = {s.site_id: s.weight for s in sites}
@@ -190,12 +202,22 @@ class SiteGrid:
     def site_of(self, node_id: int) -> str:
         return self._site_of[node_id]
 
+    def exclude(self, site: str, reason: str) -> None:
+        """Send ``site`` no more work in this run (its agreement records say why)."""
+        self._excluded[site] = reason
+        log.warning("site %s excluded from the rest of the run: %s", site, reason)
+
     def get_node_ids(self) -> Iterable[int]:
         """Our sites that are online. Flower's strategies wait (polling this every second) until ``quorum``
         of them are; if that takes longer than ``wait_for_sites`` the run stops before the round is sent,
         so no site is charged for a round that could not reach its quorum."""
         connected = set(self._grid.get_node_ids())
-        ours = [n for n in self._site_of if n in connected]
+        ours = [n for n in self._site_of if n in connected and self._site_of[n] not in self._excluded]
+        if len(self._site_of) - len(self._excluded) < self._quorum:
+            raise SiteSelectionError(
+                f"round {self._last_round + 1} not started: {len(self._excluded)} of {len(self._site_of)} sites are "
+                f"excluded ({'; '.join(f'{s}: {r}' for s, r in sorted(self._excluded.items()))}), min-sites is "
+                f"{self._quorum}", self._last_round + 1)
         if len(ours) >= self._quorum:
             self._short_since = None
             return ours
@@ -229,6 +251,9 @@ class SiteGrid:
             self._last_round = server_round
         if message_type != MessageType.TRAIN or self._validator is None:
             replies = self._exchange(messages, timeout)
+            if message_type == MessageType.EVALUATE:  # a release whose sums contradict each other is not believed
+                sigma = first.content.config_records.get("config", {}).get("eval-noise-multiplier")
+                replies = [self._checked_release(r, sigma) for r in replies]
             self._on_replies(message_type, server_round, [(self._site(r), r) for r in replies])
             return replies
 
@@ -239,11 +264,13 @@ class SiteGrid:
         norms: dict[str, float] = {}  # accepted updates' distances to the global model
         failures: dict[str, str] = {}  # site → its first failure this round (a re-send's refusal is not news)
         order: list[str] = []          # sites in the order they failed
-        pending, retried = messages, 0
+        pending, retried, grams = messages, 0, []
+        self._refused: dict[str, bool] = {}  # sites whose update this coordinator refused this round
         for attempt in range(self._retries + 1):
             replies = self._exchange(pending, timeout)
             answered = {self._site(r) for r in replies}
-            checked, average = self._check(replies, reference, norms)  # (the replies, their FedAvg) or None
+            checked, average, gram = self._check(replies, reference, norms)  # (the replies, their FedAvg) or None
+            grams.append(gram)
             self._on_replies(message_type, server_round, checked)
             lost = [(site, reply.error.reason) for site, reply in checked if reply.has_error()]
             lost += [(self._site_of[m.metadata.dst_node_id], "no reply before the round deadline")
@@ -271,6 +298,9 @@ class SiteGrid:
                 + "".join(f"; {s}: {failures[s]}" for s in failed[1:]),
                 server_round, {s: failures[s] for s in failed if s in failures})
         result = ValidatedReplies(accepted.values())
+        rejected = [site for site, _ in failures.items() if site not in accepted and self._refused.get(site)]
+        if self._bound(server_round, accepted, grams, reference, rejected):
+            average = None  # the strategy averages the bounded updates itself
         if average is not None and len(average[0]) == len(result) and all(a is b for a, b in zip(average[0], result)):
             result.average = (self._average_by, self._with_frozen(average[1], global_arrays))
         if self._trained is not None:  # after the audit hashed what the sites sent
@@ -284,6 +314,44 @@ class SiteGrid:
         """A whole model: the trained arrays, and the global model's own for every frozen one."""
         return ArrayRecord({name: trained[name] if name in trained else array
                             for name, array in global_arrays.items()})
+
+    def _bound(self, server_round: int, accepted: dict[str, Message], grams: list[tuple[dict[int, int], np.ndarray]],
+               reference: ArrayRecord, rejected: list[str]) -> bool:
+        """Bound the accepted updates against their consensus (after the audit hashed what the sites sent):
+        an update out of bounds is replaced by its bounded version. True if any was. ``rejected``: sites whose
+        update this coordinator refused this round, outliers of the round as well."""
+        sites, replies = list(accepted), list(accepted.values())
+        refused = {site: Agreement(0.0, 0.0, 0.0, "rejected") for site in rejected}
+        if len(replies) < MIN_UPDATES:  # no majority to agree with: nothing bounded, only refusals on record
+            if refused and self._on_consensus is not None:
+                self._on_consensus(server_round, refused, 0.0)
+            return False
+        home = [next((k for k, (row_of, _) in enumerate(grams) if id(r) in row_of), None) for r in replies]
+        if len(set(home)) == 1 and home[0] is not None:  # the usual round: one batch, its pass's Gram matrix
+            row_of, full = grams[home[0]]
+            rows = [row_of[id(r)] for r in replies]
+            gram = full[np.ix_(rows, rows)]
+        else:  # accepted over re-sends: one more pass
+            gram = sum(exact_gram([as_ndarray(next(iter(r.content.array_records.values()))[name]) for r in replies],
+                                  as_ndarray(array)) for name, array in reference.items())
+        bounded = bound(np.asarray(gram, dtype=np.float64), self._rule)
+        if self._on_consensus is not None:
+            self._on_consensus(server_round, {**dict(zip(sites, bounded.agreement)), **refused}, bounded.radius)
+        for i in bounded.changed:
+            key = next(iter(replies[i].content.array_records))
+            replies[i].content[key] = _combined(bounded.coefficients[i], replies, reference)
+            log.warning("round %d: update of site %s bounded (× %.3g: %.3g times the median update's length)",
+                        server_round, sites[i], bounded.agreement[i].scale, bounded.agreement[i].norm_ratio)
+        return bool(bounded.changed)
+
+    @staticmethod
+    def _checked_release(reply: Message, noise_multiplier) -> Message:
+        if reply.has_error():
+            return reply
+        records = list(reply.content.metric_records.values())
+        problem = ("reply must hold exactly one metric record" if len(records) != 1 else
+                   release_problem(dict(records[0]), None if noise_multiplier is None else float(noise_multiplier)))
+        return reply if problem is None else _rejected(reply, problem, "evaluation")
 
     def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
         """Flower's send_and_receive; its own error replies for a lost site are put in words."""
@@ -303,15 +371,16 @@ class SiteGrid:
             node = self._sent_to.get(reply.metadata.reply_to_message_id, node)
         return self._site_of.get(node, "?")
 
-    def _check(self, replies: list[Message], global_arrays,
-               norms: dict[str, float]) -> tuple[list[tuple[str, Message]], tuple[list[Message], ArrayRecord] | None]:
+    def _check(self, replies: list[Message], global_arrays, norms: dict[str, float]):
         """Each reply with its site; an invalid update is replaced by an error reply saying why.
         ``norms`` (accepted updates' distances, this round) gains the newly accepted ones. Second: the
-        replies with content and their FedAvg average, if requested and all of them were accepted."""
+        replies with content and their FedAvg average, if requested and all of them were accepted. Third:
+        (row of each well-formed reply, by ``id``; the Gram matrix of their deltas)."""
         updates = [r for r in replies if not r.has_error()]
-        results, average = self._validator.check_all(
+        round_check = self._validator.check_all(
             [r.content for r in updates], global_arrays, [self._weight.get(self._site(r), 0) for r in updates],
             average_by=self._average_by)
+        results, average = round_check.results, round_check.average
         verdict = {id(r): result for r, result in zip(updates, results)}
         out, new = [], {}
         for reply in replies:
@@ -322,24 +391,41 @@ class SiteGrid:
                     new[site] = norm
                 else:
                     reply = _rejected(reply, reason)
+                    self._refused[site] = True
             out.append((site, reply))
         outliers = self._validator.outliers({**norms, **new})
         checked = []
         for site, reply in out:
             if site in outliers and site in new:
                 reply = _rejected(reply, outliers[site])
+                self._refused[site] = True
             elif site in new:
                 norms[site] = new[site]
             checked.append((site, reply))
         if average is not None and any(site in outliers for site in new):
             average = None
-        return checked, (updates, average) if average is not None else None
+        row_of = {id(updates[k]): row for row, k in enumerate(round_check.rows)}
+        return checked, (updates, average) if average is not None else None, (row_of, round_check.gram)
 
 
-def _rejected(reply: Message, reason: str) -> Message:
+def _combined(coefficients: np.ndarray, replies: list[Message], reference: ArrayRecord) -> ArrayRecord:
+    """g + Σ_j c_j·(x_j − g) for every array (float64 maths, the replies' dtype)."""
+    out = ArrayRecord()
+    for name, array in reference.items():
+        base = as_ndarray(array).astype(np.float64)
+        xs = [as_ndarray(next(iter(r.content.array_records.values()))[name]) for r in replies]
+        value = base * (1.0 - float(coefficients.sum()))
+        for c, x in zip(coefficients, xs):
+            if c != 0.0:
+                value += c * x.astype(np.float64)
+        out[name] = to_array(value.astype(xs[0].dtype))
+    return out
+
+
+def _rejected(reply: Message, reason: str, what: str = "update") -> Message:
     """The reply with its content replaced by an error: it is reported and logged, never aggregated."""
-    log.warning("rejected update from node %s: %s", reply.metadata.src_node_id, reason)
-    return replace_content_with_error(reply, Error(CODE_REJECTED, f"update rejected by the coordinator: {reason}"))
+    log.warning("rejected %s from node %s: %s", what, reply.metadata.src_node_id, reason)
+    return replace_content_with_error(reply, Error(CODE_REJECTED, f"{what} rejected by the coordinator: {reason}"))
 
 
 def _resend(message: Message) -> Message:

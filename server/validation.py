@@ -8,6 +8,7 @@ one, and by default at most ``max_ratio`` × the median distance of the round's 
 
 from __future__ import annotations
 
+import secrets
 import statistics
 from dataclasses import dataclass
 
@@ -18,6 +19,9 @@ from server.flower_seam import as_ndarray, to_array  # noqa: F401 - Flower's raw
 
 WEIGHT_KEY = "num-examples"
 CHUNK = 1 << 16  # elements per block of the one-pass loops: a few blocks stay in the core's cache
+# The Gram matrix (server/consensus.py) of a model beyond this many blocks (2M parameters) comes from a sample of
+# its blocks, drawn anew each round: the updates' cosines are estimated, their lengths stay exact.
+GRAM_SAMPLE_BLOCKS = 32
 
 
 def accumulate(out: np.ndarray, blocks: list[np.ndarray], factors: list[float], tmp: np.ndarray) -> None:
@@ -71,15 +75,16 @@ class UpdateValidator:
 
     def check(self, content: RecordDict, global_arrays: ArrayRecord, weight: int) -> tuple[str | None, float]:
         """(reason for rejecting, or None; the update's L2 distance to the global model)."""
-        return self.check_all([content], global_arrays, [weight])[0][0]
+        return self.check_all([content], global_arrays, [weight]).results[0]
 
     def check_all(self, contents: list[RecordDict], global_arrays: ArrayRecord, weights: list[int],
-                  average_by: str | None = None) -> tuple[list[tuple[str | None, float]], ArrayRecord | None]:
+                  average_by: str | None = None) -> RoundCheck:
         """``check`` for each update of a round, reading every update's arrays from memory once.
 
         With ``average_by`` (FedAvg's weight key) the same pass also accumulates Flower's FedAvg average
         of the updates (``accumulate``: the same bits as ``aggregate_arrayrecords``); it is returned only
-        if every update passed, since a rejected update changes the weights.
+        if every update passed, since a rejected update changes the weights. The same pass also gives the
+        Gram matrix of the well-formed updates' deltas (for ``server/consensus.py``).
         """
         names = list(global_arrays.keys())
         bases = [as_ndarray(a) for a in global_arrays.values()]
@@ -89,10 +94,18 @@ class UpdateValidator:
         factors = _factors([contents[k] for k in good], average_by) if average_by and len(good) == len(contents) else None
         average = ArrayRecord() if factors else None
         parts = np.zeros((len(good), len(names)))  # Σ (update − global)² per update and array
+        gram = np.zeros((len(good), len(good)))    # Σ (update_j − global)·(update_k − global), float32 arrays
+        exact = np.zeros_like(gram)                 # ... other arrays
         per_key = [[v[i] for v in views] for i in range(len(names))]
         fast = [i for i, base in enumerate(bases) if _fast(base, *per_key[i])]
-        accs = _one_pass([bases[i] for i in fast], [per_key[i] for i in fast], factors if average is not None else None)
-        for i, (partials, acc) in zip(fast, accs):
+        blocks = sum(-(-max(bases[i].size, 1) // CHUNK) for i in fast)
+        stride = max(1, -(-blocks // GRAM_SAMPLE_BLOCKS))
+        accs = _one_pass([bases[i] for i in fast], [per_key[i] for i in fast], factors if average is not None else None,
+                         stride, secrets.randbelow(stride))
+        sampled = 0
+        for i, (partials, acc, products, count) in zip(fast, accs):
+            gram += products
+            sampled += count
             for j in range(len(good)):  # blocks summed in order: the same float64 sum as squared_distance's
                 total = 0.0
                 for value in partials[:, j]:
@@ -103,6 +116,7 @@ class UpdateValidator:
         for i in sorted(set(range(len(names))) - set(fast)):  # float64 global (FedAdam), integer buffers
             xs = per_key[i]
             parts[:, i] = [squared_distance(x, bases[i]) for x in xs]
+            exact += exact_gram(xs, bases[i])
             if average is not None:
                 if not all(x.dtype == xs[0].dtype and x.flags.c_contiguous for x in xs):
                     average = None  # replies of mixed dtypes: the strategy averages them itself
@@ -117,7 +131,11 @@ class UpdateValidator:
             results[k] = self._verdict(contents[k], weights[k], names, views[j], bases, parts[j])
         if any(reason is not None for reason, _ in results):
             average = None
-        return results, average
+        if stride > 1 and sampled:  # the sampled blocks' products, scaled up to the whole of those arrays
+            gram *= sum(bases[i].size for i in fast) / sampled
+        gram += exact
+        np.fill_diagonal(gram, parts.sum(axis=1))  # the norms' own sums (the products' diagonal agrees to ~1e-6)
+        return RoundCheck(results, average, gram, good)
 
     def _structure(self, content: RecordDict, global_arrays: ArrayRecord) -> tuple[str | None, list[np.ndarray]]:
         """(reason, or None and the update's arrays as views): records, names, shapes and dtypes."""
@@ -170,6 +188,26 @@ class UpdateValidator:
         return rejected
 
 
+@dataclass(frozen=True)
+class RoundCheck:
+    results: list[tuple[str | None, float]]  # per update: (reason for rejecting or None, L2 distance)
+    average: ArrayRecord | None               # FedAvg's average of them all, if asked for and all passed
+    gram: np.ndarray                          # Gram matrix of the deltas of the well-formed updates ...
+    rows: list[int]                           # ... which are these (indices into the updates)
+
+
+def exact_gram(xs: list[np.ndarray], base: np.ndarray) -> np.ndarray:
+    """Σ (x_j − base)·(x_k − base) in float64, block by block (float64 globals, integer buffers)."""
+    gram = np.zeros((len(xs), len(xs)))
+    b = base.reshape(-1).astype(np.float64)
+    flat = [x.reshape(-1) for x in xs]
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, b.size, CHUNK):
+            block = np.stack([x[start:start + CHUNK].astype(np.float64) for x in flat]) - b[start:start + CHUNK]
+            gram += block @ block.T
+    return gram
+
+
 def _factors(contents: list[RecordDict], key: str) -> list[float] | None:
     """FedAvg's weights w_k / Σw, as Flower computes them; None if a weight is missing or not positive."""
     weights = [next(iter(c.metric_records.values())).get(key) for c in contents]
@@ -179,25 +217,30 @@ def _factors(contents: list[RecordDict], key: str) -> list[float] | None:
     return [w / total for w in weights]
 
 
-def _one_pass(bases: list[np.ndarray], xs: list[list[np.ndarray]],
-              factors: list[float] | None) -> list[tuple[np.ndarray, np.ndarray | None]]:
+def _one_pass(bases: list[np.ndarray], xs: list[list[np.ndarray]], factors: list[float] | None, stride: int = 1,
+              offset: int = 0) -> list[tuple[np.ndarray, np.ndarray | None, np.ndarray, int]]:
     """For each float32 array of the model, (every update's Σ(x − base)² per block, as ``squared_distance``
-    computes it; with ``factors``, FedAvg's average by ``accumulate``'s operations in its order) —
-    interleaved block by block, so each block of an update is read from memory once and the
-    temporaries stay in cache."""
+    computes it; with ``factors``, FedAvg's average by ``accumulate``'s operations in its order; the Gram
+    matrix of the deltas over every ``stride``-th block of the model from ``offset`` on, float32 products
+    within a block summed in float64; how many parameters those blocks hold) — interleaved block by block,
+    so each block of an update is read from memory once and the temporaries stay in cache."""
     results = []
-    diff = np.empty(CHUNK, dtype=np.float32)
-    tmp = np.empty_like(diff)
+    counter = 0  # blocks of the model so far (all arrays)
+    n = len(xs[0]) if xs else 0
+    width = min(CHUNK, max((b.size for b in bases), default=1))
+    diffs = np.empty((n, width), dtype=np.float32)
+    tmp = np.empty(width, dtype=np.float32)
     with np.errstate(over="ignore", invalid="ignore"):  # inf / NaN are looked into by the verdict
         for base, updates in zip(bases, xs):
             b, flat = base.reshape(-1), [x.reshape(-1) for x in updates]
             partials = np.zeros((max(1, -(-b.size // CHUNK)), len(flat)))
             acc = np.empty(b.size, dtype=np.float32) if factors else None
+            products, count = np.zeros((n, n)), 0
             for block, start in enumerate(range(0, max(b.size, 1), CHUNK)):
                 end = min(start + CHUNK, b.size)
-                base_block, d, t = b[start:end], diff[:end - start], tmp[:end - start]
+                base_block, t = b[start:end], tmp[:end - start]
                 for j, x in enumerate(flat):
-                    values = x[start:end]
+                    values, d = x[start:end], diffs[j, :end - start]
                     np.subtract(values, base_block, out=d)
                     partials[block, j] = np.dot(d, d)
                     if acc is not None:
@@ -205,5 +248,10 @@ def _one_pass(bases: list[np.ndarray], xs: list[list[np.ndarray]],
                             np.multiply(values, factors[0], out=acc[start:end])
                         else:
                             np.add(acc[start:end], np.multiply(values, factors[j], out=t), out=acc[start:end])
-            results.append((partials, acc))
+                if n > 1 and (counter + offset) % stride == 0:
+                    block_diffs = diffs[:, :end - start]
+                    products += block_diffs @ block_diffs.T
+                    count += end - start
+                counter += 1
+            results.append((partials, acc, products, count))
     return results

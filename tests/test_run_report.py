@@ -104,10 +104,13 @@ def test_every_run_writes_a_report_with_curves_epsilon_errors_and_final_table(eh
     out, _ = ehr_run
     page = (out / REPORT_FILE).read_text(encoding="utf-8")  # written by the ServerApp itself
     _self_contained(page)
-    # federation curves, per-site test metrics, ε per site (no training loss: it never leaves a site)
-    assert len(_images(page)) == 3 and "Training loss" not in page
+    # federation curves, per-site test metrics, the sites' agreement with the consensus, ε per site (no training
+    # loss: it never leaves a site)
+    assert len(_images(page)) == 4 and "Training loss" not in page
+    assert "no site was flagged" in page
     for section in ("Final results", "Federation metrics per round", "Test metrics per site and round",
-                    "Privacy: ε per site and round", "Errors and missing replies"):
+                    "Agreement between the sites' updates", "Privacy: ε per site and round",
+                    "Errors and missing replies"):
         assert section in page
     for site in ("cleveland", "hungarian", "switzerland"):
         assert f"<td>{site}</td>" in page
@@ -182,7 +185,8 @@ def test_non_dp_run_states_that_no_epsilon_holds(tmp_path):
     page = (out / REPORT_FILE).read_text(encoding="utf-8")
     _self_contained(page)
     assert "Differential privacy was off" in page and page.count(">no DP<") == 2
-    assert len(_images(page)) == 2  # federation and per-site metrics; no ε plot, no training loss
+    assert len(_images(page)) == 2  # federation and per-site metrics; no ε plot, no training loss, and with two
+    assert "no consensus records" in page  # sites no consensus to agree with
     # personalisation: each site's fine-tuned model has its own rows beside the global model's
     assert "<th>cleveland, fine-tuned at the site</th>" in page
     assert "<th>pooled (all test patients), fine-tuned at each site</th>" in page
@@ -316,3 +320,25 @@ def test_figures_show_their_noise_std_and_exact_sites_are_marked_not_dp(tmp_path
     assert "Evaluation not DP at b" in page
     drawn = {key for key, band in bands if band is not None}
     assert {"pooled_accuracy", "accuracy", "auc"} <= drawn  # ± one std shaded where a std was stated
+
+
+def test_a_bug_in_any_command_is_one_line_and_the_traceback_goes_to_a_file(monkeypatch, capsys, tmp_path):
+    """No Python traceback reaches a person from a `carefl` command: a bug is named in one line that points
+    to a file holding the traceback for a bug report."""
+    import sys
+
+    from deploy.cli import main as cli_main
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr("server.report.write_report", broken)  # the command imports it when it runs
+    monkeypatch.setattr(cli_main.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["carefl", "report", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main.main()
+    shown = capsys.readouterr()
+    assert exit_info.value.code == 1
+    assert "internal error" in shown.out and "KeyError" in shown.out and "Traceback" not in shown.out + shown.err
+    written = list(tmp_path.glob("carefl-error-*.txt"))
+    assert len(written) == 1 and "Traceback" in written[0].read_text() and "a bug" in written[0].read_text()

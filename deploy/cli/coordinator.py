@@ -117,6 +117,10 @@ def coordinator_run(
     max_update_norm: Optional[float] = typer.Option(None, min=0, help="Reject an update farther than this (L2) "
                                                     "from the global model (default 0: off)."),
     byzantine_sites: Optional[int] = typer.Option(None, min=0, help="krum / multikrum: sites that may be hostile."),
+    bound_factor: Optional[float] = typer.Option(None, min=1.0, help="An update longer than this × the round's "
+                                                 "median update counts less the longer it is (default 3)."),
+    outlier_policy: Optional[str] = typer.Option(None, help="flag | exclude: what happens to a site that is an "
+                                                 "outlier outlier-rounds rounds in a row (default flag)."),
     init_checkpoint: Optional[Path] = typer.Option(None, help="seg: start from this public checkpoint (`carefl "
                                                    "coordinator pretrain`) and DP fine-tune it (shared_models/"
                                                    "tasks.py: SEG_DP_FINETUNE)."),
@@ -158,7 +162,8 @@ def coordinator_run(
     if target_epsilon is not None:
         extra["target-epsilon"] = target_epsilon
     knobs = {"round-timeout": round_timeout, "round-retries": round_retries, "max-update-norm": max_update_norm,
-             "byzantine-sites": byzantine_sites, "trim-beta": trim_beta}
+             "byzantine-sites": byzantine_sites, "trim-beta": trim_beta, "bound-factor": bound_factor,
+             "outlier-policy": outlier_policy}
     extra.update({k: v for k, v in knobs.items() if v is not None})
     run_config = check_run_config(rounds, strategy, model, lr, local_steps, extra,
                                   defaults=study.defaults(from_checkpoint=init_checkpoint is not None))

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import signal
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
 import typer
 
@@ -61,6 +65,18 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted; every process this command started has been stopped")
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - a bug: one line for the person, the traceback to a file
+        console.print(f"[bold red]internal error:[/] {type(exc).__name__} in carefl; nothing more was done. "
+                      f"Details for a bug report: {_write_traceback()}", highlight=False)
+        sys.exit(1)
+
+
+def _write_traceback() -> Path:
+    """The current exception's traceback in a new file (never on the terminal: it may name local paths and
+    values a person should look at before sharing them)."""
+    path = Path(tempfile.gettempdir()) / f"carefl-error-{time.strftime('%Y%m%d-%H%M%S')}-{id(sys.exc_info()[1]):x}.txt"
+    path.write_text(traceback.format_exc())
+    return path
 
 
 if __name__ == "__main__":

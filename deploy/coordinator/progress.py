@@ -34,6 +34,15 @@ def _epsilon(rec: dict) -> str:
     return f"{rec['epsilon']:.2f} ({rec.get('delta', 0):.0e})"
 
 
+def _note(rec: dict, flagged: bool) -> str:
+    """The site's error, else how its update compared with the others' (server/consensus.py)."""
+    if rec.get("error"):
+        return rec["error"]
+    outlier = (rec.get("consensus") or {}).get("outlier", "")
+    return " ".join(part for part in ("[bold red]FLAGGED[/]" if flagged else "",
+                                      f"[yellow]outlier: {outlier}[/]" if outlier else "") if part)
+
+
 def progress_table(run_dir: Path, total_rounds: int, status: str) -> Table:
     """Latest round's line per site, plus the federation's mean-centre and pooled figures."""
     records = read_jsonl(run_dir / METRICS_FILE)
@@ -47,9 +56,10 @@ def progress_table(run_dir: Path, total_rounds: int, status: str) -> Table:
     for col, justify in (("site", "left"), ("round", "right"), ("weight", "right"),
                          ("test acc. / Dice", "right"), ("AUC", "right"), ("ε (δ)", "right"), ("note", "left")):
         table.add_column(col, justify=justify)
+    flagged = {r["site"]: r["flagged"] for r in records if r.get("flagged") and "site" in r}
     for site, rec in sorted(latest.items()):
         table.add_row(site, str(rec["round"]), str(rec.get("weight", "–")), _fmt(_quality(rec)),
-                      _fmt(rec.get("auc")), _epsilon(rec), rec.get("error", ""))
+                      _fmt(rec.get("auc")), _epsilon(rec), _note(rec, site in flagged))
     if rounds:
         last = rounds[-1]
         table.add_section()

@@ -226,6 +226,13 @@ def _coordinator_section(audit: ActorAudit) -> str:
         out.append("<table><tr><th>run</th><th>app sha256</th><th>sites</th><th>updates received</th>"
                    "<th>rejections</th><th>aggregates</th><th>checkpoints</th><th>status</th></tr>"
                    f"{rows}</table>")
+    flags = [r["payload"] for r in entries if r["event"] == "site-flagged"]
+    if flags:  # sites whose updates disagreed with the consensus round after round (server/consensus.py)
+        out.append("<h3>Flagged sites</h3><table><tr><th>run</th><th>round</th><th>site</th><th>excluded</th>"
+                   "<th>why</th></tr>" + "".join(
+                       f"<tr><td>{e(f.get('run_id'))}</td><td class=num>{e(f.get('round'))}</td><td>{e(f.get('site'))}"
+                       f"</td><td>{'yes' if f.get('excluded') else 'no'}</td><td>{e(f.get('reason'))}</td></tr>"
+                       for f in flags) + "</table>")
     rejections = Counter(str(r["payload"].get("reason")) for r in entries if r["event"] == "rejection")
     if rejections:
         out.append("<h3>Rejections</h3><table><tr><th>reason</th><th>count</th></tr>" + "".join(
