@@ -10,16 +10,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 from pathlib import Path
 
 import pytest
 
+from benchmarks.attacks import TRAIN_REPLY, patched_app
 from deploy.site.approval import app_hash, approve
 from server.checkpoint import load
 from server.run_dir import read_jsonl
-from tests.helpers import REPO, default_run_config, running_consortium, wait_for, wait_online, wait_run
+from tests.helpers import default_run_config, running_consortium, wait_for, wait_online, wait_run
 
 SITES = {"cleveland": "cleveland", "hungarian": "hungarian", "switzerland": "switzerland", "va": "va"}
 
@@ -125,22 +125,11 @@ def _misbehave(site_id, server_round, reply, task):
 
 def malicious_app(folder: Path) -> Path:
     """This repository's app with the misbehaviour above compiled into its ClientApp's train handler."""
-    app = folder / "app"
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for part in ("server", "client", "shared_models", "privacy"):
-        shutil.copytree(REPO / part, app / part, ignore=ignore)
-    shutil.copy(REPO / "pyproject.toml", app / "pyproject.toml")
-    handler = app / "client" / "client_app.py"
-    source = handler.read_text()
     charge = "    charged = release.charge_training("
-    reply = "    return Message(reply, reply_to=msg)\n\n\n@app.evaluate()"
-    assert source.count(charge) == 1 and source.count(reply) == 1, "the train handler changed; update this test"
-    source = source.replace(charge, '    charged = _charge_or_skip(site.site_id, int(config["server-round"]), '
-                                    'release.charge_training)(')
-    source = source.replace(reply, '    reply = _misbehave(site.site_id, int(config["server-round"]), reply, task)\n'
-                            + reply)
-    handler.write_text(source + MISBEHAVIOUR)
-    return app
+    return patched_app(folder, {
+        charge: '    charged = _charge_or_skip(site.site_id, int(config["server-round"]), release.charge_training)(',
+        TRAIN_REPLY: '    reply = _misbehave(site.site_id, int(config["server-round"]), reply, task)\n' + TRAIN_REPLY,
+    }, MISBEHAVIOUR)
 
 
 @pytest.fixture(scope="module")
