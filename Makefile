@@ -18,8 +18,7 @@ setup: $(STAMP)
 
 $(STAMP): requirements.lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# --no-compile: Python compiles only what is imported, when it is (pip compiling all of torch took 45 s)
-	$(BIN)/python -m pip install --quiet --no-compile -r requirements.lock.txt
+	$(BIN)/python -m pip install --quiet -r requirements.lock.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

@@ -97,8 +97,9 @@ def bound(gram: np.ndarray, rule: ConsensusRule) -> Bounded:
     typical = float(np.median(norms))
     ratios = norms / typical if typical > 0 else np.ones(n)
     voters = [i for i in range(n) if ratios[i] >= rule.min_norm_ratio]  # a site replaying the model has no say
-    if len(voters) < MIN_UPDATES:
-        return Bounded(coefficients, [Agreement(1.0, float(r), 1.0, "") for r in ratios], 0.0)
+    if len(voters) < MIN_UPDATES:  # no majority to agree with: nothing bounded, only idleness on record
+        return Bounded(coefficients, [Agreement(1.0 if i in voters else 0.0, float(r), 1.0,
+                                                "" if i in voters else "idle") for i, r in enumerate(ratios)], 0.0)
     alpha = np.zeros(n)
     alpha[voters] = geometric_median(gram[np.ix_(voters, voters)])
     along = gram @ alpha  # d_i · m

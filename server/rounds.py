@@ -70,7 +70,7 @@ class RoundRecorder:
     def on_consensus(self, agreement: dict, radius: float, flagged: dict[str, str]) -> None:
         self._agreement = {site: a.record() for site, a in agreement.items()}
         self._consensus = {"bound": radius, "outliers": sorted(s for s, a in agreement.items() if a.outlier),
-                           **({"flagged": flagged} if flagged else {})}
+                           "sites": self._agreement, **({"flagged": flagged} if flagged else {})}
 
     def stop_round(self, server_round: int | None, site_errors: dict[str, str], reason: str) -> None:
         """The round the run stopped in: one record for each site that has something to say — its own

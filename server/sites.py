@@ -12,10 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-
-import numpy as np
 
 from server.consensus import MIN_UPDATES, Agreement, ConsensusRule, bound
 from server.flower_seam import NODE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, replace_content_with_error
@@ -337,9 +336,9 @@ class SiteGrid:
         bounded = bound(np.asarray(gram, dtype=np.float64), self._rule)
         if self._on_consensus is not None:
             self._on_consensus(server_round, {**dict(zip(sites, bounded.agreement)), **refused}, bounded.radius)
-        for i in bounded.changed:
-            key = next(iter(replies[i].content.array_records))
-            replies[i].content[key] = _combined(bounded.coefficients[i], replies, reference)
+        combined = {i: _combined(bounded.coefficients[i], replies, reference) for i in bounded.changed}
+        for i, arrays in combined.items():  # all computed from the updates as sent, then put in place
+            replies[i].content[next(iter(replies[i].content.array_records))] = arrays
             log.warning("round %d: update of site %s bounded (× %.3g: %.3g times the median update's length)",
                         server_round, sites[i], bounded.agreement[i].scale, bounded.agreement[i].norm_ratio)
         return bool(bounded.changed)
