@@ -81,10 +81,10 @@ GOAL = 0.05  # mean-centre accuracy within this of the honest run's
 
 
 def in_process_run(folder: Path, attack: str | None, rounds: int = ROUNDS, seed: int = 42, evaluation: str = "exact",
-                   **overrides) -> dict:
+                   accountant: str = "prv", **overrides) -> dict:
     """One study of the four hospitals in this process, ``DISHONEST`` running ``attack`` (None: honest).
-    ``evaluation``: the sites' policy (exact: the figures carry no evaluation noise, so the attack's effect
-    is what differs between runs). Returns the run's summary.json."""
+    ``evaluation``, ``accountant``: the sites' policy (exact: the figures carry no evaluation noise, so the
+    attack's effect is what differs between runs). Returns the run's summary.json."""
     from flwr.app import Context, RecordDict
 
     from client.client_app import app as client_app
@@ -92,8 +92,8 @@ def in_process_run(folder: Path, attack: str | None, rounds: int = ROUNDS, seed:
     from server.server_app import app as server_app
     from tests.helpers import default_run_config, site_config
 
-    nodes = {10 + i: {"site-config": str(site_config(folder / "sites", c, evaluation=evaluation))}
-             for i, c in enumerate(CENTRES)}
+    nodes = {10 + i: {"site-config": str(site_config(folder / "sites", c, evaluation=evaluation,
+                                                     accountant=accountant))} for i, c in enumerate(CENTRES)}
     dishonest = 10 + CENTRES.index(DISHONEST)
 
     def app(msg: Message, context: Context) -> Message:
