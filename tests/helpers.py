@@ -70,6 +70,19 @@ def default_run_config(**overrides) -> dict:
     return app_run_config(**overrides)
 
 
+class Replied:
+    """A Flower Grid whose nodes have already replied: ``send_and_receive`` hands back these replies."""
+
+    def __init__(self, replies):
+        self.replies = replies
+
+    def get_node_ids(self):
+        return [r.metadata.src_node_id for r in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return list(self.replies)
+
+
 def wait_for(predicate, timeout: float, what: str) -> None:
     """Poll ``predicate`` every 0.5 s; AssertionError naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

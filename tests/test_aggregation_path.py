@@ -24,6 +24,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from server import strategies, validation
 from server.sites import SiteGrid, SiteInfo
 from server.validation import UpdateValidator, as_ndarray, squared_distance, to_array
+from tests.helpers import Replied
 
 SHAPES = {"dense.weight": (37, 29), "dense.bias": (29,), "scale": (), "steps": (2,)}  # "steps": int64 buffer
 
@@ -66,17 +67,6 @@ def _reply(msg, arrays: dict, examples: int) -> Message:
     content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                           "metrics": MetricRecord({"num-examples": examples, "local-steps": 5.0})})
     return Message(content, reply_to=msg)
-
-
-class Replied:
-    def __init__(self, replies):
-        self.replies = replies
-
-    def get_node_ids(self):
-        return [r.metadata.src_node_id for r in self.replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return list(self.replies)
 
 
 def _same(a: ArrayRecord, b: ArrayRecord) -> None:

@@ -15,7 +15,7 @@ from server.settings import RunConfigError, RunSettings
 from server.sites import SiteGrid, SiteInfo
 from server.validation import UpdateValidator
 from shared_models.eval_release import binary_layout, binary_vectors
-from tests.helpers import default_run_config
+from tests.helpers import Replied, default_run_config
 
 DIM = 400
 
@@ -104,19 +104,6 @@ def test_a_site_is_flagged_after_the_rule_s_rounds_in_a_row_and_only_once():
 
 
 # ---- the same on SiteGrid's path: real Flower replies, the validation pass's Gram matrix ----
-
-class Replied:
-    """A Grid whose nodes have already replied."""
-
-    def __init__(self, replies):
-        self.replies = replies
-
-    def get_node_ids(self):
-        return [r.metadata.src_node_id for r in self.replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return list(self.replies)
-
 
 def _train_round(deltas: list[np.ndarray], weights: list[int]):
     set_task_identity(task_id=1, run_id=1, node_id=0)  # Flower stamps new messages with the process's task
