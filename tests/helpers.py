@@ -3,7 +3,9 @@ CLI in a subprocess, a running loopback consortium."""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -197,40 +199,119 @@ def consortium_spec(folder: Path, sites, port: int) -> Path:
 
 def add_dataset(site_toml: Path, centre: str) -> None:
     """What the site's data scientist does to the kit's template: name the data and a budget."""
-    from client.ingest.heart_disease import centre_file
+    add_dataset_with_policy(site_toml, centre)
 
+
+def add_dataset_with_policy(site_toml: Path, centre: str, **policy) -> None:
+    """``add_dataset``, with more settings of the dataset's policy (e.g. ``accountant="rdp"``)."""
+    from client.ingest.heart_disease import centre_file
+    from deploy.coordinator.superlink import toml_value
+
+    settings = "".join(f"{key} = {toml_value(value)}\n" for key, value in policy.items())
     with site_toml.open("a") as fh:
         fh.write(f'\n[datasets.heart-disease]\npath = "{centre_file(data_dir(), centre)}"\n'
-                 f'epsilon_budget = 10.0\ndelta = 1e-4\n')
+                 f'epsilon_budget = 10.0\ndelta = 1e-4\n{settings}')
+
+
+class SuperLinkLog:
+    """The lines a coordinator's SuperLink appends to ``<state dir>/superlink.log`` from now on: reading them
+    costs nothing, unlike a question to the SuperLink (each one a `flwr` process, about a CPU-second)."""
+
+    def __init__(self, coord: Coordinator) -> None:
+        self.path = Path(coord.state_dir) / "superlink.log"
+        self.offset, self.partial = self._size(), b""
+
+    def _size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return 0
+
+    def new_lines(self) -> str:
+        """Whole lines appended since the last call (the log is only ever appended to, across restarts)."""
+        size = self._size()
+        if size < self.offset:  # a new file: read it from its start
+            self.offset, self.partial = 0, b""
+        if size == self.offset:
+            return ""
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            data = self.partial + fh.read(size - self.offset)
+        self.offset = size
+        done, _, self.partial = data.rpartition(b"\n")
+        return done.decode(errors="replace")
+
+
+# a SuperNode (re)connected: the event every wait for sites to be online is waiting for
+NODE_EVENT = re.compile(r"Activated node_id=")
+
+
+def wait_for_superlink(coord: Coordinator, ask, timeout: float, what: str, event: re.Pattern = NODE_EVENT,
+                       every: float = 10.0, gap: float = 2.0, final: bool = False) -> None:
+    """``wait_for`` for a predicate that asks the SuperLink through Flower's CLI (``ask``): asked at once, then
+    as soon as the SuperLink logs a line matching ``event`` (``final``: and every ``gap`` s from then on),
+    otherwise every ``every`` s, never twice within ``gap`` s, and once more at the deadline. (Asking every
+    second, a `flwr` process each time, kept a CPU core busy during every wait, slowing down everything else
+    the suite runs meanwhile.)"""
+    log = SuperLinkLog(coord)  # before the first question: no event after it is missed
+    deadline = time.monotonic() + timeout
+    asked, hinted = -math.inf, False
+    while True:
+        hinted = hinted or bool(event.search(log.new_lines()))
+        now = time.monotonic()
+        last = now >= deadline
+        if last or (now - asked >= gap and (hinted or now - asked >= every)):
+            asked, hinted = now, hinted and final
+            if ask():
+                return
+            if last:
+                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.25)
 
 
 def wait_online(coord: Coordinator, sites: list[str], timeout: float = 120.0) -> None:
     """Until every one of ``sites`` is online at the coordinator; AssertionError after ``timeout``."""
     ids = {coord.site_nodes()[s] for s in sites}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        online = {str(n["node-id"]) for n in coord.nodes() if n.get("status") == "online"}
-        if ids <= online:
-            return
-        time.sleep(1)
-    raise AssertionError(f"sites {sites} not online after {timeout:.0f}s: {coord.nodes()}")
+
+    def online() -> bool:
+        return ids <= {str(n["node-id"]) for n in coord.nodes() if n.get("status") == "online"}
+
+    try:
+        wait_for_superlink(coord, online, timeout, f"sites {sites} to be online")
+    except AssertionError:
+        raise AssertionError(f"sites {sites} not online after {timeout:.0f}s: {coord.nodes()}") from None
 
 
 def wait_run(coord: Coordinator, run_id: int, timeout: float = 300.0) -> str:
-    """The run's final status once it is ``finished:…``; AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = coord.run_status(run_id)
-        if status.startswith("finished"):
-            return status
-        time.sleep(2)
-    raise AssertionError(f"run {run_id} still {status} after {timeout:.0f}s")
+    """The run's final status once it is ``finished:…``; AssertionError after ``timeout``. Flower is asked when
+    the SuperLink logs the end of the run's ServerApp task (or every few seconds)."""
+    status = ["unknown"]
+
+    def finished() -> bool:
+        status[0] = coord.run_status(run_id)
+        return status[0].startswith("finished")
+
+    try:
+        wait_for_superlink(coord, finished, timeout, f"run {run_id}", every=15.0, final=True,
+                           event=re.compile(rf"Finished task \d+ of run {run_id}\b"))
+    except AssertionError:
+        raise AssertionError(f"run {run_id} still {status[0]} after {timeout:.0f}s") from None
+    return status[0]
 
 
 @contextmanager
 def running_consortium(root: Path, sites: dict[str, str], unapproved: tuple[str, ...] = ()):
     """Kits, a coordinator and one `carefl site start` agent per site (site → heart-disease centre),
     every site approving the app except ``unapproved``; all stopped by pid on the way out."""
+    with running_consortium_with_policy(root, sites, unapproved) as consortium:
+        yield consortium
+
+
+@contextmanager
+def running_consortium_with_policy(root: Path, sites: dict[str, str], unapproved: tuple[str, ...] = (), **policy):
+    """``running_consortium`` whose sites' heart-disease policy has these settings too, e.g. ``accountant="rdp"``
+    where a study is not about the accountant: PRV's composition at every plan and charge of a site costs
+    seconds of CPU per run, and on 2 cores that slows every test running meanwhile."""
     from deploy import processes
     from deploy.coordinator.provision import load_consortium, provision
     from deploy.coordinator.superlink import Coordinator
@@ -245,7 +326,7 @@ def running_consortium(root: Path, sites: dict[str, str], unapproved: tuple[str,
         coord.start()
         digest = app_hash(coord.app_dir)
         for site, centre in sites.items():
-            add_dataset(kits / site / "site.toml", centre)
+            add_dataset_with_policy(kits / site / "site.toml", centre, **policy)
             if site not in unapproved:
                 approve(kits / site / "site.toml", digest)
             agents.append(processes.start(

@@ -19,7 +19,7 @@ from benchmarks.attacks import TRAIN_REPLY, patched_app
 from deploy.site.approval import app_hash, approve
 from server.checkpoint import load
 from server.run_dir import read_jsonl
-from tests.helpers import default_run_config, running_consortium, wait_for, wait_online, wait_run
+from tests.helpers import default_run_config, running_consortium_with_policy, wait_for, wait_online, wait_run
 
 SITES = {"cleveland": "cleveland", "hungarian": "hungarian", "switzerland": "switzerland", "va": "va"}
 
@@ -38,7 +38,9 @@ def _gate_pgid(config: Path) -> int | None:
 
 @pytest.fixture(scope="module")
 def consortium(tmp_path_factory):
-    with running_consortium(tmp_path_factory.mktemp("faults"), SITES) as c:
+    # RDP accounting at the sites: neither the faults nor the egress guard depend on the accountant, and PRV's
+    # composition at every plan and charge costs seconds of CPU per site and run
+    with running_consortium_with_policy(tmp_path_factory.mktemp("faults"), SITES, accountant="rdp") as c:
         yield c
 
 

@@ -19,7 +19,7 @@ import pytest
 from deploy import processes
 from server.checkpoint import load
 from server.run_dir import read_jsonl
-from tests.helpers import default_run_config, running_consortium, wait_for, wait_run
+from tests.helpers import default_run_config, running_consortium_with_policy, wait_for, wait_for_superlink, wait_run
 
 SITES = {"cleveland": "cleveland", "hungarian": "hungarian", "va": "va"}
 
@@ -94,7 +94,9 @@ def _crash(coord) -> None:
 
 @pytest.fixture(scope="module")
 def consortium(tmp_path_factory):
-    with running_consortium(tmp_path_factory.mktemp("outages"), SITES) as c:
+    # RDP accounting at the sites: outages do not depend on the accountant (the audit log is verified either way),
+    # and PRV's composition at every plan and charge costs seconds of CPU per site and run
+    with running_consortium_with_policy(tmp_path_factory.mktemp("outages"), SITES, accountant="rdp") as c:
         yield c
 
 
@@ -117,7 +119,7 @@ def test_sites_reconnect_by_themselves_after_every_outage_and_the_study_resumes(
     wait_for(lambda: not _serverapps(coord.port), 30, "the orphaned ServerApp to stop")
     time.sleep(2)
     since = _restart(coord)
-    wait_for(lambda: _all_back(coord, kits, since, before), 120, "every site back after a 2 s outage")
+    wait_for_superlink(coord, lambda: _all_back(coord, kits, since, before), 120, "every site back after a 2 s outage")
 
     # 2. a crash that outlasts Flower's own retries (the SuperNodes give up after ~15 s) and the agent's
     # backoff cap (60 s)
@@ -127,7 +129,8 @@ def test_sites_reconnect_by_themselves_after_every_outage_and_the_study_resumes(
         time.sleep(seconds)
         assert all(agent in _cmdlines() for agent in agents)  # the agents wait; nobody restarts them
         since = _restart(coord)
-        wait_for(lambda: _all_back(coord, kits, since, before), 120, f"every site back after a {seconds} s outage")
+        wait_for_superlink(coord, lambda: _all_back(coord, kits, since, before), 120,
+                           f"every site back after a {seconds} s outage")
         assert set(_gates(kits).values()).isdisjoint(before.values())  # new SuperNodes, started by the agents
 
     # 3. a graceful stop (what `carefl coordinator stop` does) and a start
@@ -135,7 +138,8 @@ def test_sites_reconnect_by_themselves_after_every_outage_and_the_study_resumes(
     coord.stop()
     time.sleep(10)
     since = _restart(coord)
-    wait_for(lambda: _all_back(coord, kits, since, before), 120, "every site back after a graceful restart")
+    wait_for_superlink(coord, lambda: _all_back(coord, kits, since, before), 120,
+                       "every site back after a graceful restart")
 
     # the study resumes from its checkpoint; no site was touched
     done = load(out).round
@@ -164,7 +168,7 @@ def test_a_restarted_site_ends_its_stale_session_instead_of_waiting_a_minute(con
     """A site's SuperNode killed (its agent restarts it): the SuperLink still holds the old session open
     for up to 60 s; the new one ends it and is online at once, not refused until the heartbeat expires."""
     coord, kits = consortium["coord"], consortium["kits"]
-    wait_for(lambda: _all_online(coord), 120, "every site online")
+    wait_for_superlink(coord, lambda: _all_online(coord), 120, "every site online")
     gate = next(pid for pid, cmd in _cmdlines().items()
                 if "deploy.site.gate" in cmd and str(kits / "va" / "site.toml") in cmd)
     supernode_log = kits / "va" / "agent" / "supernode.log"
@@ -172,5 +176,5 @@ def test_a_restarted_site_ends_its_stale_session_instead_of_waiting_a_minute(con
     os.killpg(os.getpgid(gate), signal.SIGKILL)
     wait_for(lambda: supernode_log.read_text().count("previous session") > seen, 60,
               "the new SuperNode to end the stale session")
-    wait_for(lambda: _all_online(coord), 30, "va online again")
+    wait_for_superlink(coord, lambda: _all_online(coord), 30, "va online again")
     assert "refused to activate" not in (consortium["root"] / "va" / "agent.log").read_text()

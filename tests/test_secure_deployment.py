@@ -16,15 +16,17 @@ from deploy import processes
 from deploy.coordinator.superlink import Coordinator
 from deploy.coordinator.provision import load_consortium, provision, write_keygen
 from server.run_dir import read_jsonl
-from tests.helpers import (add_dataset, consortium_spec, data_dir, default_run_config, running_consortium, wait_online,
-                           wait_run)
+from tests.helpers import (add_dataset, consortium_spec, data_dir, default_run_config, running_consortium_with_policy,
+                           wait_online, wait_run)
 
 SITES = {"site-a": "cleveland", "site-b": "hungarian", "site-c": "va"}  # site-c will not approve the app
 
 
 @pytest.fixture(scope="module")
 def consortium(tmp_path_factory):
-    with running_consortium(tmp_path_factory.mktemp("consortium"), SITES, unapproved=("site-c",)) as c:
+    # RDP accounting at the sites: TLS, authentication and approval do not depend on the accountant
+    with running_consortium_with_policy(tmp_path_factory.mktemp("consortium"), SITES, unapproved=("site-c",),
+                                        accountant="rdp") as c:
         yield c
 
 

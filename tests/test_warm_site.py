@@ -15,7 +15,7 @@ import pytest
 from deploy.site import warm
 from deploy.site.approval import app_hash, approve
 from privacy.ledger import PrivacyLedger
-from tests.helpers import default_run_config, running_consortium, wait_run
+from tests.helpers import default_run_config, running_consortium_with_policy, wait_run
 
 SITES = {"site-a": "cleveland", "site-c": "switzerland"}  # site-c approves nothing
 SENTINEL = "warm-test-sentinel"
@@ -51,7 +51,8 @@ def test_warm_sites_gate_every_message_load_each_approved_version_and_charge_per
     only site-a approved. site-c approved neither."""
     app2 = _new_app_version(tmp_path / "app-v2")
     digest2 = app_hash(app2)
-    with running_consortium(tmp_path / "c", SITES, unapproved=("site-c",)) as c:
+    # RDP accounting: what a warm site runs and charges does not depend on the accountant
+    with running_consortium_with_policy(tmp_path / "c", SITES, unapproved=("site-c",), accountant="rdp") as c:
         coord, kits, digest = c["coord"], c["kits"], c["digest"]
         assert digest2 != digest
         approve(kits / "site-a" / "site.toml", digest2)

@@ -22,6 +22,7 @@ from server.settings import RunSettings
 
 console = Console()
 LOST_CONTACT = 60.0  # seconds without any answer about the run before `follow` gives up on the SuperLink
+ASK_EVERY = 10.0     # seconds between questions to Flower while the run directory shows the run going on
 
 
 def app_run_config(**overrides) -> dict:
@@ -40,18 +41,29 @@ def check_run_config(rounds, strategy, model, lr, local_steps, extra: dict, defa
     return overrides
 
 
+def _ended(out: Path) -> bool:
+    """The run directory holds the run's end: its summary, or the record of why it stopped."""
+    return (out / SUMMARY_FILE).exists() or stop_record(read_jsonl(out / METRICS_FILE)) is not None
+
+
 def follow(fed, run_config: dict, out: Path, poll: float = 2.0) -> dict:
     """Submit, show the live table until the run ends, and return its summary."""
     rounds = int(run_config.get("num-server-rounds", 15))
     run_id = fed.submit(run_config)
     console.print(f"[bold]run {run_id}[/] submitted → {out}")
-    status, answered = "starting", time.monotonic()
+    status, answered, asked = "starting", time.monotonic(), time.monotonic()
     with Live(progress_table(out, rounds, status), console=console, refresh_per_second=2) as live:
         while not status.startswith("finished"):
             time.sleep(poll)
             dead = [name for name, ok in fed.alive().items() if not ok]
             if dead:
                 raise DeploymentError(f"{', '.join(dead)} stopped unexpectedly (its log is in the deployment directory)")
+            # Each question to Flower is a `flwr` process (a CPU-second): asked every poll once the run directory
+            # says the run ended, every ASK_EVERY s before (a ServerApp that died without writing is still seen)
+            if not _ended(out) and time.monotonic() - asked < ASK_EVERY:
+                live.update(progress_table(out, rounds, status))
+                continue
+            asked = time.monotonic()
             status = fed.run_status(run_id)
             if status != "unknown":
                 answered = time.monotonic()
