@@ -22,7 +22,7 @@ from pathlib import Path
 from benchmarks.figures import Figure, update_document
 
 # In the order of docs/BENCHMARKS.md.
-MODULES = ["dp_overhead", "seg_dp_overhead", "deployment_overhead", "reconnect", "aggregation", "attacks", "scale",
+MODULES = ["dp_overhead", "seg_dp_overhead", "deployment_overhead", "reconnect", "aggregation", "attacks", "secure_aggregation", "scale",
            "heart_disease_results", "seg_results", "seg_dp_finetune", "dp_evaluation", "egress_guard"]
 DOCUMENT = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 

@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client import audit as audit_mod
+from client import secure_aggregation as secagg
 from client import training
 from client.errors import SiteError
 from client.site import site_from_configs
@@ -94,6 +95,8 @@ def query(msg: Message, context: Context, audit) -> Message:
     site, task = _site_task(context)
     study = msg.content.config_records.get("study")
     rounds = int(study.get("rounds", 0)) if study is not None else 0
+    if study is not None:
+        _check_secure(task.dataset, bool(study.get("secure-aggregation", False)), site.site_id)
     if rounds > 0:  # would this site take the whole study? (refused here, no site is charged for it)
         release.check_study(_plan(dict(context.run_config), context, task), task.dataset.policy, site.ledger_path,
                             task.dataset.name, task.n_train, rounds, site.site_id)
@@ -118,6 +121,34 @@ def _plan(config, context: Context, task) -> release.StudyPlan:
     return release.plan_request(config, task.dataset.policy, task.dataset.name, task.n_train, settings.batch_size,
                                 training.planned_steps(settings, task.n_train),
                                 statistics=hasattr(task, "statistics_vectors"), cache=cache)
+
+
+def _check_secure(dataset, secure: bool, site_id: str) -> None:
+    """A dataset whose policy requires secure aggregation takes no study without it."""
+    if dataset.policy.require_secure_aggregation and not secure:
+        raise RequestRefused(f"site {site_id} requires secure aggregation for dataset '{dataset.name}' and this "
+                             f"study runs without it (run config secure-aggregation = true)")
+
+
+@app.query("secagg_keys")
+@replies_with_errors
+def secagg_keys(msg: Message, context: Context, audit) -> Message:
+    """Secure aggregation, stage 1: this round's public keys (client/secure_aggregation.py)."""
+    return Message(secagg.keys(msg, context), reply_to=msg)
+
+
+@app.query("secagg_shares")
+@replies_with_errors
+def secagg_shares(msg: Message, context: Context, audit) -> Message:
+    """Secure aggregation, stage 2: shares of this round's mask secrets, encrypted for the other sites."""
+    return Message(secagg.shares(msg, context), reply_to=msg)
+
+
+@app.query("secagg_unmask")
+@replies_with_errors
+def secagg_unmask(msg: Message, context: Context, audit) -> Message:
+    """Secure aggregation, stage 4: the shares that let the coordinator remove the masks from the sum."""
+    return Message(secagg.unmask(msg, context), reply_to=msg)
 
 
 @app.query("witness")
@@ -154,6 +185,16 @@ def feature_stats(msg: Message, context: Context, audit) -> Message:
     return Message(RecordDict({"statistics": metrics}), reply_to=msg)
 
 
+def _check_distributed(plan: release.StudyPlan, group: list[int], weight: float) -> None:
+    """Distributed DP counts on the noise of ``honest_sites`` sites of the sum: the sum must hold that many, each
+    weighted equally (docs/PRIVACY.md, "Distributed DP")."""
+    if len(group) < plan.honest_sites:
+        raise RequestRefused(f"distributed DP assumes {plan.honest_sites} honest sites in the sum, and this round's "
+                             f"secure sum holds only {len(group)}")
+    if abs(weight * len(group) - 1.0) > 1e-9:
+        raise RequestRefused("distributed DP needs every site of the sum weighted equally")
+
+
 @app.train()
 @replies_with_errors
 def train(msg: Message, context: Context, audit) -> Message:
@@ -164,12 +205,17 @@ def train(msg: Message, context: Context, audit) -> Message:
     """
     site, task = _site_task(context, msg)
     config = msg.content["config"]
+    secure = bool(config.get("secure-aggregation", False))
+    _check_secure(task.dataset, secure, site.site_id)
     settings = training.TrainSettings.from_config(config)
     model = _model_from(msg, task.model_kwargs)
     which = str(config.get("train-params", "all"))
     trained = freeze_except(model, which)  # frozen ones: not trained, not noised, not sent
     dimension = sum(p.numel() for p in model.parameters() if p.requires_grad)
     plan = _plan(config, context, task)
+    group = secagg.open_shares(msg, context) if secure else []  # a broken protocol refuses before any charge
+    if plan.honest_sites > 1:
+        _check_distributed(plan, group, float(msg.content[secagg.RECORD]["weight"]))
     charged = release.charge_training(plan, task.dataset.policy, site.ledger_path, task.dataset.name, task.n_train,
                                       str(context.run_id), int(config["server-round"]), dimension)
     if audit is not None:
@@ -185,10 +231,18 @@ def train(msg: Message, context: Context, audit) -> Message:
     if dp.enabled and metrics.pop("sample-rate") != q:  # the charged q must be the one Opacus sampled with
         raise RuntimeError("sample rate used in training differs from the one charged; weights withheld")
     state = model.cpu().state_dict()
+    names = list(state) if which == "all" else list(trained)
+    if secure:  # only the masked update leaves; the coordinator can unmask nothing but the sum
+        arrays, clipped = secagg.masked_update(msg, context, state, names)
+        if audit is not None:
+            audit.append("secure-aggregation", {"run_id": str(context.run_id), "round": int(config["server-round"]),
+                                                "group": len(group), "clipped_coordinates": clipped})
+    else:
+        arrays = ArrayRecord(state if which == "all" else {name: state[name] for name in trained})
     # The training loss is not DP and the sample rate is batch / N: both stay in the site's log (dp-round).
     released = {k: v for k, v in charged.reply_metrics().items() if k != "sample-rate"}
     reply = RecordDict({
-        "arrays": ArrayRecord(state if which == "all" else {name: state[name] for name in trained}),
+        "arrays": arrays,
         "metrics": MetricRecord({"num-examples": task.dataset.weight, "local-steps": metrics["local-steps"],
                                  **released, "trained-parameters": dimension}),
     })

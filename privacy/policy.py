@@ -12,6 +12,9 @@ from dataclasses import dataclass, fields
 from privacy.accounting import ACCOUNTANTS
 
 EVALUATION_MODES = ("dp", "exact")  # how a dataset's test metrics leave: a charged Gaussian release, or exactly
+# Which ε a dataset's lifetime budget is checked against under distributed DP: what its own noise alone
+# guarantees, or what holds if the assumed honest sites of a secure sum added theirs (docs/PRIVACY.md).
+DISTRIBUTED_DP_BUDGETS = ("own-noise", "assumed")
 
 
 class PolicyError(ValueError):
@@ -37,6 +40,10 @@ class DatasetPolicy:
     accountant: str = "prv"
     allow_non_dp: bool = False          # development switch; such rounds make ε unbounded
     evaluation: str = "dp"              # "exact": test metrics leave without noise or charge (opt-in, not DP)
+    require_secure_aggregation: bool = False  # refuse any run whose updates are not securely aggregated
+    distributed_dp_honest_sites: int = 0      # 0: off; t >= 2: sites of a secure sum (this one included) assumed
+                                              # honest, so this site adds σ/√t of the sum's σ (opt-in)
+    distributed_dp_budget: str = "own-noise"  # DISTRIBUTED_DP_BUDGETS: the ε the budget is checked against
 
     def __post_init__(self) -> None:
         problems = []
@@ -55,8 +62,31 @@ class DatasetPolicy:
         if self.evaluation not in EVALUATION_MODES:
             problems.append(f"evaluation must be one of {', '.join(EVALUATION_MODES)} (\"exact\" releases test "
                             f"metrics without differential privacy)")
+        problems += self._distributed_problems()
         if problems:
             raise PolicyError("; ".join(problems))
+
+    def _distributed_problems(self) -> list[str]:
+        """The secure-aggregation and distributed-DP settings: an explicit opt-in, so nothing is guessed from
+        a near miss (a TOML string, 1 honest site, an unknown budget name)."""
+        problems = []
+        if not isinstance(self.require_secure_aggregation, bool):
+            problems.append("require_secure_aggregation must be true or false")
+        honest = self.distributed_dp_honest_sites
+        if isinstance(honest, bool) or not isinstance(honest, int) or not (honest == 0 or honest >= 2):
+            problems.append("distributed_dp_honest_sites must be 0 (off) or a whole number >= 2: the sites of a "
+                            "secure sum, this one included, that the site assumes honest")
+        if self.distributed_dp_budget not in DISTRIBUTED_DP_BUDGETS:
+            problems.append(f"distributed_dp_budget must be one of {', '.join(DISTRIBUTED_DP_BUDGETS)}")
+        elif self.distributed_dp_budget == "assumed" and not (isinstance(honest, int) and honest >= 2):
+            problems.append('distributed_dp_budget = "assumed" needs distributed_dp_honest_sites >= 2 (there is '
+                            'nothing assumed to check the budget against)')
+        return problems
+
+    @property
+    def budget_assumed(self) -> bool:
+        """The lifetime budget is checked against the ε that assumes the honest sites' noise."""
+        return self.distributed_dp_budget == "assumed"
 
     @classmethod
     def from_dict(cls, raw: dict, where: str) -> "DatasetPolicy":
@@ -84,16 +114,23 @@ class DPRequest:
     clip_norm: float
 
 
-def check_request(policy: DatasetPolicy, request: DPRequest, sample_rate: float) -> None:
-    """Raise RequestRefused listing every way ``request`` breaks ``policy``."""
+def check_request(policy: DatasetPolicy, request: DPRequest, sample_rate: float, honest_sites: int = 1) -> None:
+    """Raise RequestRefused listing every way ``request`` breaks ``policy``.
+
+    ``honest_sites`` t > 1: the site adds σ/√t of a secure sum's σ (distributed DP). The minimum noise then
+    applies to the σ of the track the budget is checked by: the site's own σ, or σ·√t when it budgets by
+    the assumption — the minimum bounds the noise the budgeted ε relies on."""
     if not request.enabled:
         if not policy.allow_non_dp:
             raise RequestRefused("site policy forbids training without differential privacy")
         return
     problems = []
-    if request.noise_multiplier < policy.min_noise_multiplier:
-        problems.append(f"noise multiplier {request.noise_multiplier:g} is below the site minimum "
-                        f"{policy.min_noise_multiplier:g}")
+    sigma = request.noise_multiplier * (math.sqrt(honest_sites) if policy.budget_assumed else 1.0)
+    if sigma < policy.min_noise_multiplier:
+        what = f"noise multiplier {sigma:g}"
+        if sigma != request.noise_multiplier:
+            what += f" (this site's {request.noise_multiplier:g} × √{honest_sites} assumed honest sites)"
+        problems.append(f"{what} is below the site minimum {policy.min_noise_multiplier:g}")
     if not request.clip_norm > 0:
         problems.append("clip norm must be > 0")
     elif request.clip_norm > policy.max_clip_norm:

@@ -7,6 +7,10 @@ The ClientApp's handlers call these and do nothing private themselves (docs/PRIV
 ``charge_statistics`` before the feature-statistics release (a Gaussian mechanism, round 0);
 ``charge_evaluation`` → ``release_evaluation`` for a round's test metrics (a Gaussian mechanism, or exact
 where the policy opts out).
+
+Distributed DP (opt-in by the dataset's policy, under secure aggregation): the σ a study asks for is the
+secure sum's, and this site adds σ/√t of it, t being the honest sites its policy assumes. Training rounds
+only: statistics and evaluation releases are not in the sum and keep their own σ.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from privacy.policy import (DatasetPolicy, DPRequest, RequestRefused, check_eval
 from shared_models.eval_release import EVAL_NOISE_MULTIPLIER, Layout
 
 __all__ = ["ExactEvaluation", "Release", "StudyPlan", "charge_evaluation", "charge_statistics", "charge_training",
-           "check_study", "evaluation_sigma", "exact_sums", "plan_request", "release_evaluation"]
+           "check_study", "distributed_honest_sites", "evaluation_sigma", "exact_sums", "plan_request",
+           "release_evaluation"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,18 @@ class StudyPlan:
     steps_per_round: int       # optimizer steps of one round at this site
     statistics_sigma: float    # σ of the study's feature-statistics release (0: none)
     evaluation_sigma: float = 0.0  # σ of each round's evaluation release (0: released exactly, not charged)
+    honest_sites: int = 1      # t of distributed DP: this site's training σ is the sum's σ / √t (1: off)
+    sum_noise_multiplier: float | None = None  # σ the secure sum carries if t sites are honest (None: request's)
+
+    def __post_init__(self) -> None:
+        if self.sum_noise_multiplier is None:
+            sigma = self.request.noise_multiplier * math.sqrt(self.honest_sites)
+            object.__setattr__(self, "sum_noise_multiplier", sigma)
+
+    @property
+    def training_steps(self) -> tuple[float, float, int, int]:
+        """One round's training as the ledger counts it: (σ of this site, q, steps, honest sites)."""
+        return (self.request.noise_multiplier, self.sample_rate, self.steps_per_round, self.honest_sites)
 
 
 def evaluation_sigma(config: Mapping, policy: DatasetPolicy) -> float:
@@ -49,6 +66,30 @@ def evaluation_sigma(config: Mapping, policy: DatasetPolicy) -> float:
     return float(config.get("eval-noise-multiplier", EVAL_NOISE_MULTIPLIER))
 
 
+def distributed_honest_sites(config: Mapping, policy: DatasetPolicy) -> int:
+    """t of distributed DP for this site's training in this study, or 1 (it adds the full σ itself): both the
+    run (``secure-aggregation`` and ``distributed-dp``) and the site's policy (``distributed_dp_honest_sites``)
+    must ask for it — a site that did not opt in never relies on other sites' noise.
+
+    RequestRefused where the additive argument would not hold: the sum carries σ only if every site's update
+    is the same linear function of its noised gradient sum — one DP-SGD step (``local-steps`` = 1) of plain
+    SGD (momentum-free, Adam rescales the noise per coordinate), with the run's common C, lr and B, summed with
+    equal weights (the coordinator's part)."""
+    if not (bool(config.get("dp", True)) and bool(config.get("secure-aggregation", False))
+            and bool(config.get("distributed-dp", False)) and policy.distributed_dp_honest_sites >= 2):
+        return 1
+    problems = []
+    if int(config.get("local-steps", 0)) != 1:
+        problems.append(f"local-steps is {config.get('local-steps', 0)}, not 1 (several local steps make the update "
+                        f"non-linear in each step's noise)")
+    if str(config.get("optimizer", "")) != "sgd":
+        problems.append(f"optimizer is {config.get('optimizer')!r}, not 'sgd' (only plain SGD keeps the update "
+                        f"linear in the noised gradient sum)")
+    if problems:
+        raise RequestRefused(f"distributed DP refused: {'; '.join(problems)}")
+    return policy.distributed_dp_honest_sites
+
+
 def plan_request(config: Mapping, policy: DatasetPolicy, dataset: str, n: int, batch_size: int,
                  steps_per_round: int, statistics: bool = False, cache: MutableMapping | None = None) -> StudyPlan:
     """The DP request of a train config at this site: σ as asked, or — given the study's ``target-epsilon`` —
@@ -57,8 +98,13 @@ def plan_request(config: Mapping, policy: DatasetPolicy, dataset: str, n: int, b
 
     Planning is the site's: it knows its own N. ``cache`` (the run's state) keeps the σ found, because the
     PRV search takes seconds. ``statistics``: the study also releases DP feature statistics, which its
-    target covers too. Either way the policy check and the lifetime ledger decide what may run."""
+    target covers too. Either way the policy check and the lifetime ledger decide what may run.
+
+    Under distributed DP (``distributed_honest_sites``) the σ asked or planned is the secure sum's — the target
+    is planned on the assumed track, where the study's other releases, outside the sum, keep their own σ —
+    and this site's training σ is that σ / √t."""
     enabled = bool(config.get("dp", True))
+    honest = distributed_honest_sites(config, policy)
     sigma = float(config.get("noise-multiplier", 0.0))
     stats_sigma = float(config.get("stats-noise-multiplier", 0.0)) if statistics else 0.0
     eval_sigma = evaluation_sigma(config, policy)
@@ -73,8 +119,9 @@ def plan_request(config: Mapping, policy: DatasetPolicy, dataset: str, n: int, b
         if key not in cache:
             cache[key] = plan_noise(target, policy.delta_for(n), n, batch_size, total_steps, policy.accountant, prior)
         sigma = float(cache[key])
-    request = DPRequest(enabled=enabled, noise_multiplier=sigma, clip_norm=float(config.get("clip-norm", 0.0)))
-    return StudyPlan(request, sample_rate(n, batch_size), steps_per_round, stats_sigma, eval_sigma)
+    request = DPRequest(enabled=enabled, noise_multiplier=sigma / math.sqrt(honest),
+                        clip_norm=float(config.get("clip-norm", 0.0)))
+    return StudyPlan(request, sample_rate(n, batch_size), steps_per_round, stats_sigma, eval_sigma, honest, sigma)
 
 
 def check_study(plan: StudyPlan, policy: DatasetPolicy, ledger_path: Path, dataset: str, n: int, rounds: int,
@@ -82,7 +129,7 @@ def check_study(plan: StudyPlan, policy: DatasetPolicy, ledger_path: Path, datas
     """Before anyone trains: would the policy accept every release of the study, and does the remaining
     budget hold all ``rounds`` of them with their evaluation releases? RequestRefused names every problem, so
     the study stops at discovery and no site is charged for a round this site would refuse."""
-    steps = [(plan.request.noise_multiplier, plan.sample_rate, plan.steps_per_round)] * rounds
+    steps = [plan.training_steps] * rounds
     problems = []
     if plan.statistics_sigma > 0:  # the study starts with a DP statistics release (charged as round 0)
         steps.insert(0, (plan.statistics_sigma, MECHANISM_STEP_RATE, 1))
@@ -97,7 +144,7 @@ def check_study(plan: StudyPlan, policy: DatasetPolicy, ledger_path: Path, datas
         except RequestRefused as exc:
             problems.append(str(exc))
     try:
-        check_request(policy, plan.request, plan.sample_rate)
+        check_request(policy, plan.request, plan.sample_rate, plan.honest_sites)
     except RequestRefused as exc:
         problems.append(str(exc))
     if problems:
@@ -106,7 +153,7 @@ def check_study(plan: StudyPlan, policy: DatasetPolicy, ledger_path: Path, datas
         return
     try:
         PrivacyLedger(ledger_path).check_room(dataset, steps, policy.delta_for(n), policy.epsilon_budget,
-                                              policy.accountant)
+                                              policy.accountant, assumed=policy.budget_assumed)
     except BudgetExceeded as exc:
         raise RequestRefused(f"site {site_id} cannot take this study's {rounds} round(s): {exc}") from None
 
@@ -125,6 +172,7 @@ class Release:
     budget: float
     charge: Charge
     facts: dict = field(default_factory=dict)  # mechanism-specific fields of the audit record
+    honest_sites: int = 1                      # t of distributed DP (training only; 1: own noise alone)
     audit_event = "dp-round"
 
     @property
@@ -132,36 +180,52 @@ class Release:
         return self.request.noise_multiplier if self.request.enabled else 0.0
 
     def audit_record(self, **facts) -> dict:
-        """The site's ``dp-round`` audit record (docs/AUDIT.md), with the caller's facts added."""
+        """The site's ``dp-round`` audit record (docs/AUDIT.md), with the caller's facts added.
+
+        Distributed DP adds its fields only where it plays a part, so other records stay as they were:
+        ``honest_sites`` for a round that assumed t > 1; ``epsilon_assumed_after`` wherever it differs from
+        ``epsilon_after`` (that round, and every later release of a dataset whose history assumed something);
+        ``budget_by`` where the budget was checked by the assumed ε (``budget_left`` is then of that ε)."""
+        assumed = self.charge.epsilon_assumed_after
+        budgeted = assumed if self.charge.budget_by == "assumed" else self.charge.epsilon_after
+        distributed = {
+            **({"honest_sites": self.honest_sites} if self.honest_sites > 1 else {}),
+            **({"epsilon_assumed_after": assumed}
+               if self.honest_sites > 1 or assumed != self.charge.epsilon_after else {}),
+            **({"budget_by": "assumed"} if self.charge.budget_by == "assumed" else {})}
         return {
             "run_id": self.run_id, "round": self.server_round, "dataset": self.dataset, **self.facts,
             "dp": self.request.enabled, "noise_multiplier": self.noise_multiplier,
             "clip_norm": self.request.clip_norm, "sample_rate": self.sample_rate, "steps": self.steps,
             "accountant": self.charge.accountant, "delta": self.charge.delta,
             "epsilon_before": self.charge.epsilon_before, "epsilon_after": self.charge.epsilon_after,
-            "epsilon_budget": self.budget, "budget_left": self.budget - self.charge.epsilon_after, "n": self.n,
+            **distributed, "epsilon_budget": self.budget, "budget_left": self.budget - budgeted, "n": self.n,
             **facts}
 
     def reply_metrics(self) -> dict:
-        """What the reply may say about the release: ε so far with its δ, and the mechanism's parameters."""
+        """What the reply may say about the release: ε so far with its δ, and the mechanism's parameters (σ is
+        this site's own; under distributed DP also the ε that assumes the honest sites, and their number)."""
+        distributed = ({"epsilon-assumed": self.charge.epsilon_assumed_after, "honest-sites": float(self.honest_sites)}
+                       if self.honest_sites > 1 else {})
         return {"dp": 1.0 if self.request.enabled else 0.0, "epsilon": self.charge.epsilon_after,
                 "delta": self.charge.delta, "noise-multiplier": self.noise_multiplier,
-                "clip-norm": self.request.clip_norm, "sample-rate": self.sample_rate}
+                "clip-norm": self.request.clip_norm, "sample-rate": self.sample_rate, **distributed}
 
 
 def charge_training(plan: StudyPlan, policy: DatasetPolicy, ledger_path: Path, dataset: str, n: int, run_id: str,
                     server_round: int, trained_parameters: int) -> Release:
     """Check the round's request against the policy, then charge it to the ledger — in that order and before
     any training: a refused round trains nothing and sends nothing; a crash after the charge over-counts."""
-    check_request(policy, plan.request, plan.sample_rate)
+    check_request(policy, plan.request, plan.sample_rate, plan.honest_sites)
     budget = policy.epsilon_budget if plan.request.enabled else math.inf
     sigma = plan.request.noise_multiplier if plan.request.enabled else 0.0
     charge = PrivacyLedger(ledger_path).charge(
         dataset, run_id=run_id, server_round=server_round, noise_multiplier=sigma, clip_norm=plan.request.clip_norm,
         sample_rate=plan.sample_rate, steps=plan.steps_per_round, delta=policy.delta_for(n), budget=budget,
-        accountant=policy.accountant, trained_parameters=trained_parameters)
+        accountant=policy.accountant, trained_parameters=trained_parameters, honest_sites=plan.honest_sites,
+        budget_by=policy.distributed_dp_budget)
     return Release(run_id, server_round, dataset, plan.request, plan.sample_rate, plan.steps_per_round, n, budget,
-                   charge, facts={"mechanism": "training"})
+                   charge, facts={"mechanism": "training"}, honest_sites=plan.honest_sites)
 
 
 def charge_statistics(policy: DatasetPolicy, ledger_path: Path, dataset: str, n: int, run_id: str,
@@ -173,7 +237,7 @@ def charge_statistics(policy: DatasetPolicy, ledger_path: Path, dataset: str, n:
     charge = PrivacyLedger(ledger_path).charge(
         dataset, run_id=run_id, server_round=0, noise_multiplier=noise_multiplier, clip_norm=l2_bound,
         sample_rate=MECHANISM_STEP_RATE, steps=1, delta=policy.delta_for(n), budget=policy.epsilon_budget,
-        accountant=policy.accountant, kind="feature-statistics")
+        accountant=policy.accountant, kind="feature-statistics", budget_by=policy.distributed_dp_budget)
     return Release(run_id, 0, dataset, request, MECHANISM_STEP_RATE, 1, n, policy.epsilon_budget, charge,
                    facts={"mechanism": "feature-statistics"})
 
@@ -210,7 +274,7 @@ def charge_evaluation(config: Mapping, policy: DatasetPolicy, ledger_path: Path,
     charge = PrivacyLedger(ledger_path).charge(
         dataset, run_id=run_id, server_round=server_round, noise_multiplier=sigma, clip_norm=l2_bound,
         sample_rate=MECHANISM_STEP_RATE, steps=1, delta=policy.delta_for(n_train), budget=policy.epsilon_budget,
-        accountant=policy.accountant, kind="evaluation")
+        accountant=policy.accountant, kind="evaluation", budget_by=policy.distributed_dp_budget)
     request = DPRequest(enabled=True, noise_multiplier=sigma, clip_norm=l2_bound)
     return Release(run_id, server_round, dataset, request, MECHANISM_STEP_RATE, 1, n_test, policy.epsilon_budget,
                    charge, facts={"mechanism": "evaluation"})

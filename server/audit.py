@@ -40,13 +40,19 @@ class WitnessedGrid:
     def __getattr__(self, name):
         return getattr(self._grid, name)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def _witnessed(self, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
         head = self._log.head()
         if head is not None:
             for message in messages:
                 message.content[COORDINATOR_HEAD] = head_record(head)
-        return self._grid.send_and_receive(messages, timeout=timeout)
+        return messages
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(self._witnessed(messages), timeout=timeout)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(self._witnessed(messages))
 
 
 class CoordinatorAudit:
@@ -82,6 +88,11 @@ class CoordinatorAudit:
         """Each site's agreement with the round's consensus, and the bound its update was held to."""
         self.log.append("consensus", {"run_id": self.run_id, "round": server_round, "bound": radius,
                                       "sites": {site: a.record() for site, a in agreement.items()}})
+
+    def secure_sum(self, server_round: int, record: dict) -> None:
+        """Under secure aggregation: the coordinator saw only masked updates and their sum; which sites are in it,
+        which dropped before masking, and whose own mask was rebuilt from the others' shares."""
+        self.log.append("secure-aggregation", {"run_id": self.run_id, "round": server_round, **record})
 
     def flagged(self, server_round: int, site: str, reason: str, excluded: bool) -> None:
         self.log.append("site-flagged", {"run_id": self.run_id, "round": server_round, "site": site,

@@ -242,8 +242,27 @@ def _privacy_section(run: RunData) -> str:
     return "".join(parts)
 
 
+def _secure_sum_section(run: RunData) -> str:
+    """Under secure aggregation: no update was seen alone, so no agreement exists to show; what each round's sum
+    held instead (server/secure_aggregation.py)."""
+    rows = "".join(
+        f"<tr><td>{e(r['round'])}</td><td>{e(', '.join(s.get('summed', [])))}</td>"
+        f"<td>{e(', '.join(s.get('dropped', [])) or '–')}</td><td>{e(', '.join(s.get('recovered', [])) or '–')}</td>"
+        f"<td><code>{e(str(s.get('sum_sha256', ''))[:16])}</code></td></tr>"
+        for r in run.rounds if isinstance(s := r.get("secure_aggregation"), dict))
+    distributed = " Sites that opted in added their share of distributed DP noise (docs/PRIVACY.md)." \
+        if run.config.get("distributed-dp") is True else ""
+    return ('<p>Secure aggregation (SecAgg+) was on: the coordinator received masked updates and could unmask only '
+            "their sum, so no site's update, and no agreement between updates, was ever visible to it. Each site "
+            f"bounded its own update before masking.{distributed}</p>"
+            + (f"<table><tr><th>round</th><th>in the sum</th><th>dropped before masking</th><th>silent at "
+               f"unmasking (mask rebuilt from shares)</th><th>sum sha256</th></tr>{rows}</table>" if rows else ""))
+
+
 def _agreement_section(run: RunData) -> str:
     """Which sites' updates disagreed with the others, how the coordinator bounded them, and who was flagged."""
+    if run.config.get("secure-aggregation") is True:
+        return _secure_sum_section(run)
     plot = plot_agreement(run)
     if not plot:
         return ('<p class="muted">no consensus records: fewer than 3 sites sent updates in a round, or the run '

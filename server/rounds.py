@@ -42,6 +42,7 @@ class RoundRecorder:
         self._errors: dict[str, str] = {}
         self._agreement: dict[str, dict] = {}  # site → its update's agreement with the round's consensus
         self._consensus: dict = {}             # the round's bound, outliers and newly flagged sites
+        self._secure: dict = {}                # under secure aggregation: who is in the round's sum
         self._round_started = time.time()
         self.last_eval: dict[str, dict] = {}  # site → its latest test metrics
         self.last_train: dict[str, dict] = {}  # site → its latest train reply (ε, δ, …)
@@ -72,6 +73,10 @@ class RoundRecorder:
         self._consensus = {"bound": radius, "outliers": sorted(s for s, a in agreement.items() if a.outlier),
                            "sites": self._agreement, **({"flagged": flagged} if flagged else {})}
 
+    def on_secure_sum(self, record: dict) -> None:
+        """The round's secure sum: which sites are in it, which dropped, whose mask was rebuilt."""
+        self._secure = record
+
     def stop_round(self, server_round: int | None, site_errors: dict[str, str], reason: str) -> None:
         """The round the run stopped in: one record for each site that has something to say — its own
         failure, or its train reply (it trained and was charged, but its update was never aggregated)."""
@@ -89,7 +94,7 @@ class RoundRecorder:
 
     def _reset(self) -> None:
         self._train, self._eval, self._eval_raw, self._errors = {}, {}, {}, {}
-        self._agreement, self._consensus = {}, {}
+        self._agreement, self._consensus, self._secure = {}, {}, {}
 
     def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower ``evaluate_fn``: called with round 0 before training, then after every round."""
@@ -110,7 +115,8 @@ class RoundRecorder:
         pooled = pooled_metrics(list(self._eval_raw.values()))
         self.last_round = {"round": server_round, "seconds": round(seconds, 3),
                            "sites_replied": sorted(set(self._train) & set(self._eval)), **pooled,
-                           **({"consensus": self._consensus} if self._consensus else {})}
+                           **({"consensus": self._consensus} if self._consensus else {}),
+                           **({"secure_aggregation": self._secure} if self._secure else {})}
         self.run_dir.append(ROUNDS_FILE, self.last_round)
         self.last_eval.update(self._eval)
         self.last_train.update(self._train)

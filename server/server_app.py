@@ -22,7 +22,7 @@ from server.live_report import RunReporter
 from server.rounds import RoundRecorder
 from server.run_dir import RunDirectory, RunDirectoryBusy
 from server.settings import RunConfigError, RunSettings
-from server.sites import SiteGrid, SiteSelectionError, discover_sites, witness_run_end
+from server.sites import SecureAggregation, SiteGrid, SiteSelectionError, discover_sites, witness_run_end
 from server.strategies import build_strategy
 from server.validation import UpdateValidator
 from shared_models import public_checkpoint
@@ -107,7 +107,7 @@ def main(grid: Grid, context: Context) -> None:
         resumed = checkpoint.load(run_dir.path) if settings.resume_from else None
         remaining = settings.num_rounds - (resumed.round if resumed else 0)
         sites = discover_sites(grid, settings.sites, settings.min_sites, wait=settings.round_timeout,
-                               study={"rounds": remaining})
+                               study={"rounds": remaining, "secure-aggregation": settings.secure_aggregation})
         model_kwargs = _model_kwargs(settings, sites)
         log.info("sites: %s", ", ".join(f"{s.site_id} (node {s.node_id})" for s in sites))
         audit = CoordinatorAudit(audit_path, Path(settings.audit_key) if settings.audit_key else None, context.run_id)
@@ -241,10 +241,17 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
             else:
                 log.warning("site %s flagged: %s", site, reason)
 
+    def on_secure_sum(server_round: int, outcome) -> None:
+        record = outcome.record()
+        recorder.on_secure_sum(record)
+        audit.secure_sum(done + server_round, record)
+
+    secure = SecureAggregation(equal_weights=settings.distributed_dp, max_update_norm=settings.max_update_norm,
+                               on_sum=on_secure_sum) if settings.secure_aggregation else None
     site_grid = SiteGrid(grid, sites, on_replies, UpdateValidator(max_norm=settings.max_update_norm),
                          quorum=max(1, min(settings.min_sites, len(sites))), retries=settings.round_retries,
                          wait_for_sites=settings.round_timeout, trained=trained, rule=settings.consensus,
-                         on_consensus=on_consensus)
+                         on_consensus=on_consensus, secure=secure)
     train_config, evaluate_config = settings.train_config(), settings.evaluate_config()
     if public is not None:  # each site logs it beside the hash of the model it receives
         train_config["init-checkpoint-sha256"] = public.sha256
@@ -280,7 +287,8 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
         latest = {k: evaluated[k] for k in ("epsilon", "delta") if k in evaluated}
         per_site[s.site_id] = {**evaluated, **privacy, **latest, "weight": s.weight,
                                **({"flagged": watch.flagged[s.site_id]} if s.site_id in watch.flagged else {})}
-    final = {k: v for k, v in recorder.last_round.items() if k not in ("round", "seconds", "sites_replied")}
+    final = {k: v for k, v in recorder.last_round.items()
+             if k not in ("round", "seconds", "sites_replied", "secure_aggregation")}  # the last: rounds.jsonl
     run_dir.write_summary({
         "run_id": context.run_id,
         "task": settings.task,
@@ -295,6 +303,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
         "per_site": per_site,
         "flagged": dict(watch.flagged),
         "outlier_policy": settings.consensus.policy,
+        "secure_aggregation": {"enabled": settings.secure_aggregation, "distributed_dp": settings.distributed_dp},
         **final,
         **({"pooled_auc_method": f"sum of per-site score histograms ({SCORE_BINS} bins); ties inside a bin count 1/2"}
            if settings.study.metric_family == BINARY else

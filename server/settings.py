@@ -60,6 +60,8 @@ class RunSettings:
     init_checkpoint: str = ""  # a public checkpoint (carefl coordinator pretrain): the round-0 global model
     eval_noise_multiplier: float = EVAL_NOISE_MULTIPLIER  # σ of each site's DP evaluation release, every round
     consensus: ConsensusRule = ConsensusRule()  # bounded, consensus-checked updates (server/consensus.py)
+    secure_aggregation: bool = False  # SecAgg+: the coordinator sees only the sum of the updates (server/secure_aggregation.py)
+    distributed_dp: bool = False      # under it, sites that opt in add σ/√t each (docs/PRIVACY.md, "Distributed DP")
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> "RunSettings":
@@ -102,6 +104,8 @@ class RunSettings:
                                     min_cosine=_number(cfg.get("min-cosine", ConsensusRule.min_cosine)),
                                     rounds_to_flag=_whole(cfg.get("outlier-rounds", ConsensusRule.rounds_to_flag)),
                                     policy=str(cfg.get("outlier-policy", ConsensusRule.policy)).lower()),
+            secure_aggregation=cfg.get("secure-aggregation", False) is True,
+            distributed_dp=cfg.get("distributed-dp", False) is True,
         )
         if s.task not in TASKS:
             problems.append(f"task '{s.task}' is not one of {', '.join(TASKS)} (shared_models/tasks.py)")
@@ -166,6 +170,10 @@ class RunSettings:
             problems.append(f"'train-params' must be one of {', '.join(TRAINABLE)}")
         elif s.train_params == "decoder" and s.task != "seg":
             problems.append("'train-params' = \"decoder\" needs a U-Net (task seg)")
+        for key in ("secure-aggregation", "distributed-dp"):
+            if not isinstance(cfg.get(key, False), bool):
+                problems.append(f"'{key}' must be true or false")
+        problems += _secure_aggregation_problems(s)
         if len(set(s.sites)) != len(s.sites):
             problems.append("'sites' names a site twice")
         if problems:
@@ -179,6 +187,7 @@ class RunSettings:
                 "dp": self.dp, "noise-multiplier": self.noise_multiplier, "target-epsilon": self.target_epsilon,
                 "clip-norm": self.clip_norm, "num-server-rounds": self.num_rounds, "train-params": self.train_params,
                 "eval-noise-multiplier": self.eval_noise_multiplier,  # sites plan their study's ε with it
+                "secure-aggregation": self.secure_aggregation, "distributed-dp": self.distributed_dp,
                 **({"stats-noise-multiplier": self.stats_noise_multiplier} if self.study.shared_statistics else {})}
 
     @property
@@ -196,6 +205,32 @@ class RunSettings:
         if self.personalise == "none":
             return {"model": self.model, "dp": self.dp, "eval-noise-multiplier": self.eval_noise_multiplier}
         return {**self.train_config(), "local-steps": self.finetune_steps, "personalise": self.personalise}
+
+
+SUMMABLE = ("fedavg", "fedprox", "fedadam", "fedyogi")  # strategies that need only the sum of the updates
+
+
+def _secure_aggregation_problems(s: "RunSettings") -> list[str]:
+    """Under secure aggregation the coordinator never sees one site's update: only strategies that work on the
+    weighted sum can run; distributed DP also needs each site's round to be one linear DP-SGD step."""
+    problems = []
+    if s.secure_aggregation and s.strategy not in SUMMABLE:
+        problems.append(f"strategy '{s.strategy}' needs every site's own update, which secure aggregation hides "
+                        f"from the coordinator; use one of {', '.join(SUMMABLE)}")
+    if s.distributed_dp:
+        if not s.secure_aggregation:
+            problems.append("'distributed-dp' needs secure-aggregation = true (each site's share of the noise "
+                            "protects it only inside the sum)")
+        if not s.dp:
+            problems.append("'distributed-dp' needs dp = true")
+        if not s.noise_multiplier > 0:
+            problems.append("'distributed-dp' needs a fixed 'noise-multiplier' (the sum's σ) instead of "
+                            "'target-epsilon': each site plans a target from its own N, and the honest sites' "
+                            "shares add up to the sum's σ only if every site takes the same")
+        if s.local_steps != 1 or s.optimizer != "sgd":
+            problems.append("'distributed-dp' needs local-steps = 1 and optimizer = \"sgd\": only then is each "
+                            "site's update its noised gradient sum, so the sites' noise adds up in the sum")
+    return problems
 
 
 def _whole(value) -> int:

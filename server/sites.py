@@ -8,23 +8,28 @@ never to whatever else happens to be connected.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from server.consensus import MIN_UPDATES, Agreement, ConsensusRule, bound
 from server.flower_seam import NODE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, replace_content_with_error
 from server.metrics import release_problem
+from server.secure_aggregation import SecureRound, SecureSum
 from server.validation import UpdateValidator, as_ndarray, exact_gram, to_array
 
 log = logging.getLogger("flwr")
 
 CODE_REJECTED = 4100  # an update the coordinator refused to aggregate
+CODE_PROTOCOL = 4101  # a site that left a secure-aggregation round before its masked update (its reason kept)
 QUERY_TIMEOUT = 120.0  # one query round trip; a ClientApp process has to start at the site
+PULL_INTERVAL = 1.0    # seconds between pulls of an exchange's replies (Flower's own loop: 3 s)
+GRACE = 10.0           # ... and how long it still waits for the others once the replies suffice
 
 
 class SiteSelectionError(RuntimeError):
@@ -147,6 +152,17 @@ def discover_sites(grid: Grid, wanted: tuple[str, ...], min_sites: int, wait: fl
 
 RepliesHook = Callable[[str, int, list[tuple[str, Message]]], None]
 ConsensusHook = Callable[[int, dict[str, Agreement], float], None]  # round, agreement per site, the bound
+SecureHook = Callable[[int, SecureSum], None]  # round, what its secure sum held
+
+
+@dataclass(frozen=True)
+class SecureAggregation:
+    """Secure aggregation for a run's train rounds (server/secure_aggregation.py): the sum's weights are equal
+    under distributed DP; updates longer than ``max_update_norm`` are refused by the sites themselves."""
+
+    equal_weights: bool = False
+    max_update_norm: float = 0.0
+    on_sum: SecureHook | None = None
 
 
 class ValidatedReplies(list):
@@ -171,8 +187,10 @@ class SiteGrid:
     def __init__(self, grid: Grid, sites: list[SiteInfo], on_replies: RepliesHook,
                  validator: UpdateValidator | None = None, quorum: int = 1, retries: int = 0,
                  wait_for_sites: float = 600.0, trained: list[str] | None = None,
-                 rule: ConsensusRule | None = None, on_consensus: ConsensusHook | None = None) -> None:
+                 rule: ConsensusRule | None = None, on_consensus: ConsensusHook | None = None,
+                 secure: SecureAggregation | None = None) -> None:
         self._grid = grid
+        self._secure = secure
         self._rule = rule or ConsensusRule()
         self._on_consensus = on_consensus
         self._excluded: dict[str, str] = {}  # site → why it gets no more work in this run
@@ -259,6 +277,8 @@ class SiteGrid:
         global_arrays = next(iter(first.content.array_records.values()))
         reference = global_arrays if self._trained is None else ArrayRecord(
             {name: global_arrays[name] for name in self._trained})  # what a valid reply holds
+        if self._secure is not None:
+            return self._secure_round(messages, timeout, server_round, reference, global_arrays)
         accepted: dict[str, Message] = {}
         norms: dict[str, float] = {}  # accepted updates' distances to the global model
         failures: dict[str, str] = {}  # site → its first failure this round (a re-send's refusal is not news)
@@ -308,6 +328,64 @@ class SiteGrid:
                 reply.content[key] = self._with_frozen(reply.content.array_records[key], global_arrays)
         return result
 
+    def _secure_round(self, messages: list[Message], timeout: float | None, server_round: int,
+                      reference: ArrayRecord, global_arrays: ArrayRecord) -> "ValidatedReplies":
+        """One round under secure aggregation: the protocol around the train messages; the strategy then gets one
+        reply holding the unmasked average (weight 1), so every FedAvg-family strategy works on it unchanged.
+        Per-update checks and the consensus bound cannot see a masked update: the sites bound their own updates
+        before masking and the sum is refused whole if it is out of range."""
+        secure = self._secure
+        protocol = SecureRound(self._exchange, self._site, self._site_of, self._weight, secure.equal_weights,
+                               secure.max_update_norm)
+        train = protocol.prepare(messages, server_round)
+        replies = self._exchange(train, timeout) if train else []
+        self._refused = {}
+        checked, accepted = [], {}
+        by_site = {self._site_of[m.metadata.dst_node_id]: m for m in messages}
+        for site, reason in sorted(protocol.outcome.failures.items()):  # left before training: on record as such
+            if site in by_site:
+                checked.append((site, Message(Error(CODE_PROTOCOL, reason), reply_to=by_site[site])))
+        for reply in replies:
+            site = self._site(reply)
+            problem = None if reply.has_error() else protocol.masked_problem(reply, reference)
+            if problem is not None:
+                reply = _rejected(reply, problem)
+                self._refused[site] = True
+            elif not reply.has_error():
+                accepted[reply.metadata.src_node_id] = reply
+            checked.append((site, reply))
+        self._on_replies(MessageType.TRAIN, server_round, checked)
+        failures = dict(protocol.outcome.failures)
+        failures.update({site: reply.error.reason for site, reply in checked if reply.has_error()})
+        answered = {self._site(r) for r in replies}
+        failures.update({self._site_of[m.metadata.dst_node_id]: "no reply before the round deadline"
+                         for m in train if self._site_of[m.metadata.dst_node_id] not in answered})
+        if len(accepted) < max(self._quorum, 2) or protocol.outcome.problem:
+            problem = protocol.outcome.problem or (f"only {len(accepted)} masked update(s) arrived, min-sites is "
+                                                   f"{self._quorum} and a secure sum needs 2")
+            raise SiteSelectionError(f"round {server_round} (secure aggregation): {problem}"
+                                     + "".join(f"; {s}: {r}" for s, r in sorted(failures.items())),
+                                     server_round, failures)
+        assumed = {self._site(r): int(_metric(r, "honest-sites", 1)) for r in accepted.values()}
+        short = {site: t for site, t in assumed.items() if t > len(accepted)}
+        if short:  # distributed DP: fewer updates in the sum than a site counted on, so less noise than it assumed
+            raise SiteSelectionError(
+                f"round {server_round} (distributed DP): only {len(accepted)} masked update(s) arrived and "
+                + ", ".join(f"{s} assumed {t} honest sites in the sum" for s, t in sorted(short.items()))
+                + "; the sum would carry less noise than they counted on, so it is not unmasked", server_round,
+                failures)
+        outcome = protocol.unmask(accepted, reference, global_arrays, server_round)
+        if secure.on_sum is not None:
+            secure.on_sum(server_round, outcome)
+        if outcome.arrays is None:
+            raise SiteSelectionError(f"round {server_round}: {outcome.problem}", server_round, failures)
+        if outcome.recovered:
+            log.warning("round %d: %s sent a masked update and then left; its mask was rebuilt from the others' "
+                        "shares", server_round, ", ".join(outcome.recovered))
+        key = self._average_by or "num-examples"
+        summed = Message(RecordDict({"arrays": outcome.arrays, "metrics": MetricRecord({key: 1})}), reply_to=train[0])
+        return ValidatedReplies([summed])
+
     @staticmethod
     def _with_frozen(trained: ArrayRecord, global_arrays: ArrayRecord) -> ArrayRecord:
         """A whole model: the trained arrays, and the global model's own for every frozen one."""
@@ -352,14 +430,39 @@ class SiteGrid:
                    release_problem(dict(records[0]), None if noise_multiplier is None else float(noise_multiplier)))
         return reply if problem is None else _rejected(reply, problem, "evaluation")
 
-    def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
-        """Flower's send_and_receive; its own error replies for a lost site are put in words."""
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+    def _exchange(self, messages: list[Message], timeout: float | None,
+                  enough: Callable[[list[Message]], bool] | None = None) -> list[Message]:
+        """Flower's send_and_receive (its push-then-pull loop, ``_until``, where the grid offers one); its own
+        error replies for a lost site are put in words. With ``enough`` the exchange ends soon after the replies
+        so far suffice, instead of waiting for the last site (one that died would hold the round until its
+        message expires)."""
+        if hasattr(self._grid, "pull_messages"):
+            replies = self._until(messages, timeout, enough)
+        else:  # a grid without Flower's push and pull (the in-process one)
+            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         self._sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         for reply in replies:
             if reply.has_error() and reply.error.code in TRANSPORT_ERRORS:
                 log.warning("site %s: %s", self._site(reply), TRANSPORT_ERRORS[reply.error.code])
                 reply.error = Error(reply.error.code, TRANSPORT_ERRORS[reply.error.code])
+        return replies
+
+    def _until(self, messages: list[Message], timeout: float | None,
+               enough: Callable[[list[Message]], bool] | None = None) -> list[Message]:
+        """Flower's push-then-pull loop (every reply, or the timeout; None: no limit), pulling every
+        ``PULL_INTERVAL`` instead of Flower's 3 s; with ``enough``, ending ``GRACE`` seconds after
+        ``enough(replies)`` (the others' replies are welcome but not needed)."""
+        waiting = set(self._grid.push_messages(messages))
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting and time.monotonic() < deadline:
+            got = list(self._grid.pull_messages(waiting))
+            replies += got
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if waiting and enough is not None and enough(replies):
+                deadline = min(deadline, time.monotonic() + GRACE)
+            if waiting:
+                time.sleep(PULL_INTERVAL)
         return replies
 
     def _site(self, reply: Message) -> str:
@@ -405,6 +508,12 @@ class SiteGrid:
             average = None
         row_of = {id(updates[k]): row for row, k in enumerate(round_check.rows)}
         return checked, (updates, average) if average is not None else None, (row_of, round_check.gram)
+
+
+def _metric(reply: Message, key: str, default: float) -> float:
+    """A number of the reply's metric record (``default`` when it has none)."""
+    record = next(iter(reply.content.metric_records.values()), None)
+    return float(record.get(key, default)) if record is not None else default
 
 
 def _combined(coefficients: np.ndarray, replies: list[Message], reference: ArrayRecord) -> ArrayRecord:

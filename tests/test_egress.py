@@ -211,3 +211,52 @@ def test_a_non_dp_round_the_sites_policy_allows_leaves_stating_an_unbounded_epsi
     reply = client_app.train(msg, context)
     assert not reply.has_error(), reply.error.reason
     assert reply.content["metrics"]["epsilon"] == float("inf") and _check(reply, msg, site) == egress.ALLOWED
+
+
+def test_secure_aggregation_replies_leave_as_the_protocol_makes_them_and_nothing_else(site, data_dir, tmp_path):
+    """Two sites of a secure sum through the real ClientApp handlers: their keys, their shares, and a masked
+    update (uint32 words of the model's shapes) leave; a masked update answering a plain train message, a float
+    update answering a secure one, and protocol replies holding other keys or other forms are blocked."""
+    from client import secure_aggregation as secagg
+
+    toml, _ = site
+    other = helpers.site_config(tmp_path, "hungarian")
+    contexts = {node: Context(run_id=RUN, node_id=node, node_config={"site-config": str(path)}, state=RecordDict(),
+                              run_config={"task": "ehr"}) for node, path in ((42, toml), (43, other))}
+    r = ROUND + 10  # a round this module's site has not trained yet
+    config = ConfigRecord({"server-round": r})
+
+    def ask(kind, node, record=None):
+        content = RecordDict({"config": config, **({secagg.RECORD: ConfigRecord(record)} if record else {})})
+        msg = _incoming(content, f"{MessageType.QUERY}.{kind}", group=str(r))
+        return msg, getattr(client_app, kind)(msg, contexts[node])
+
+    keys = {n: ask("secagg_keys", n) for n in contexts}
+    msg, reply = keys[42]
+    assert _check(reply, msg, site) == egress.ALLOWED
+    assert _check(_variant(reply, lambda c: c[secagg.RECORD].__setitem__("note", b"x")), msg, site).rule == "keys"
+    assert _check(_variant(reply, lambda c: c[secagg.RECORD].__setitem__("share-key", b"\x02" + b"P" * 100)), msg,
+                  site).rule == "record"
+    group = {"nodes": ["42", "43"], "share-keys": [keys[n][1].content[secagg.RECORD]["share-key"] for n in (42, 43)],
+             "mask-keys": [keys[n][1].content[secagg.RECORD]["mask-key"] for n in (42, 43)]}
+    shares = {n: ask("secagg_shares", n, group) for n in contexts}
+    assert all(_check(r, m, site) == egress.ALLOWED for m, r in shares.values())
+
+    model = build_model("ehr-logreg", n_features=13)
+    train_config = {"model": "ehr-logreg", "local-steps": 2, "local-epochs": 1, "batch-size": 8, "optimizer": "sgd",
+                    "lr": 0.05, "seed": 1, "server-round": r, "dp": True, "noise-multiplier": 1.0,
+                    "clip-norm": 1.0, "target-epsilon": 0.0, "num-server-rounds": 5}
+    secure = _incoming(RecordDict({
+        "arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({**train_config, "secure-aggregation": True}),
+        secagg.RECORD: ConfigRecord({"group": ["42", "43"], "from": ["43"], "weight": 0.5, "max-update-norm": 0.0,
+                                     "shares": [shares[43][1].content[secagg.RECORD]["shares"][0]]})}),
+        MessageType.TRAIN, group=str(r))
+    masked = client_app.train(secure, contexts[42])
+    assert not masked.has_error(), masked.error.reason
+    assert {a.dtype for a in masked.content["arrays"].values()} == {"uint32"}
+    assert _check(masked, secure, site) == egress.ALLOWED
+    plain = _incoming(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(train_config)}),
+                      MessageType.TRAIN, group=str(r))
+    assert _check(masked, plain, site).rule == "arrays"  # masked words answering a plain train message
+    floats = _variant(masked, lambda c: c.__setitem__("arrays", ArrayRecord(model.state_dict())))
+    assert _check(floats, secure, site).rule == "arrays"  # a plain update answering a secure one

@@ -121,6 +121,13 @@ def coordinator_run(
                                                  "median update counts less the longer it is (default 3)."),
     outlier_policy: Optional[str] = typer.Option(None, help="flag | exclude: what happens to a site that is an "
                                                  "outlier outlier-rounds rounds in a row (default flag)."),
+    secure_aggregation: bool = typer.Option(False, "--secure-aggregation", help="SecAgg+: the coordinator sees "
+                                            "only the sum of the sites' updates (FedAvg family only)."),
+    distributed_dp: bool = typer.Option(False, "--distributed-dp", help="With --secure-aggregation: sites whose "
+                                        "policy opts in add σ/√t each (docs/PRIVACY.md); needs a fixed "
+                                        "noise multiplier, --local-steps 1 and sgd."),
+    noise_multiplier: Optional[float] = typer.Option(None, help="σ to ask of every site (or of the secure sum, "
+                                                     "under --distributed-dp) instead of a target ε."),
     init_checkpoint: Optional[Path] = typer.Option(None, help="seg: start from this public checkpoint (`carefl "
                                                    "coordinator pretrain`) and DP fine-tune it (shared_models/"
                                                    "tasks.py: SEG_DP_FINETUNE)."),
@@ -161,6 +168,10 @@ def coordinator_run(
         extra["train-params"] = train_params
     if target_epsilon is not None:
         extra["target-epsilon"] = target_epsilon
+    if noise_multiplier is not None:  # a fixed σ replaces the study's target ε
+        extra.update({"noise-multiplier": noise_multiplier, "target-epsilon": 0.0})
+    if secure_aggregation or distributed_dp:
+        extra.update({"secure-aggregation": secure_aggregation, "distributed-dp": distributed_dp})
     knobs = {"round-timeout": round_timeout, "round-retries": round_retries, "max-update-norm": max_update_norm,
              "byzantine-sites": byzantine_sites, "trim-beta": trim_beta, "bound-factor": bound_factor,
              "outlier-policy": outlier_policy}

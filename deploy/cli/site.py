@@ -123,9 +123,14 @@ def site_budget(
         delta = rounds[-1]["delta"] if rounds else ds.policy.delta
         spent = ledger.spent(name, delta, ds.policy.accountant) if rounds else 0.0
         by_kind = ledger.spent_by_kind(name, delta, ds.policy.accountant) if rounds else {}
+        # distributed DP: the ε that assumes the honest sites' noise, beside the own-noise ε, where a release did
+        honest = max((r["honest_sites"] or 1 for r in rounds), default=1)
+        assumed = ({"epsilon_assumed": ledger.spent(name, delta, ds.policy.accountant, assumed=True),
+                    "honest_sites": honest, "budget_by": ds.policy.distributed_dp_budget} if honest > 1 else {})
+        budgeted = assumed["epsilon_assumed"] if assumed and ds.policy.budget_assumed else spent
         report["datasets"][name] = {
-            "epsilon_spent": spent, "epsilon_by_kind": by_kind, "epsilon_budget": ds.policy.epsilon_budget,
-            "epsilon_remaining": max(ds.policy.epsilon_budget - spent, 0.0), "delta": delta,
+            "epsilon_spent": spent, **assumed, "epsilon_by_kind": by_kind, "epsilon_budget": ds.policy.epsilon_budget,
+            "epsilon_remaining": max(ds.policy.epsilon_budget - budgeted, 0.0), "delta": delta,
             "accountant": ds.policy.accountant, "rounds": len(rounds),
             "runs": sorted({r["run_id"] for r in rounds}),
             "non_dp_rounds": sum(1 for r in rounds if r["noise_multiplier"] == 0),
@@ -140,11 +145,18 @@ def site_budget(
         table.add_column(col)
     for name, d in report["datasets"].items():
         spent_text = "∞ (non-DP rounds)" if d["non_dp_rounds"] else f"{d['epsilon_spent']:.4f}"
+        if "epsilon_assumed" in d and not d["non_dp_rounds"]:
+            spent_text += (f" own noise; {d['epsilon_assumed']:.4f} with {d['honest_sites']} honest sites"
+                           f"{' (budgeted)' if d['budget_by'] == 'assumed' else ''}")
         kinds = ", ".join(f"{kind} {eps:.4f}" for kind, eps in d["epsilon_by_kind"].items()) or "–"
         table.add_row(name, spent_text, kinds, f"{d['epsilon_budget']:g}", f"{d['epsilon_remaining']:.4f}",
                       "–" if d["delta"] is None else f"{d['delta']:g}", d["accountant"], str(d["rounds"]),
                       str(len(d["runs"])), "DP (charged)" if d["evaluation"] == "dp" else "exact: not DP")
     console.print(table)
+    if any("epsilon_assumed" in d for d in report["datasets"].values()):
+        console.print("distributed DP: the own-noise ε is what this site's noise alone guarantees; the ε with honest "
+                      "sites holds only if that many sites of each secure sum (this one included) were honest and "
+                      "stayed in it", highlight=False)
     if any(len(d["epsilon_by_kind"]) > 1 for d in report["datasets"].values()):
         console.print("each kind's ε is its releases alone; together they compose to the ε spent (less than "
                       "their sum)", highlight=False)

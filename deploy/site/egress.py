@@ -8,7 +8,11 @@ own privacy ledger. Allowed per message type (docs/PRIVACY.md, "The egress guard
 - only the record names and keys of ``RECORDS``; numbers only, finite; lists of bounded length;
   strings only from the site's own vocabulary (its id, dataset, task and model names, hashes);
 - arrays only in a train reply, with the names, shapes and dtypes of the model the coordinator sent
-  (or the subset the study trains), finite, never more bytes than came in;
+  (or the subset the study trains), finite, never more bytes than came in; under secure aggregation
+  the masked update instead: uint32 words of the same shapes (its values are masked, so the app bounds the
+  update before masking, client/secure_aggregation.py);
+- the secure-aggregation exchanges (``query.secagg_*``): only the protocol's keys, public keys of the
+  protocol's curve, node ids, and ciphertexts and shares of bounded size (key material, no numbers);
 - a reply with weights or any data-derived number must match a charge of this site's ledger for that
   run, round, dataset and kind, with the ε the ledger recorded; exact (non-DP) evaluation only where
   the dataset's policy opts in;
@@ -53,7 +57,7 @@ MAX_REASON = 600            # characters of an error reason
 HEX64 = re.compile(r"[0-9a-f]{64}")
 HEAD = "audit-head"         # client/audit.py: the site log's signed head, on every reply with content
 TRAIN_METRICS = {"num-examples", "local-steps", "dp", "epsilon", "delta", "noise-multiplier", "clip-norm",
-                 "trained-parameters"}
+                 "trained-parameters", "epsilon-assumed", "honest-sites"}  # the last two: distributed DP only
 EVAL_METRICS = {"eval-dp", "noise-std", "epsilon", "delta", "noise-multiplier", "l2-bound"}
 BINARY_COUNTS = {*COUNT_KEYS, *HIST_KEYS, "loss-sum", "loss-bound"}  # the evaluation layouts' keys
 SEG_COUNT = re.compile(r"(dice|iou)-sum-\d|cases")
@@ -67,7 +71,15 @@ RECORDS: dict[str, dict[str, tuple[type, object]]] = {
     "query.witness": {},
     "train": {"arrays": (ArrayRecord, None), "metrics": (MetricRecord, TRAIN_METRICS)},
     "evaluate": {"metrics": (MetricRecord, "evaluation")},
+    "query.secagg_keys": {"secagg": (ConfigRecord, "protocol")},
+    "query.secagg_shares": {"secagg": (ConfigRecord, "protocol")},
+    "query.secagg_unmask": {"secagg": (ConfigRecord, "protocol")},
 }
+# secure aggregation (privacy/secure_aggregation.py): per reply, each key → (what it holds, most bytes per value)
+PROTOCOL = {"query.secagg_keys": {"share-key": ("point", 49), "mask-key": ("point", 49)},
+            "query.secagg_shares": {"to": ("node", 20), "shares": ("bytes", 1024)},
+            "query.secagg_unmask": {"nodes": ("node", 20), "shares": ("bytes", 512), "kind": ("word", 4)}}
+PROTOCOL_LIST = 1024  # sites of one secure sum, at most
 LEDGER_KIND = {"train": "training", "query.feature_stats": "feature-statistics", "evaluate": "evaluation"}
 
 
@@ -79,6 +91,7 @@ class Instruction:
     server_round: int | None
     arrays: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # name → (shape, dtype)
     arrays_bytes: int = 0
+    secure: bool = False  # a train message under secure aggregation: the reply's arrays are masked
 
 
 @dataclass(frozen=True)
@@ -133,6 +146,8 @@ def check_reply(reply: Reply, instruction: Instruction | None, site: SiteConfig,
             verdict = _block("record", f"record '{name}' is not allowed in a {kind} reply")
         elif isinstance(record, ArrayRecord):
             verdict = _check_arrays(record, instruction)
+        elif isinstance(record, ConfigRecord) and rules[name][1] == "protocol":
+            verdict = _check_protocol(record, PROTOCOL[kind])
         elif isinstance(record, ConfigRecord):
             verdict = _check_strings(record, rules[name][1], site, dataset)
         else:
@@ -166,12 +181,32 @@ def _check_arrays(record: ArrayRecord, instruction: Instruction) -> Verdict:
         if name not in sent:
             return _block("arrays", f"array '{name}' is not a parameter of the model the coordinator sent")
         shape, dtype = sent[name]
+        dtype = "uint32" if instruction.secure else dtype  # a masked update: one uint32 word per parameter
         if tuple(array.shape) != shape or str(array.dtype) != dtype:
             return _block("arrays", f"array '{name}' is {array.dtype}{list(array.shape)}, the model's is "
                                     f"{dtype}{list(shape)}")
         values = array.numpy()
         if values.dtype.kind in "fc" and not np.isfinite(values).all():
             return _block("arrays", f"array '{name}' holds NaN or infinite values")
+    return ALLOWED
+
+
+def _check_protocol(record: ConfigRecord, allowed: dict[str, tuple[str, int]]) -> Verdict:
+    """A secure-aggregation reply: its keys, and values of the protocol's forms and sizes only."""
+    if set(record) != set(allowed):
+        return _block("keys", "a secure-aggregation reply with other keys than the protocol's")
+    for key, value in record.items():
+        form, most = allowed[key]
+        values = value if isinstance(value, list) else [value]
+        if len(values) > PROTOCOL_LIST:
+            return _block("numbers", f"'{key}' holds {len(values)} values")
+        for v in values:
+            ok = {"point": lambda x: isinstance(x, bytes) and len(x) == most and x[:1] in (b"\x02", b"\x03"),
+                  "bytes": lambda x: isinstance(x, bytes) and len(x) <= most,
+                  "node": lambda x: isinstance(x, str) and x.isdigit() and len(x) <= most,
+                  "word": lambda x: x in ("seed", "key")}[form](v)
+            if not ok:
+                return _block("record", f"'{key}' holds a value that is not the protocol's")
     return ALLOWED
 
 

@@ -36,16 +36,19 @@ def instruction_of(message, contents: dict[str, bytes]) -> egress.Instruction:
     size = 0
     if message.metadata.message_id not in contents:  # nothing of it was stored (refused by the approval check)
         return egress.Instruction(kind, server_round)
+    secure = False
     try:
         full = seam.inflate_message(message.metadata.message_id, contents)
+        config = full.content.config_records.get("config")
+        secure = bool(config.get("secure-aggregation", False)) if config is not None else False
         for record in full.content.array_records.values():
             for name, array in record.items():
                 arrays[name] = (tuple(array.shape), str(array.dtype))
                 size += len(array.data)
     except Exception:  # noqa: BLE001 - a message the guard cannot read returns nothing with arrays (fail closed)
         log.warning("egress guard: could not read the arrays of a %s message; its reply may carry none", kind)
-        arrays, size = {}, 0
-    return egress.Instruction(kind, server_round, arrays, size)
+        arrays, size, secure = {}, 0, False
+    return egress.Instruction(kind, server_round, arrays, size, secure)
 
 
 class Guard:

@@ -57,14 +57,18 @@ def check_site(records: Iterable[dict], epsilon: dict[str, DatasetEpsilon] | Non
             if str(p.get("mechanism") or "training") == "training":  # what weights need; evaluation is another
                 dp_rounds.setdefault(_key(p), []).append(p.get("dp") is True)
             if p.get("dp") is True:
-                after, budget = p.get("epsilon_after"), p.get("epsilon_budget")
+                # the ε the site's policy checks its budget by: under distributed DP it may be the assumed one
+                by_assumed = p.get("budget_by") == "assumed"
+                after = p.get("epsilon_assumed_after" if by_assumed else "epsilon_after")
+                budget = p.get("epsilon_budget")
                 if not _number(budget):
                     add("error", "budget", rec, f"dataset '{p.get('dataset')}': no epsilon_budget logged")
                 elif not _number(after):
                     add("error", "budget", rec, f"dataset '{p.get('dataset')}': ε after the round is not a "
                                                 f"finite number ({after}), budget {budget:g}")
                 elif after > budget * (1 + BUDGET_SLACK) + 1e-12:
-                    add("error", "budget", rec, f"dataset '{p.get('dataset')}': ε={after:.6g} after the round "
+                    which = " (assuming its honest sites)" if by_assumed else ""
+                    add("error", "budget", rec, f"dataset '{p.get('dataset')}': ε={after:.6g}{which} after the round "
                                                 f"exceeds its budget {budget:g} (δ={p.get('delta')})")
         elif _weights_reply(rec):
             run, rnd = _key(p)

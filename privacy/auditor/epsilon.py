@@ -22,6 +22,11 @@ looseness of one of the two accountants, which the finding names.
 Every kind of release is composed into its dataset's ε in log order: training rounds, the feature-statistics
 release and each round's evaluation release (``mechanism``; a record without one is a training round, as
 older logs wrote them). A round's training and its evaluation are two releases, never a repeat.
+
+Distributed DP (docs/PRIVACY.md): a training round whose site added σ/√t of a secure sum logs t
+(``honest_sites``). A dataset with such rounds has a second track, every release's σ counted as σ·√t (t = 1
+where not logged), recomputed beside the first; a logged ``epsilon_assumed_after`` is judged against it
+exactly as ``epsilon_after`` is against the own-noise track. Datasets without such rounds are unchanged.
 """
 
 from __future__ import annotations
@@ -230,9 +235,22 @@ class RoundEpsilon:
     mechanism: str = "training"             # training | feature-statistics | evaluation
     status: str = "ok"                      # ok | warning | error | n/a (non-DP round)
     message: str = ""
+    honest_sites: int = 1                   # t of distributed DP (the logged σ is the site's share of the sum's)
+    logged_assumed_after: float | None = None      # the logged ε assuming t honest sites (σ·√t per release)
+    recomputed_assumed_after: float | None = None  # its counterpart, on the dataset's assumed track
+    assumed_rel_diff: float | None = None
+
+    @property
+    def distributed(self) -> bool:
+        """The record says something about distributed DP (older and other records do not)."""
+        return self.honest_sites > 1 or self.logged_assumed_after is not None
 
     def to_dict(self) -> dict:
-        return {k: _num(v) for k, v in asdict(self).items()}
+        out = {k: _num(v) for k, v in asdict(self).items()}
+        if not self.distributed and self.recomputed_assumed_after is None:  # as before distributed DP
+            for key in ("honest_sites", "logged_assumed_after", "recomputed_assumed_after", "assumed_rel_diff"):
+                del out[key]
+        return out
 
 
 @dataclass
@@ -285,7 +303,16 @@ class DatasetEpsilon:
                 "recomputed_epsilon": _num(last.recomputed_after) if last else None,
                 "max_rel_diff": _num(self.max_rel_diff),
                 "epsilon_by_mechanism": {k: _num(v) for k, v in self.by_mechanism().items()},
-                "per_round": [r.to_dict() for r in self.rounds]}
+                **self._assumed(), "per_round": [r.to_dict() for r in self.rounds]}
+
+    def _assumed(self) -> dict:
+        """The ε that assumes the honest sites of distributed DP, logged and recomputed, where any release did."""
+        if not any(r.distributed for r in self.rounds):
+            return {}
+        last = self.last
+        return {"logged_epsilon_assumed": _num(last.logged_assumed_after),
+                "recomputed_epsilon_assumed": _num(last.recomputed_assumed_after),
+                "honest_sites": max(r.honest_sites for r in self.rounds)}
 
 
 def _num(value):
@@ -300,9 +327,18 @@ def _float(value) -> float | None:
     return float(value)
 
 
+def _honest_sites(payload: dict) -> int | None:
+    """The logged t of distributed DP: 1 when absent, None when not a whole number >= 1."""
+    value = payload.get("honest_sites", 1)
+    return value if type(value) is int and value >= 1 else None
+
+
 def recompute(records: Iterable[dict]) -> dict[str, DatasetEpsilon]:
-    """Per dataset, every ``dp-round`` with the logged and the recomputed cumulative ε."""
+    """Per dataset, every ``dp-round`` with the logged and the recomputed cumulative ε (and, for a dataset with
+    distributed-DP releases, the ε that assumes their honest sites)."""
     rounds = [rec for rec in records if rec.get("event") == "dp-round"]
+    distributed = {str(rec["payload"].get("dataset")) for rec in rounds
+                   if rec["payload"].get("honest_sites", 1) != 1 or "epsilon_assumed_after" in rec["payload"]}
     plans: dict[str, tuple[list[Step], float]] = {}
     for rec in rounds:  # first pass: each dataset's PLD interval, from an RDP estimate of its total ε
         p = rec["payload"]
@@ -315,6 +351,7 @@ def recompute(records: Iterable[dict]) -> dict[str, DatasetEpsilon]:
             plans[str(p.get("dataset"))] = (history, min(smallest, delta))
     tables: dict[str, DatasetEpsilon] = {}
     state: dict[str, Composition] = {}
+    assumed: dict[str, Composition] = {}  # the σ·√t track of datasets in ``distributed``
     charged: dict[str, set] = {}
     for rec in rounds:
         p = rec["payload"]
@@ -331,20 +368,25 @@ def recompute(records: Iterable[dict]) -> dict[str, DatasetEpsilon]:
             except (ArithmeticError, ValueError):
                 bound = math.inf
             state[dataset].beyond = bound if bound > EPSILON_CEILING else None
-        comp = state[dataset]
+            if dataset in distributed:  # larger σ: its ε is below the own track's, so the interval suffices
+                assumed[dataset] = Composition(interval)
+        comp, comp_assumed = state[dataset], assumed.get(dataset)
         row = RoundEpsilon(
             seq=rec["seq"], time=rec["time"], run_id=str(p.get("run_id")), round=p.get("round"), dataset=dataset,
             dp=p.get("dp") is True, accountant=str(p.get("accountant")), delta=_float(p.get("delta")),
             sigma=_float(p.get("noise_multiplier")), sample_rate=_float(p.get("sample_rate")),
             steps=p.get("steps") if type(p.get("steps")) is int else None, budget=_float(p.get("epsilon_budget")),
             logged_before=_float(p.get("epsilon_before")), logged_after=_float(p.get("epsilon_after")),
-            mechanism=str(p.get("mechanism") or "training"))
+            mechanism=str(p.get("mechanism") or "training"), honest_sites=_honest_sites(p) or 1,
+            logged_assumed_after=_float(p.get("epsilon_assumed_after")))
         table.rounds.append(row)
         if not row.dp:
-            comp.unbounded = True  # the ledger records a non-DP round with σ = 0: ε is unbounded after it
+            for track in (comp, comp_assumed):  # the ledger records a non-DP round with σ = 0: ε is unbounded
+                if track is not None:
+                    track.unbounded = True
             row.status, row.message = "n/a", "non-DP round (dp = false): the dataset's ε is unbounded from here"
             continue
-        problem = _check_parameters(row)
+        problem = _check_parameters(row) or _check_distributed(p, row)
         if not problem and comp.beyond is not None:
             problem = (f"the logged parameters of this dataset are out of the verifier's range (their RDP bound "
                        f"is ε={comp.beyond:.3g}, above {EPSILON_CEILING:g}): ε is not recomputed")
@@ -358,8 +400,10 @@ def recompute(records: Iterable[dict]) -> dict[str, DatasetEpsilon]:
         else:
             charged[dataset].add(key)
             comp.add(row.sigma, row.sample_rate, row.steps)
+            if comp_assumed is not None:
+                comp_assumed.add(row.sigma * math.sqrt(row.honest_sites), row.sample_rate, row.steps)
         try:
-            _judge(row, comp)
+            _judge(row, comp, comp_assumed)
         except (ArithmeticError, MemoryError, ValueError) as exc:  # numerically out of reach
             row.status, row.message = "error", f"ε cannot be recomputed for these parameters ({exc!r})"
     return tables
@@ -380,44 +424,72 @@ def _check_parameters(row: RoundEpsilon) -> str:
     return ""
 
 
-def _judge(row: RoundEpsilon, comp: Composition) -> None:
-    expected = comp.counterpart(row.accountant, row.delta)
-    row.recomputed_after = expected
-    logged = row.logged_after
-    name = {"prv": "PLD (+ PRV's 0.01 margin)", "rdp": "RDP"}[row.accountant]
-    at = f"at δ={row.delta:g}"
+def _check_distributed(payload: dict, row: RoundEpsilon) -> str:
+    """The distributed-DP fields of a record: a whole t >= 1, and t > 1 on training rounds only (statistics and
+    evaluation releases are not in the secure sum)."""
+    if _honest_sites(payload) is None:
+        return f"honest_sites={payload.get('honest_sites')!r} is not a whole number >= 1"
+    if row.honest_sites > 1 and row.mechanism != "training":
+        return f"a {row.mechanism} release assumed {row.honest_sites} honest sites, but it is not in a secure sum"
+    return ""
+
+
+_SEVERITY = {"ok": 0, "warning": 1, "error": 2}
+
+
+def _judge(row: RoundEpsilon, comp: Composition, assumed: Composition | None = None) -> None:
+    """Judge the logged ε against the own-noise track and, where the record logs one, the assumed ε against the
+    assumed track (or the own one, where the dataset assumed nothing); the row keeps the worse finding."""
+    before = None
+    if row.logged_before is not None and row.recomputed_before is not None \
+            and row.logged_before > row.recomputed_before * (1 + TOLERANCE) + 1e-12:
+        before = (row.logged_before, row.recomputed_before)
+    row.recomputed_after, row.rel_diff, row.tight_after, row.status, row.message = _verdict(
+        row.logged_after, comp, row.accountant, row.delta, "ε", "ε after the round", before)
+    if assumed is not None:
+        row.recomputed_assumed_after = assumed.counterpart(row.accountant, row.delta)
+    if row.distributed:
+        expected, row.assumed_rel_diff, _, status, message = _verdict(
+            row.logged_assumed_after, assumed or comp, row.accountant, row.delta, "assumed ε",
+            f"ε assuming {row.honest_sites} honest sites")
+        row.recomputed_assumed_after = expected
+        if message:
+            row.message = "; ".join(m for m in (row.message, message) if m)
+        if _SEVERITY[status] > _SEVERITY[row.status]:
+            row.status = status
+
+
+def _verdict(logged: float | None, comp: Composition, accountant: str, delta: float, label: str, missing: str,
+             before: tuple[float, float] | None = None) -> tuple:
+    """(recomputed, relative difference, tight ε or None, status, message) of one logged cumulative ε."""
+    expected = comp.counterpart(accountant, delta)
+    name = {"prv": "PLD (+ PRV's 0.01 margin)", "rdp": "RDP"}[accountant]
+    at = f"at δ={delta:g}"
     if math.isinf(expected):
         if logged is None or math.isinf(logged):
-            return
-        row.status, row.message = "error", (f"logged ε={logged:.6g} {at} but an earlier round of this dataset "
-                                            f"had no noise: its ε is unbounded")
-        return
+            return expected, None, None, "ok", ""
+        return expected, None, None, "error", (f"logged {label}={logged:.6g} {at} but an earlier round of this "
+                                               f"dataset had no noise: its ε is unbounded")
     if logged is None:
-        row.status, row.message = "error", f"ε after the round is missing (recomputed {expected:.6g} {at})"
-        return
-    row.rel_diff = (logged - expected) / expected if expected > 0 else (0.0 if abs(logged) < 1e-12 else math.inf)
-    if abs(row.rel_diff) <= TOLERANCE:
-        return
-    tight = comp.pld_epsilon(row.delta)
-    row.tight_after = tight
-    diff = (f"logged ε={logged:.6g} {at} differs by {100 * row.rel_diff:+.2f}% from dp-accounting's {name} "
+        return expected, None, None, "error", f"{missing} is missing (recomputed {expected:.6g} {at})"
+    rel_diff = (logged - expected) / expected if expected > 0 else (0.0 if abs(logged) < 1e-12 else math.inf)
+    if abs(rel_diff) <= TOLERANCE:
+        return expected, rel_diff, None, "ok", ""
+    tight = comp.pld_epsilon(delta)
+    diff = (f"logged {label}={logged:.6g} {at} differs by {100 * rel_diff:+.2f}% from dp-accounting's {name} "
             f"{expected:.6g}")
     if logged < tight * (1 - TOLERANCE):
-        row.status = "error"
-        row.message = (f"{diff}; it is below even the tight PLD ε {tight:.6g}: the logged ε does not bound the "
-                       f"privacy loss of the logged σ, q and steps")
-    elif logged > expected * (1 + TOLERANCE):
-        row.status = "error"
-        before = ""
-        if row.logged_before is not None and row.recomputed_before is not None \
-                and row.logged_before > row.recomputed_before * (1 + TOLERANCE) + 1e-12:
-            before = (f" (already before this round it logged ε={row.logged_before:.6g} where the earlier rounds "
-                      f"in this log add up to {row.recomputed_before:.6g})")
-        row.message = (f"{diff}; it is more than the logged rounds of this dataset add up to{before}: the ledger "
-                       f"charged rounds (or parameters) that are not in this log")
-    else:
-        row.status = "warning"
-        loose = ("dp-accounting 0.6's RDP is looser than Opacus's at fractional orders (it sums the absolute "
-                 "values of an alternating series)" if row.accountant == "rdp" else
-                 "the site's PRV number is below its own reporting margin")
-        row.message = (f"{diff}, but it is above the tight PLD ε {tight:.6g}, so it is still a valid bound: {loose}")
+        return expected, rel_diff, tight, "error", (
+            f"{diff}; it is below even the tight PLD ε {tight:.6g}: the logged {label} does not bound the privacy "
+            f"loss of the logged σ, q and steps")
+    if logged > expected * (1 + TOLERANCE):
+        earlier = (f" (already before this round it logged ε={before[0]:.6g} where the earlier rounds in this log "
+                   f"add up to {before[1]:.6g})") if before else ""
+        return expected, rel_diff, tight, "error", (
+            f"{diff}; it is more than the logged rounds of this dataset add up to{earlier}: the ledger charged "
+            f"rounds (or parameters) that are not in this log")
+    loose = ("dp-accounting 0.6's RDP is looser than Opacus's at fractional orders (it sums the absolute "
+             "values of an alternating series)" if accountant == "rdp" else
+             "the site's PRV number is below its own reporting margin")
+    return expected, rel_diff, tight, "warning", (
+        f"{diff}, but it is above the tight PLD ε {tight:.6g}, so it is still a valid bound: {loose}")
