@@ -24,7 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from benchmarks.figures import Figure, markdown_table
-from benchmarks.timing import interleaved_medians
+from benchmarks.timing import call_times, interleaved_medians
 from deploy.site.flower_seam import as_transported, set_task_identity
 from server import strategies
 from server.flower_seam import array_bytes
@@ -78,15 +78,6 @@ def peak_extra_mb(step) -> float:
         return tracemalloc.get_traced_memory()[1] / 2**20
     finally:
         tracemalloc.stop()
-
-
-def _times(step, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        start = time.perf_counter()
-        step()
-        out.append(time.perf_counter() - start)
-    return out
 
 
 def status_mb(key: str) -> float:
@@ -207,7 +198,7 @@ def run(full: bool) -> list[Figure]:
         else:
             baseline_s = base_s
             n = 5 if full else (3 if first < 1.5 else 0)
-            seconds = statistics.median(_times(step, n)) if n else first
+            seconds = statistics.median(call_times(step, n)) if n else first
         rows.append([name, f"{seconds:.3f}", f"{baseline_s / seconds:.2f}", f"{extras[name]:.0f}"])
         print(f"{name}: {seconds:.3f} s vs numpy {baseline_s:.3f} s → {baseline_s / seconds:.2f}; "
               f"peak {extras[name]:.0f} MB", flush=True)

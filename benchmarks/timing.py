@@ -1,4 +1,5 @@
-"""Ratios of two step functions timed in one run: interleaved blocks, medians (load hits both alike)."""
+"""Timing step functions: each call's seconds (``call_times``), and ratios of two step functions timed in one
+run (``interleaved_medians``: interleaved blocks, medians, so load hits both alike)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import time
 from typing import Callable
 
 
-def _time(step: Callable[[], None], repeats: int) -> list[float]:
+def call_times(step: Callable[[], None], repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``step``, in order."""
     out = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -20,9 +22,9 @@ def interleaved_medians(first: Callable[[], None], second: Callable[[], None], r
                         warmup: int = 5) -> tuple[float, float]:
     """Median seconds per call of ``first`` and ``second``, run alternately in blocks of ``block``."""
     for step in (first, second):
-        _time(step, warmup)
+        call_times(step, warmup)
     a, b = [], []
     for _ in range(max(1, repeats // block)):
-        a += _time(first, block)
-        b += _time(second, block)
+        a += call_times(first, block)
+        b += call_times(second, block)
     return statistics.median(a), statistics.median(b)

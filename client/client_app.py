@@ -1,4 +1,7 @@
-"""The site's ClientApp: ``query``, ``train`` and ``evaluate`` handlers.
+"""The site's ClientApp: ``query``, ``train`` and ``evaluate`` handlers, shaped like Flower's quickstart —
+unpack the message, make the release's privacy steps through privacy/release.py (a training round's in one
+call, ``charge_round``), compute, pack the reply. A training round's other steps are client/train_round.py's;
+the audit records a handler adds are built in client/audit_records.py.
 
 Every handler replies with a Flower error (never a traceback, never a data value) when the
 site cannot do the work, so the coordinator sees a reason and no weights leave the site.
@@ -9,23 +12,22 @@ from __future__ import annotations
 import functools
 import logging
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import audit as audit_mod
+from client import audit_records, train_round, training
 from client import secure_aggregation as secagg
-from client import training
 from client.errors import SiteError
 from client.site import site_from_configs
 from client.tasks import device_for, load_task
 from privacy import release
 from privacy.gaussian import noisy_sum
 from privacy.ledger import AlreadyCharged, BudgetExceeded, LedgerError
-from privacy.policy import DPRequest, RequestRefused, check_request
+from privacy.policy import RequestRefused
 from shared_models.feature_stats import l2_bound
 from shared_models.metrics import PERSONAL_PREFIX
 from shared_models.registry import build_model, model_names
-from shared_models.trainable import freeze_except
 
 log = logging.getLogger("carefl.site")
 
@@ -93,16 +95,17 @@ def _site_task(context: Context, msg: Message | None = None):
 def query(msg: Message, context: Context, audit) -> Message:
     """Identity and capabilities: site id, task, models, the dataset's public nominal size; no data statistics."""
     site, task = _site_task(context)
+    data = train_round.dataset(site, task)
     study = msg.content.config_records.get("study")
     rounds = int(study.get("rounds", 0)) if study is not None else 0
     if study is not None:
-        _check_secure(task.dataset, bool(study.get("secure-aggregation", False)), site.site_id)
+        release.check_secure(data, bool(study.get("secure-aggregation", False)))
     if rounds > 0:  # would this site take the whole study? (refused here, no site is charged for it)
-        release.check_study(_plan(dict(context.run_config), context, task), task.dataset.policy, site.ledger_path,
-                            task.dataset.name, task.n_train, rounds, site.site_id)
-    if audit is not None and task.excluded:
-        audit.append("data-exclusions", {"run_id": str(context.run_id), "dataset": task.dataset.name,
-                                         "excluded": int(task.excluded), "reasons": task.exclusion_reasons()})
+        release.check_study(train_round.study_plan(dict(context.run_config), context, data), data.policy,
+                            data.ledger_path, data.name, data.n, rounds, data.site_id)
+    if task.excluded:
+        audit_records.log(audit, "data-exclusions", str(context.run_id), dataset=task.dataset.name,
+                          excluded=int(task.excluded), reasons=task.exclusion_reasons())
     task_name = str(context.run_config.get("task", "ehr"))
     info = ConfigRecord({"site-id": site.site_id, "task": task_name, "dataset": task.dataset.name,
                          "models": model_names(task_name)})
@@ -112,22 +115,6 @@ def query(msg: Message, context: Context, audit) -> Message:
     counts = MetricRecord({"nominal-size": task.dataset.weight,
                            "n-features": int(task.model_kwargs.get("n_features", 0))})
     return Message(RecordDict({"site": info, "counts": counts}), reply_to=msg)
-
-
-def _plan(config, context: Context, task) -> release.StudyPlan:
-    """This site's DP request for the study (σ planned once per run, cached in the run's state)."""
-    settings = training.TrainSettings.from_config(config)
-    cache = context.state.config_records.setdefault("carefl-noise-plan", ConfigRecord())
-    return release.plan_request(config, task.dataset.policy, task.dataset.name, task.n_train, settings.batch_size,
-                                training.planned_steps(settings, task.n_train),
-                                statistics=hasattr(task, "statistics_vectors"), cache=cache)
-
-
-def _check_secure(dataset, secure: bool, site_id: str) -> None:
-    """A dataset whose policy requires secure aggregation takes no study without it."""
-    if dataset.policy.require_secure_aggregation and not secure:
-        raise RequestRefused(f"site {site_id} requires secure aggregation for dataset '{dataset.name}' and this "
-                             f"study runs without it (run config secure-aggregation = true)")
 
 
 @app.query("secagg_keys")
@@ -177,22 +164,11 @@ def feature_stats(msg: Message, context: Context, audit) -> Message:
     sigma, bound = float(config["stats-noise-multiplier"]), l2_bound(task.schema)
     charged = release.charge_statistics(task.dataset.policy, site.ledger_path, task.dataset.name, task.n_train,
                                         str(context.run_id), sigma, bound)
-    if audit is not None:
-        audit.append("dp-round", charged.audit_record(dataset_fingerprint=task.fingerprint()))
+    audit_records.log_release(audit, charged, task)
     total = noisy_sum(task.statistics_vectors(), bound, sigma)
     metrics = MetricRecord({"sum": [float(v) for v in total], "l2-bound": bound, "noise-multiplier": sigma,
                             "epsilon": charged.charge.epsilon_after, "delta": charged.charge.delta})
     return Message(RecordDict({"statistics": metrics}), reply_to=msg)
-
-
-def _check_distributed(plan: release.StudyPlan, group: list[int], weight: float) -> None:
-    """Distributed DP counts on the noise of ``honest_sites`` sites of the sum: the sum must hold that many, each
-    weighted equally (docs/PRIVACY.md, "Distributed DP")."""
-    if len(group) < plan.honest_sites:
-        raise RequestRefused(f"distributed DP assumes {plan.honest_sites} honest sites in the sum, and this round's "
-                             f"secure sum holds only {len(group)}")
-    if abs(weight * len(group) - 1.0) > 1e-9:
-        raise RequestRefused("distributed DP needs every site of the sum weighted equally")
 
 
 @app.train()
@@ -205,47 +181,15 @@ def train(msg: Message, context: Context, audit) -> Message:
     """
     site, task = _site_task(context, msg)
     config = msg.content["config"]
-    secure = bool(config.get("secure-aggregation", False))
-    _check_secure(task.dataset, secure, site.site_id)
     settings = training.TrainSettings.from_config(config)
-    model = _model_from(msg, task.model_kwargs)
-    which = str(config.get("train-params", "all"))
-    trained = freeze_except(model, which)  # frozen ones: not trained, not noised, not sent
-    dimension = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    plan = _plan(config, context, task)
-    group = secagg.open_shares(msg, context) if secure else []  # a broken protocol refuses before any charge
-    if plan.honest_sites > 1:
-        _check_distributed(plan, group, float(msg.content[secagg.RECORD]["weight"]))
-    charged = release.charge_training(plan, task.dataset.policy, site.ledger_path, task.dataset.name, task.n_train,
-                                      str(context.run_id), int(config["server-round"]), dimension)
-    if audit is not None:
-        audit.append("dp-round", charged.audit_record(
-            dataset_fingerprint=task.fingerprint(), train_params=which, trained_parameters=dimension,
-            model_in_sha256=msg.content["arrays"].object_id,
-            **({"init_checkpoint_sha256": str(config["init-checkpoint-sha256"])}
-               if config.get("init-checkpoint-sha256") else {})))
-    dp, q = plan.request, plan.sample_rate
-    if not dp.enabled:
-        log.warning("NON-DP ROUND on dataset '%s' (allow_non_dp = true): its ε is now unbounded", task.dataset.name)
-    metrics = task.train(model, settings, device_for(site), dp, site.max_physical_batch)
-    if dp.enabled and metrics.pop("sample-rate") != q:  # the charged q must be the one Opacus sampled with
-        raise RuntimeError("sample rate used in training differs from the one charged; weights withheld")
-    state = model.cpu().state_dict()
-    names = list(state) if which == "all" else list(trained)
-    if secure:  # only the masked update leaves; the coordinator can unmask nothing but the sum
-        arrays, clipped = secagg.masked_update(msg, context, state, names)
-        if audit is not None:
-            audit.append("secure-aggregation", {"run_id": str(context.run_id), "round": int(config["server-round"]),
-                                                "group": len(group), "clipped_coordinates": clipped})
-    else:
-        arrays = ArrayRecord(state if which == "all" else {name: state[name] for name in trained})
-    # The training loss is not DP and the sample rate is batch / N: both stay in the site's log (dp-round).
-    released = {k: v for k, v in charged.reply_metrics().items() if k != "sample-rate"}
-    reply = RecordDict({
-        "arrays": arrays,
-        "metrics": MetricRecord({"num-examples": task.dataset.weight, "local-steps": metrics["local-steps"],
-                                 **released, "trained-parameters": dimension}),
-    })
+    model = train_round.Trainable.freeze(_model_from(msg, task.model_kwargs), str(config.get("train-params", "all")))
+    group = train_round.open_secure_group(msg, context)  # a broken protocol refuses before any charge
+    charged = release.charge_round(config, train_round.dataset(site, task), str(context.run_id), settings.batch_size,
+                                   training.planned_steps(settings, task.n_train), model.dimension, group,
+                                   train_round.plan_cache(context))
+    audit_records.log_release(audit, charged, task, lambda: model.facts(msg))
+    metrics = train_round.train(task, model, settings, site, charged)
+    reply = train_round.reply(msg, context, audit, model, charged, metrics, task.dataset.weight, group)
     return Message(reply, reply_to=msg)
 
 
@@ -262,8 +206,7 @@ def evaluate(msg: Message, context: Context, audit) -> Message:
     charged = release.charge_evaluation(config, task.dataset.policy, site.ledger_path, task.dataset.name,
                                         task.n_train, task.n_test, str(context.run_id), int(config["server-round"]),
                                         layout.l2_bound)
-    if audit is not None:
-        audit.append(charged.audit_event, charged.audit_record(dataset_fingerprint=task.fingerprint()))
+    audit_records.log_release(audit, charged, task)
     if charged.noise_multiplier == 0:
         log.warning("EXACT EVALUATION on dataset '%s' (%s): its test metrics leave without DP",
                     task.dataset.name, charged.reason)
@@ -280,12 +223,10 @@ def _personalised_report(msg: Message, context: Context, audit, site, task, mode
     Those counts are a non-private function of the training data, so the site treats the request
     like a non-DP round: its policy must allow non-DP use of the dataset.
     """
-    check_request(task.dataset.policy, DPRequest(enabled=False, noise_multiplier=0.0, clip_norm=0.0), 0.0)
+    no_dp = release.check_personalisation(task.dataset.policy)
     settings = training.TrainSettings.from_config(msg.content["config"])
-    task.train(model, settings, device_for(site), DPRequest(enabled=False, noise_multiplier=0.0, clip_norm=0.0),
-               site.max_physical_batch)
-    if audit is not None:
-        audit.append("finetune", {"run_id": str(context.run_id), "dataset": task.dataset.name,
-                                  "round": int(msg.content["config"].get("server-round", 0)),
-                                  "steps": settings.local_steps, "dp": False, "sent": "test metrics only"})
+    task.train(model, settings, device_for(site), no_dp, site.max_physical_batch)
+    audit_records.log(audit, "finetune", str(context.run_id), dataset=task.dataset.name,
+                      round=int(msg.content["config"].get("server-round", 0)), steps=settings.local_steps, dp=False,
+                      sent="test metrics only")
     return release.exact_sums(task.evaluation_vectors(model, device_for(site)), task.eval_layout, PERSONAL_PREFIX)

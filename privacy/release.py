@@ -3,10 +3,12 @@
 before anything is computed — plus the ``dp-round`` audit record that shows it, built in one place.
 
 The ClientApp's handlers call these and do nothing private themselves (docs/PRIVACY.md):
-``plan_request`` → ``check_study`` at the handshake; ``charge_training`` before a round trains;
-``charge_statistics`` before the feature-statistics release (a Gaussian mechanism, round 0);
-``charge_evaluation`` → ``release_evaluation`` for a round's test metrics (a Gaussian mechanism, or exact
-where the policy opts out).
+``check_secure`` and ``plan_study`` → ``check_study`` at the handshake; ``charge_round`` before a round
+trains (one call: secure aggregation where the policy requires it, σ planning, the distributed-DP check of
+the secure sum, then ``charge_training``: the policy check and the ledger charge); ``charge_statistics``
+before the feature-statistics release (a Gaussian mechanism, round 0); ``charge_evaluation`` →
+``release_evaluation`` for a round's test metrics (a Gaussian mechanism, or exact where the policy opts out),
+and ``check_personalisation`` before the exact test counts of a fine-tuned model (a non-DP report).
 
 Distributed DP (opt-in by the dataset's policy, under secure aggregation): the σ a study asks for is the
 secure sum's, and this site adds σ/√t of it, t being the honest sites its policy assumes. Training rounds
@@ -29,9 +31,33 @@ from privacy.policy import (DatasetPolicy, DPRequest, RequestRefused, check_eval
                             check_stats_request)
 from shared_models.eval_release import EVAL_NOISE_MULTIPLIER, Layout
 
-__all__ = ["ExactEvaluation", "Release", "StudyPlan", "charge_evaluation", "charge_statistics", "charge_training",
-           "check_study", "distributed_honest_sites", "evaluation_sigma", "exact_sums", "plan_request",
-           "release_evaluation"]
+__all__ = ["ExactEvaluation", "Release", "SecureGroup", "SiteDataset", "StudyPlan", "charge_evaluation",
+           "charge_round", "charge_statistics", "charge_training", "check_personalisation", "check_secure",
+           "check_secure_group", "check_study", "distributed_honest_sites", "evaluation_sigma", "exact_sums",
+           "plan_request", "plan_study", "release_evaluation"]
+
+NON_DP = DPRequest(enabled=False, noise_multiplier=0.0, clip_norm=0.0)  # a release the policy must allow as non-DP
+
+
+@dataclass(frozen=True)
+class SiteDataset:
+    """A dataset as this site's privacy steps see it (none of it is sent)."""
+
+    site_id: str
+    name: str
+    n: int                    # patients of its training split
+    policy: DatasetPolicy
+    ledger_path: Path
+    statistics: bool = False  # its studies open with a DP feature-statistics release (ehr-seq)
+
+
+@dataclass(frozen=True)
+class SecureGroup:
+    """This site's place in a round's secure sum: the sites whose masked updates the sum may hold (this one
+    included) and this site's weight in it."""
+
+    sites: int
+    weight: float
 
 
 @dataclass(frozen=True)
@@ -122,6 +148,33 @@ def plan_request(config: Mapping, policy: DatasetPolicy, dataset: str, n: int, b
     request = DPRequest(enabled=enabled, noise_multiplier=sigma / math.sqrt(honest),
                         clip_norm=float(config.get("clip-norm", 0.0)))
     return StudyPlan(request, sample_rate(n, batch_size), steps_per_round, stats_sigma, eval_sigma, honest, sigma)
+
+
+def plan_study(config: Mapping, data: SiteDataset, batch_size: int, steps_per_round: int,
+               cache: MutableMapping | None = None) -> StudyPlan:
+    """``plan_request`` for a dataset at this site."""
+    return plan_request(config, data.policy, data.name, data.n, batch_size, steps_per_round,
+                        statistics=data.statistics, cache=cache)
+
+
+def check_secure(data: SiteDataset, secure: bool) -> None:
+    """A dataset whose policy requires secure aggregation takes no study without it."""
+    if data.policy.require_secure_aggregation and not secure:
+        raise RequestRefused(f"site {data.site_id} requires secure aggregation for dataset '{data.name}' and this "
+                             f"study runs without it (run config secure-aggregation = true)")
+
+
+def check_secure_group(plan: StudyPlan, group: SecureGroup | None) -> None:
+    """Distributed DP counts on the noise of ``honest_sites`` sites of the sum: the sum must hold that many, each
+    weighted equally (docs/PRIVACY.md, "Distributed DP"). Nothing to check without distributed DP."""
+    if plan.honest_sites <= 1:
+        return
+    sites = group.sites if group is not None else 0
+    if sites < plan.honest_sites:
+        raise RequestRefused(f"distributed DP assumes {plan.honest_sites} honest sites in the sum, and this round's "
+                             f"secure sum holds only {sites}")
+    if abs(group.weight * sites - 1.0) > 1e-9:
+        raise RequestRefused("distributed DP needs every site of the sum weighted equally")
 
 
 def check_study(plan: StudyPlan, policy: DatasetPolicy, ledger_path: Path, dataset: str, n: int, rounds: int,
@@ -228,6 +281,22 @@ def charge_training(plan: StudyPlan, policy: DatasetPolicy, ledger_path: Path, d
                    charge, facts={"mechanism": "training"}, honest_sites=plan.honest_sites)
 
 
+def charge_round(config: Mapping, data: SiteDataset, run_id: str, batch_size: int, steps_per_round: int,
+                 trained_parameters: int, group: SecureGroup | None = None,
+                 cache: MutableMapping | None = None) -> Release:
+    """A training round's privacy steps in one call, before anything trains, in this order: secure aggregation
+    where the dataset's policy requires it (``check_secure``); σ as asked or planned for the whole study
+    (``plan_study``; ``cache``: the run's state); under distributed DP, a secure sum of at least t equally weighted
+    sites (``check_secure_group``; ``group``: None when the round is not securely aggregated); then the policy
+    check and the ledger charge (``charge_training``). The first refusal raises, and nothing is charged before
+    the last step. Its ``audit_record`` is the round's ``dp-round`` record."""
+    check_secure(data, bool(config.get("secure-aggregation", False)))
+    plan = plan_study(config, data, batch_size, steps_per_round, cache)
+    check_secure_group(plan, group)
+    return charge_training(plan, data.policy, data.ledger_path, data.name, data.n, run_id,
+                           int(config["server-round"]), trained_parameters)
+
+
 def charge_statistics(policy: DatasetPolicy, ledger_path: Path, dataset: str, n: int, run_id: str,
                       noise_multiplier: float, l2_bound: float) -> Release:
     """The feature-statistics release: one Gaussian mechanism on a sum of bounded per-patient vectors,
@@ -290,6 +359,14 @@ def release_evaluation(released: Release | ExactEvaluation, vectors: np.ndarray,
         metrics.update({"epsilon": released.charge.epsilon_after, "delta": released.charge.delta,
                         "noise-multiplier": sigma, "l2-bound": layout.l2_bound})
     return metrics
+
+
+def check_personalisation(policy: DatasetPolicy) -> DPRequest:
+    """The exact test counts of a model fine-tuned on the training split are a non-private function of the
+    training data: the site treats them like a non-DP round, which its policy must allow (``allow_non_dp``).
+    Returns the request to fine-tune with (no DP)."""
+    check_request(policy, NON_DP, 0.0)
+    return NON_DP
 
 
 def exact_sums(vectors: np.ndarray, layout: Layout, prefix: str) -> dict:

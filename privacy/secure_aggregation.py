@@ -15,8 +15,11 @@ coordinator):
    of the mask key for the sites whose update did not; with ``threshold`` shares the coordinator removes
    what did not cancel. A site never reveals both secrets of the same site (a late site stays hidden).
 
-Flower's primitives do the cryptography: key agreement (ECDH + HKDF), authenticated encryption (Fernet),
-Shamir shares, stochastic quantisation (``flwr.common.secure_aggregation``), keys through ``cryptography``.
+The cryptography is ``cryptography``'s and pycryptodome's, composed as flwr 1.41's SecAgg+ helpers compose
+them (the same keys, ciphertexts and share layout): key agreement (ECDH + HKDF-SHA256), authenticated
+encryption (Fernet), Shamir shares (pycryptodome's, 16 bytes at a time), stochastic quantisation. Flower's
+copies of these helpers (``flwr.common.secure_aggregation``) are internals, not its API, so this module takes
+nothing from Flower (the app bundle's Flower internals are all in server/flower_seam.py).
 Masks come from AES-256 in counter mode keyed by the 32-byte seed, not from Flower's ``pseudo_rand_gen``,
 which folds its seed into 32 bits for numpy's Mersenne twister (a mask space one could search). Arithmetic
 is modulo 2**32 in ``uint32`` arrays, so a masked update has exactly the bytes of the float32 update it hides.
@@ -30,12 +33,13 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.hazmat.primitives import serialization
+from Crypto.Protocol.SecretSharing import Shamir
+from Crypto.Util.Padding import pad, unpad
+from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
-from flwr.common.secure_aggregation.quantization import quantize
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 MASKED_DTYPE = np.uint32            # arithmetic modulo 2**32: numpy's unsigned overflow is the modulus
 CLIP_RANGE = 8.0                    # each weighted update coordinate is clipped to ±CLIP_RANGE at the site
@@ -85,11 +89,45 @@ def load_public(raw: bytes) -> ec.EllipticCurvePublicKey:
 
 
 def agreed_key(private: ec.EllipticCurvePrivateKey, public: bytes) -> bytes:
-    """The 32-byte key two sites agree on (ECDH + HKDF, Flower's), urlsafe-base64 as Fernet wants it."""
-    return generate_shared_key(private, load_public(public))
+    """The 32-byte key two sites agree on (ECDH, then HKDF-SHA256 without salt or info, as Flower's SecAgg+
+    derives it), urlsafe-base64 as Fernet wants it."""
+    secret = private.exchange(ec.ECDH(), load_public(public))
+    return base64.urlsafe_b64encode(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=None).derive(secret))
+
+
+def encrypt(key: bytes, plaintext: bytes) -> bytes:
+    return Fernet(key).encrypt(plaintext)
+
+
+def decrypt(key: bytes, ciphertext: bytes) -> bytes:
+    return Fernet(key).decrypt(ciphertext)
 
 
 # --- shares ---------------------------------------------------------------------------------------------
+
+def create_shares(secret: bytes, threshold: int, count: int) -> list[bytes]:
+    """``count`` Shamir shares of ``secret``, any ``threshold`` of which rebuild it: the secret is padded to
+    16-byte blocks (PKCS#7) and each block shared by pycryptodome over GF(2^128); share ``i`` is ``i`` (4 bytes,
+    little-endian) then its share of every block (Flower's SecAgg+ layout)."""
+    padded = pad(secret, 16)
+    shares = [bytearray(i.to_bytes(4, "little")) for i in range(1, count + 1)]
+    for start in range(0, len(padded), 16):
+        for index, piece in Shamir.split(threshold, count, padded[start:start + 16], ssss=False):
+            shares[index - 1] += piece
+    return [bytes(share) for share in shares]
+
+
+def combine_shares(shares: list[bytes]) -> bytes:
+    """The secret of ``create_shares`` from enough of its shares (ValueError if they do not rebuild one)."""
+    blocks = (len(shares[0]) - 4) >> 4
+    indexed = [(int.from_bytes(share[:4], "little"), share) for share in shares]
+    padded = b"".join(Shamir.combine([(i, share[4 + 16 * b:20 + 16 * b]) for i, share in indexed], ssss=False)
+                      for b in range(blocks))
+    try:
+        return unpad(padded, 16)
+    except ValueError:
+        raise ValueError("Failed to combine shares") from None
+
 
 def _pack(src: int, dst: int, b_share: bytes, key_share: bytes) -> bytes:
     return struct.pack("<QQI", src, dst, len(b_share)) + b_share + key_share
@@ -173,10 +211,14 @@ class Quantised:
 
 
 def quantise(flat_update: np.ndarray, weight: float) -> Quantised:
-    """``weight × update``, clipped to ±CLIP_RANGE and stochastically rounded onto 0..QUANT_RANGE (Flower's)."""
+    """``weight × update``, clipped to ±CLIP_RANGE and stochastically rounded onto 0..QUANT_RANGE (as Flower's
+    SecAgg+ quantises: up with probability equal to the fraction, drawn from numpy's global generator)."""
     scaled = np.asarray(flat_update, dtype=np.float64) * weight
     clipped = int(np.count_nonzero(np.abs(scaled) > CLIP_RANGE))
-    return Quantised(quantize([scaled], CLIP_RANGE, QUANT_RANGE)[0].astype(np.int64), clipped)
+    exact = (np.clip(scaled, -CLIP_RANGE, CLIP_RANGE) + CLIP_RANGE) * (QUANT_RANGE / (2 * CLIP_RANGE))
+    rounded = np.ceil(exact).astype(np.int32)
+    rounded[np.random.rand(*rounded.shape) < rounded - exact] -= 1
+    return Quantised(rounded.astype(np.int64), clipped)
 
 
 def masked(quantised: np.ndarray, own_seed: bytes, pair_seeds: dict[int, bytes], me: int) -> np.ndarray:

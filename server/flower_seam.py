@@ -3,12 +3,15 @@ app API (``flwr.app``, ``flwr.clientapp``, ``flwr.serverapp``), in one place.
 
 carefl's strategies re-do Flower's aggregation on zero-copy views and fall back to Flower's own
 helpers (``aggregate_arrayrecords``, ``trim_mean``), filter replies with FedAvg's private
-``_check_and_log_replies``, and read the strategies' constructor attributes; the coordinator turns
-Flower's transport error codes into words and replaces a rejected reply's content by an error; both
-audit logs count the serialised bytes of an ``Array``; the checks and the aggregation read and write
-that serialised form (an ``np.save`` image) without copies. None of that is Flower API. It is imported,
-probed and used here and nowhere else in the apps, so a Flower upgrade means reviewing this file (and
-deploy/site/flower_seam.py, its counterpart for the site runtime).
+``_check_and_log_replies``, raise Flower's ``AggregationError`` (not exported by ``flwr.serverapp``), and
+read the strategies' constructor attributes; checkpoints (server/checkpoint.py) save and restore
+FedAdam/FedYogi's moments (``m_t``, ``v_t``) and shift a resumed run's round numbers by wrapping the
+strategy's round methods; the coordinator turns Flower's transport error codes into words and replaces a
+rejected reply's content by an error; both audit logs count the serialised bytes of an ``Array``; the
+checks and the aggregation read and write that serialised form (an ``np.save`` image) without copies.
+None of that is Flower API. It is imported, probed and used here and nowhere else in the app bundle
+(``tests/test_flower_seam.py`` reads every import of flwr outside the two seams), so a Flower upgrade
+means reviewing this file (and deploy/site/flower_seam.py, its counterpart for the site runtime).
 
 This file is in the app bundle (server/ and client/ import it): it imports only flwr, numpy and the
 standard library. At import it checks that the installed flwr is the series it was written against
@@ -23,6 +26,7 @@ import functools
 import inspect
 import io
 import math
+import re
 from typing import Iterable
 
 import flwr
@@ -63,6 +67,7 @@ check_flower_version(flwr.__version__)
 
 try:
     from flwr.common.constant import ErrorCode
+    from flwr.serverapp.exception import AggregationError
     from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 except ImportError as _exc:
@@ -70,8 +75,9 @@ except ImportError as _exc:
 
 __all__ = [
     "FLOWER_SERIES", "FLOWER_LOCKED", "FlowerVersionError", "FlowerSeamError", "check_flower_version",
-    "aggregate_arrayrecords", "trim_mean", "check_and_log_replies", "NODE_UNAVAILABLE",
+    "aggregate_arrayrecords", "trim_mean", "check_and_log_replies", "AggregationError", "NODE_UNAVAILABLE",
     "REPLY_MESSAGE_UNAVAILABLE", "replace_content_with_error", "array_bytes", "serialized_size",
+    "OPTIMISER_STATE", "ROUND_METHODS", "strategy_state", "restore_strategy_state", "number_rounds_from",
 ]
 
 # Flower's error codes for replies the SuperLink sends on a lost node's behalf.
@@ -101,6 +107,35 @@ def array_bytes(array: Array) -> bytes:
 def serialized_size(arrays: ArrayRecord) -> int:
     """Bytes of an ArrayRecord's arrays as sent."""
     return sum(len(array_bytes(a)) for a in arrays.values())
+
+
+# -- a strategy's state and round numbers across a resume (server/checkpoint.py) ----------------------
+OPTIMISER_STATE = ("m_t", "v_t")  # FedOpt's moments (FedAdam, FedYogi); None before their first round
+ROUND_METHODS = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate")
+_OPTIMISERS = (_strategy.FedAdam, _strategy.FedYogi)  # the server optimisers carefl offers
+_STRATEGIES = (_strategy.FedAvg, _strategy.FedProx, _strategy.FedAdam, _strategy.FedYogi, _strategy.FedMedian,
+               _strategy.FedTrimmedAvg, _strategy.Krum, _strategy.MultiKrum)  # what server/strategies.py builds on
+
+
+def strategy_state(strategy) -> dict[str, dict[str, np.ndarray]]:
+    """The server optimiser's state Flower keeps on the strategy (FedAdam/FedYogi's moments, name → layer →
+    array); empty for a strategy without one, or before its first aggregation."""
+    return {name: {k: np.asarray(v) for k, v in getattr(strategy, name).items()}
+            for name in OPTIMISER_STATE if getattr(strategy, name, None)}
+
+
+def restore_strategy_state(strategy, state: dict[str, dict[str, np.ndarray]]) -> None:
+    """Put ``strategy_state``'s result back on a fresh strategy (its next aggregation goes on from it)."""
+    for name, value in state.items():
+        setattr(strategy, name, {k: np.array(v) for k, v in value.items()})
+
+
+def number_rounds_from(strategy, done: int) -> None:
+    """Make the strategy see round ``done + r`` where Flower's ``Strategy.start`` (which counts from 1) passes
+    ``r``: its round methods, called positionally with the round first, are wrapped on the instance."""
+    for name in ROUND_METHODS:
+        method = getattr(strategy, name)
+        setattr(strategy, name, lambda server_round, *args, _m=method: _m(server_round + done, *args))
 
 
 # -- probes: fail loudly at import, not later ---------------------------------------------------------
@@ -138,7 +173,32 @@ def _problems() -> list[str]:
             raise ValueError("not an np.save image")
     except (AttributeError, ValueError) as exc:
         problems.append(f"Array.data is no longer the array's np.save image ({exc})")
+    if not (isinstance(AggregationError, type) and issubclass(AggregationError, Exception)):
+        problems.append("flwr.serverapp.exception.AggregationError is no longer an exception class")
+    return problems + _checkpoint_problems()
+
+
+def _checkpoint_problems() -> list[str]:
+    """What server/checkpoint.py relies on through strategy_state and number_rounds_from."""
+    problems = []
+    for cls in _OPTIMISERS:  # the moments are plain attributes of the instance, read and replaced by aggregation
+        source = "".join(inspect.getsource(c) for c in cls.__mro__ if c.__module__.startswith("flwr."))
+        missing = [n for n in OPTIMISER_STATE if not hasattr(cls(), n) or f"self.{n} = " not in source]
+        if missing:
+            problems.append(f"{cls.__name__} no longer keeps its moments in {', '.join(missing)}")
+    start = inspect.getsource(_strategy.Strategy.start)
+    for name in ROUND_METHODS:  # Strategy.start calls them on the instance, the round first and positional
+        if not re.search(rf"self\.{name}\(\s*current_round\s*,", start):
+            problems.append(f"Strategy.start no longer calls self.{name}(current_round, ...)")
+        changed = [cls.__name__ for cls in _STRATEGIES
+                   if _params(getattr(cls, name, None))[1:2] != ["server_round"]]
+        if changed:
+            problems.append(f"{name} no longer takes server_round first on {', '.join(changed)}")
     return problems
+
+
+def _params(fn) -> list[str]:
+    return list(inspect.signature(fn).parameters) if callable(fn) else []
 
 
 _found = _problems()

@@ -1,9 +1,12 @@
 """The two Flower seams (server/flower_seam.py for the apps, deploy/site/flower_seam.py for the site
-runtime): they load against the installed Flower, each function works on a tiny real input, and a
-different Flower version is refused loudly, naming both versions and the file to review."""
+runtime): they load against the installed Flower, each function works on a tiny real input, a
+different Flower version is refused loudly, naming both versions and the file to review, and no other
+file of server/, client/, shared_models/, privacy/ or deploy/ imports anything but Flower's public API."""
 
 from __future__ import annotations
 
+import ast
+import importlib
 import io
 import re
 import zipfile
@@ -47,6 +50,54 @@ def test_another_flower_version_is_refused_loudly(seam, path, other):
     assert path in message and "requirements.lock.txt" in message
 
 
+# -- nothing outside the seams imports Flower's internals ---------------------------------------------
+# Flower's public API as carefl uses it: the packages Flower documents and re-exports for apps (each
+# name imported from one must be in its __all__). Anything else goes through one of the two seams.
+PUBLIC_FLOWER = ("flwr.app", "flwr.clientapp", "flwr.common", "flwr.serverapp", "flwr.serverapp.strategy")
+SCANNED = ("server", "client", "shared_models", "privacy", "deploy")
+
+
+def flower_imports(source: str) -> list[tuple[int, str, str | None]]:
+    """(line, module, name) of every import of flwr in ``source`` (name None for ``import flwr.x``)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name, None) for a in node.names if a.name.split(".")[0] == "flwr"]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "flwr":
+            found += [(node.lineno, node.module, a.name) for a in node.names]
+    return sorted(found, key=lambda found_import: found_import[0])
+
+
+def non_public(module: str, name: str | None) -> str | None:
+    """Why importing ``name`` from ``module`` is not Flower's public API (None if it is)."""
+    if module not in PUBLIC_FLOWER:
+        return f"module {module}"
+    if name is not None and name not in getattr(importlib.import_module(module), "__all__", ()):
+        return f"{module}.{name} (not in {module}.__all__)"
+    return None
+
+
+def test_only_the_seams_import_flowers_internals():
+    seams = {path for _, path in SEAMS}
+    files = sorted(f for package in SCANNED for f in (ROOT / package).rglob("*.py")
+                   if f.relative_to(ROOT).as_posix() not in seams)
+    assert ROOT / "server" / "strategies.py" in files and ROOT / "privacy" / "secure_aggregation.py" in files
+    leaks = [f"{f.relative_to(ROOT).as_posix()}:{line} imports {why}"
+             for f in files for line, module, name in flower_imports(f.read_text(encoding="utf-8"))
+             if (why := non_public(module, name)) is not None]
+    assert not leaks, ("Flower internals outside server/flower_seam.py and deploy/site/flower_seam.py (import "
+                       "them in the seam, probed, and use them from there):\n" + "\n".join(leaks))
+
+
+def test_the_import_check_tells_public_api_from_internals():
+    source = ("from flwr.app import ArrayRecord\nfrom flwr.serverapp import strategy as s, Grid\n"
+              "import flwr.clientapp\ndef f():\n    from flwr.common.secure_aggregation.quantization import quantize\n"
+              "from flwr.serverapp.exception import AggregationError\nfrom flwr.common import logger\nimport flwr\n")
+    why = [non_public(module, name) for _, module, name in flower_imports(source)]
+    assert why == [None, None, None, None, "module flwr.common.secure_aggregation.quantization",
+                   "module flwr.serverapp.exception", "flwr.common.logger (not in flwr.common.__all__)", "module flwr"]
+
+
 # -- server/flower_seam.py ----------------------------------------------------------------------------
 def _reply(values: list[float], n: int) -> RecordDict:
     return RecordDict({"arrays": ArrayRecord([np.array(values, dtype=np.float32)]),
@@ -87,6 +138,39 @@ def test_app_seam_reads_array_bytes_and_sizes():
     assert app_seam.serialized_size(record) == len(image) + len(app_seam.array_bytes(record[list(record)[1]]))
     assert app_seam.serialized_size(record) > values.nbytes + 5 * 8  # the np.save headers
     assert isinstance(app_seam.NODE_UNAVAILABLE, int) and isinstance(app_seam.REPLY_MESSAGE_UNAVAILABLE, int)
+
+
+def test_app_seam_finds_every_internal_it_uses():
+    assert app_seam._problems() == []
+    assert app_seam.AggregationError is importlib.import_module("flwr.serverapp.exception").AggregationError
+
+
+@pytest.mark.parametrize("cls", [flwr_strategy.FedAdam, flwr_strategy.FedYogi])
+def test_app_seam_saves_and_restores_a_server_optimisers_moments(cls):
+    before = cls()
+    assert app_seam.strategy_state(before) == {}  # no moments before the first aggregation
+    before.m_t, before.v_t = {"w": np.array([0.5, -1.0])}, {"w": np.array([0.25, 1.0])}
+    state = app_seam.strategy_state(before)
+    assert set(state) == set(app_seam.OPTIMISER_STATE) == {"m_t", "v_t"}
+    after = cls()
+    app_seam.restore_strategy_state(after, state)
+    np.testing.assert_array_equal(after.m_t["w"], [0.5, -1.0])
+    np.testing.assert_array_equal(after.v_t["w"], [0.25, 1.0])
+    assert after.m_t["w"] is not before.m_t["w"]
+    assert app_seam.strategy_state(flwr_strategy.FedAvg()) == {}  # no server optimiser, nothing to keep
+
+
+def test_app_seam_numbers_a_resumed_runs_rounds_on():
+    strategy, seen = flwr_strategy.FedAvg(), []
+    for name in app_seam.ROUND_METHODS:
+        setattr(strategy, name, lambda server_round, *args, _n=name: seen.append((_n, server_round, args)))
+    app_seam.number_rounds_from(strategy, 5)
+    strategy.configure_train(1, "arrays", "config", "grid")
+    strategy.aggregate_train(2, "replies")
+    strategy.configure_evaluate(1, "arrays", "config", "grid")
+    strategy.aggregate_evaluate(3, "replies")
+    assert seen == [("configure_train", 6, ("arrays", "config", "grid")), ("aggregate_train", 7, ("replies",)),
+                    ("configure_evaluate", 6, ("arrays", "config", "grid")), ("aggregate_evaluate", 8, ("replies",))]
 
 
 # -- deploy/site/flower_seam.py -----------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Imaging ingestion on real files: the TotalSegmentator CT series and its NIfTI mask, pydicom's
-bundled test files (plain, compressed), and every refused input written as real files."""
+bundled test files (plain, compressed), and every refused input written as real files.
+
+(Over 400 lines on purpose: one test per accepted or refused input, all sharing the real CT series and
+the DICOM writers at the top.)"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The run report and the site report, on run directories written by the real apps in-process.
 
 Each run is as short as it can be and still prove something: two EHR rounds with DP in which one
-site's budget refuses round 2 (an error in the report), one non-DP round, one imaging round.
+site's budget refuses round 2 (an error in the report), one non-DP round, one imaging round, one ehr-seq round.
 """
 
 from __future__ import annotations
@@ -87,6 +87,22 @@ def seg_run(tmp_path_factory):
     out = _serve(nodes, folder / "run", **{"task": "seg", "model": "seg-unet3d", "num-server-rounds": 1,
                                            "local-steps": 1, "batch-size": 1, "lr": 0.05, "noise-multiplier": 0.5,
                                            "seg-shape": "16,24,16"})
+    return out, configs
+
+
+@pytest.fixture(scope="module")
+def ehr_seq_run(tmp_path_factory):
+    """One ehr-seq round on two synthetic visit-extract sites (pooled feature statistics first)."""
+    from deploy.datasets.synthetic_ehr import synthesize
+
+    folder = tmp_path_factory.mktemp("ehr-seq")
+    configs = {site: write_site_config(folder / "sites" / site / "site.toml", site, path, device="cpu",
+                                       dataset="diabetes-visits", epsilon_budget=50.0, delta=1e-4, accountant="rdp")
+               for site, path in synthesize(folder / "data", sites=2, seed=1, patients=60).items()}
+    nodes = {30 + i: {"site-config": str(p)} for i, p in enumerate(configs.values())}
+    out = _serve(nodes, folder / "run", **{"task": "ehr-seq", "model": "ehr-gru-attn", "schema": "diabetes-visits",
+                                           "num-server-rounds": 1, "local-steps": 2, "optimizer": "adam",
+                                           "lr": 0.01, "stats-noise-multiplier": 5.0})
     return out, configs
 
 
@@ -263,6 +279,34 @@ def test_ehr_site_report_roc_and_confusion_matrix(ehr_run, tmp_path):
                                   "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")])
     text = " ".join(missing.output.split())
     assert missing.exit_code == 2 and "nope.pt not found" in text and "Traceback" not in text
+
+
+def test_ehr_seq_site_report_roc_and_confusion_matrix(ehr_seq_run, tmp_path):
+    from deploy.site.report import FEATURE_STATS_FILE
+    from server.feature_stats import STATS_FILE
+
+    assert FEATURE_STATS_FILE == STATS_FILE
+    out, configs = ehr_seq_run
+    site, config = next(iter(configs.items()))
+    result = runner.invoke(cli, ["site", "report", "--config", str(config), "--model", str(out / "final_model.pt"),
+                                 "--out", str(tmp_path / "local")])
+    assert result.exit_code == 0, result.output
+    for name in ("roc.png", "confusion-matrix.png"):
+        assert (tmp_path / "local" / name).read_bytes().startswith(PNG)
+    page = (tmp_path / "local" / "site-report.html").read_text(encoding="utf-8")
+    _self_contained(page)
+    assert f"site report: {site}" in page and "Test split of diabetes-visits" in page
+    assert len(_images(page)) == 2 and "with complication (label 1)" in page and "AUC" in page
+
+    # without the run's pooled feature statistics the visits cannot be encoded: one clear line
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(out / "final_model.pt", alone / "final_model.pt")
+    missing = runner.invoke(cli, ["site", "report", "--config", str(config), "--model", str(alone / "final_model.pt"),
+                                  "--out", str(tmp_path / "x")])
+    text = " ".join(missing.output.split())
+    assert missing.exit_code == 2 and "put the run's feature_stats.json beside the model" in text, text
+    assert "Traceback" not in text
 
 
 def test_many_sites_are_drawn_as_their_range_not_one_line_each(tmp_path, monkeypatch):

@@ -8,8 +8,9 @@ in it: reasons are built from the schema (names, ranges, allowed values), and he
 the schema are named by position, since a headerless file puts patient data there. Only
 ``ValidationReport.counts()`` may be logged or sent; rows that fail are excluded and counted.
 
-Kept apart from encoding (``ehr_encode.py``): it is all that ``carefl site validate`` and ``carefl data
-validate-extract`` run, and its rule — the report never carries a value — is easiest to audit alone.
+Kept apart from encoding (``ehr_encode.py``), and whole though over 400 lines: it is all that ``carefl site
+validate`` and ``carefl data validate-extract`` run, and its rule — the report never carries a value — is
+easiest to audit in one file.
 
 CSV only (any delimiter, UTF-8, optional BOM): carefl installs no Parquet reader (pyarrow is not in
 ``requirements.lock.txt``), so a Parquet extract is refused with that reason — export it as CSV.

@@ -1,5 +1,8 @@
 """Everything carefl's site runtime takes from Flower beyond its public app API, in one place.
 
+(Over 400 lines on purpose: it is the one file a Flower upgrade reviews for the site runtime, and its
+import-time probes sit beside every hook they guard; split, the two could drift apart unnoticed.)
+
 The code gate (approval_hook.py, stale_session.py, timing.py, gate.py), the warm executor (warm.py)
 and the approval list (approval.py) hook into Flower's SuperNode and SuperExec, and the tools that run
 Flower's machinery without a SuperLink (deploy/demo/inprocess.py, benchmarks/aggregation.py) set its

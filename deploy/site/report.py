@@ -2,10 +2,13 @@
 
     carefl site report --config site.toml --model final_model.pt --out DIR
 
-- EHR (heart disease): ROC curve and confusion matrix (threshold 0.5) on the site's test split,
-  with the metrics the site would report.
-- Imaging (hippocampus): for a few test cases, the axial slice with the most ground truth, with
-  the true and the predicted masks overlaid on the image, and each case's Dice.
+What it draws follows the task's metric family (shared_models/tasks.py), not its name:
+
+- binary tasks (``ehr``: heart disease, ``ehr-seq``: visit histories): ROC curve and confusion matrix
+  (threshold 0.5) on the site's test split, with the metrics the site would report. The test split is
+  read by the task's dataset kind (``BINARY_TEST_SPLITS``), the same split the site evaluates in a run.
+- segmentation (``seg``: hippocampus): for a few test cases, the axial slice with the most ground truth,
+  with the true and the predicted masks overlaid on the image, and each case's Dice.
 
 These are patient-level results (per-patient scores, images of the site's own cases), so they stay
 on the site's disk: ``DIR/site-report.html`` (self-contained, plots inline) and the same plots as
@@ -29,12 +32,13 @@ from client.errors import SiteError
 from client.site import SiteConfig, load_site_config
 from shared_models.metrics import binary_report
 from shared_models.registry import UnknownModelError, build_model, get_spec
-from shared_models.tasks import SEGMENTATION, TASKS
+from shared_models.tasks import BINARY, SEGMENTATION, Task, get_task
 from shared_models.report_html import e, figure_png, new_figure, page, png_img
 
 REPORT_FILE = "site-report.html"
 DEFAULT_SEG_SHAPE = "48,64,48"  # the app's default run config (pyproject.toml)
 LABEL_COLOURS = ("#00000000", "#f2c200", "#e4002b", "#00a0e4", "#7ac143")  # label 0 transparent
+FEATURE_STATS_FILE = "feature_stats.json"  # the run's pooled feature statistics (server/feature_stats.py: STATS_FILE)
 
 
 @dataclass
@@ -78,19 +82,21 @@ def write_site_report(config: Path, model_path: Path, out: Path, cases: int = 4,
     """Evaluate the global model on this site's test split and write the local report into ``out``."""
     site = load_site_config(config)
     model_name, model = load_global_model(model_path)
-    task = get_spec(model_name).task
+    study = get_task(get_spec(model_name).task)
+    task = study.name
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = training.pick_device(site.device)
-    if task == "ehr":
-        body, images = _ehr_section(site, model, device, out)
-    elif TASKS[task].metric_family != SEGMENTATION:
-        raise SiteError(f"the site report draws tasks ehr and seg; model '{model_name}' is for task '{task}'")
-    else:
-        run_config = _run_config_beside(model_path)
+    run_config = _run_config_beside(model_path)
+    if study.metric_family == BINARY:
+        body, images = _binary_section(site, study, model, device, out, run_config, Path(model_path))
+    elif study.metric_family == SEGMENTATION:
         shape = segmentation.parse_shape(seg_shape or run_config.get("seg-shape", DEFAULT_SEG_SHAPE))
         spacing = float(seg_spacing or run_config.get("seg-spacing", 1.0))
-        body, images = _seg_section(site, model, device, out, cases, shape, spacing)
+        body, images = _seg_section(site, study, model, device, out, cases, shape, spacing)
+    else:
+        raise SiteError(f"the site report draws the metric families {BINARY} and {SEGMENTATION}; model "
+                        f"'{model_name}' is for task '{task}' ({study.metric_family})")
     generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = (f"<h1>carefl site report: {e(site.site_id)}</h1>"
             f'<p class="bad">Stays at this site. It shows patient-level results on the site\'s own test data; '
@@ -118,22 +124,90 @@ def _fmt(value: float) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
-# -- EHR -----------------------------------------------------------------------------------------
+# -- binary tasks --------------------------------------------------------------------------------
 
-def _ehr_section(site: SiteConfig, model, device, out: Path) -> tuple[str, list[Path]]:
-    from sklearn.metrics import roc_curve
+@dataclass
+class BinaryTest:
+    """A site's test split of a binary task, scored by the global model."""
+    dataset: str
+    scores: np.ndarray       # the model's probability of the positive class, per test patient
+    labels: np.ndarray       # 0/1
+    positives: str           # HTML: who the positives are, e.g. "with heart disease (label 1 = UCI num &gt; 0)"
+    classes: tuple[str, str]  # the negative and the positive class, in words
 
+
+def _heart_disease_test(site: SiteConfig, study: Task, model, device, run_config: dict, model_path: Path) -> BinaryTest:
+    """The site's UCI heart-disease test split (FLamby's), as ``client/tasks.py: EhrTask`` evaluates it."""
     data = site.load_heart_disease()
     try:
         scores = training.predict(model, data.x_test, device)
     except RuntimeError:
         raise SiteError(f"the model does not fit this site's data ({data.n_features} features)") from None
-    labels = data.y_test.astype(int)
+    return BinaryTest(study.dataset_name(), scores, data.y_test.astype(int),
+                      "with heart disease (label 1 = UCI num &gt; 0)", ("no disease", "disease"))
+
+
+def _visit_history_test(site: SiteConfig, study: Task, model, device, run_config: dict, model_path: Path) -> BinaryTest:
+    """The test patients of a schema-driven visit extract, split and encoded as ``client/tasks.py: EhrSeqTask``
+    does in a run: by a hash of the patient id, with the run's pooled feature statistics (``feature_stats.json``
+    of the run directory, beside the model)."""
+    from torch.utils.data import DataLoader
+
+    from client.ingest import ehr_encode
+    from client.tasks import load_task
+    from shared_models.feature_stats import FeatureStats
+    from shared_models.schema import SchemaError
+    from shared_models.sequence import HistoryDataset
+
+    stats_path = model_path.parent / FEATURE_STATS_FILE
+    try:
+        stats = FeatureStats.from_json(json.loads(stats_path.read_text(encoding="utf-8"))["stats"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SiteError(f"task {study.name} encodes visits with its run's pooled feature statistics: put the run's "
+                        f"{FEATURE_STATS_FILE} beside the model ({stats_path} is missing or unreadable)") from None
+    config = {**study.defaults(), **run_config, "task": study.name}
+    try:
+        task = load_task(site, config, stats.to_json())
+        stats.check(task.schema)
+    except (SchemaError, ValueError) as exc:
+        raise SiteError(f"{study.name}: {exc}") from None
+    seqs, labels = ehr_encode.histories(task.extract, stats, task.test_patients)
+    if not seqs:
+        raise SiteError(f"site '{site.site_id}' has no test patients in {task.schema.name}")
+    data = HistoryDataset(seqs, labels, max_len=task.schema.visits.max_visits or None)
+    model.to(device).eval()
+    try:
+        with torch.no_grad():
+            logits = torch.cat([model(x.to(device), n.to(device)).cpu()
+                                for x, n, _ in DataLoader(data, batch_size=256)])
+    except (RuntimeError, TypeError):
+        raise SiteError(f"the model does not fit this site's visit histories ({data.x.shape[-1]} features)") from None
+    column = task.schema.label.column
+    positive = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in task.schema.label.positive)
+    return BinaryTest(task.schema.name, torch.sigmoid(logits).numpy().astype(np.float64), labels.astype(int),
+                      f"with {e(column)} (label {e(positive)}); the test patients are the "
+                      f"{task.TEST_PERCENT}% chosen by a hash of the patient id, as in training",
+                      (f"no {column}", column))
+
+
+# How a binary task's test split is read, by the task's dataset kind (shared_models/tasks.py).
+BINARY_TEST_SPLITS = {"heart-disease": _heart_disease_test, "ehr-extract": _visit_history_test}
+
+
+def _binary_section(site: SiteConfig, study: Task, model, device, out: Path, run_config: dict,
+                    model_path: Path) -> tuple[str, list[Path]]:
+    from sklearn.metrics import roc_curve
+
+    if study.dataset_kind not in BINARY_TEST_SPLITS:
+        raise SiteError(f"the site report cannot read the test split of task '{study.name}' (dataset kind "
+                        f"'{study.dataset_kind}'; it reads {', '.join(BINARY_TEST_SPLITS)})")
+    test = BINARY_TEST_SPLITS[study.dataset_kind](site, study, model, device, run_config, model_path)
+    scores, labels = test.scores, test.labels
+    negative, positive = test.classes
     report = binary_report(scores, labels)
     n, n_pos = len(labels), int(labels.sum())
-    parts = [f"<h2>Test split of {e(TASKS['ehr'].dataset)}</h2>",
-             f"<p>{n} test patients, {n_pos} with heart disease (label 1 = UCI num &gt; 0). Threshold 0.5 on the "
-             f"model's probability.</p>",
+    parts = [f"<h2>Test split of {e(test.dataset)}</h2>",
+             f"<p>{n} test patients, {n_pos} {test.positives}. Threshold 0.5 on the model's probability.</p>",
              _metrics_table([("accuracy", _fmt(report["accuracy"])), ("AUC", _fmt(report["auc"])),
                              ("sensitivity", _fmt(report["sensitivity"])),
                              ("specificity", _fmt(report["specificity"])), ("F1", _fmt(report["f1"]))])]
@@ -166,8 +240,9 @@ def _ehr_section(site: SiteConfig, model, device, out: Path) -> tuple[str, list[
         share = count / max(counts[i].sum(), 1)
         ax.text(j, i, f"{count}\n({share:.0%} of row)", ha="center", va="center", fontsize=11,
                 color="white" if count > counts.max() / 2 else "black")
-    ax.set_xticks([0, 1], ["predicted no disease", "predicted disease"])
-    ax.set_yticks([0, 1], ["no disease", "disease"])
+    sep = " " if max(len(negative), len(positive)) <= 10 else "\n"  # longer class names: two lines, no overlap
+    ax.set_xticks([0, 1], [f"predicted{sep}{negative}", f"predicted{sep}{positive}"])
+    ax.set_yticks([0, 1], [negative, positive])
     ax.set_ylabel("true")
     ax.set_title("confusion matrix (threshold 0.5)", fontsize=10)
     fig.tight_layout()
@@ -195,11 +270,11 @@ def _overlay_cmap():
     return ListedColormap(LABEL_COLOURS)
 
 
-def _seg_section(site: SiteConfig, model, device, out: Path, cases: int, shape, spacing: float):
+def _seg_section(site: SiteConfig, study: Task, model, device, out: Path, cases: int, shape, spacing: float):
     from client.ingest.imaging.preprocess import PreprocessSpec
     from shared_models.seg_metrics import dice_per_class
 
-    dataset = site.dataset(TASKS["seg"].dataset)
+    dataset = site.dataset(study.dataset_name())
     spec = PreprocessSpec(spacing=(spacing,) * 3, shape=shape)
     images = segmentation.load_site_images(site, dataset, spec)
     test = images.test
