@@ -12,10 +12,16 @@ import warnings
 from typing import Iterable
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
-ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
+# Opacus's accountants by name. Opacus is imported on first use, not with this module: importing it costs about
+# a second of CPU (it brings torch.distributed), which every `carefl` command and app process would pay.
+ACCOUNTANTS = ("prv", "rdp")
+
+
+def _accountant(name: str):
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    return {"prv": PRVAccountant, "rdp": RDPAccountant}[name]()
 
 Step = tuple[float, float, int]  # (sigma, sample rate, steps)
 
@@ -35,7 +41,7 @@ def epsilon(history: Iterable[Step], delta: float, accountant: str = "prv") -> f
         return 0.0
     if any(sigma <= 0 for sigma, _, _ in steps):
         return math.inf
-    acc = ACCOUNTANTS[accountant]()
+    acc = _accountant(accountant)
     acc.history = steps
     with warnings.catch_warnings(), np.errstate(divide="ignore"):  # PRV takes log(1 - q), -inf at q = 1: harmless
         warnings.simplefilter("ignore", UserWarning)
@@ -57,6 +63,8 @@ def plan_noise(target_epsilon: float, delta: float, n: int, batch_size: int, tot
     prior = list(prior)
     q = sample_rate(n, batch_size)
     if not prior:
+        from opacus.accountants.utils import get_noise_multiplier
+
         with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha": the bound stays valid
             warnings.simplefilter("ignore", UserWarning)
             return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,

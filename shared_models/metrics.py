@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 # Score histogram resolution for pooled AUC: pairs whose scores fall in the same bin count 1/2. Ten bins: each
 # DP release adds noise to every bin, and the clipped-at-0 noise of many sparse bins pulls the pooled AUC
@@ -64,6 +63,8 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     labels = labels.astype(bool)
     if labels.all() or not labels.any():
         return math.nan
+    from sklearn.metrics import roc_auc_score  # here, not at import: scikit-learn costs a second to import
+
     return float(roc_auc_score(labels, scores))
 
 

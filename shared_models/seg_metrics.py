@@ -24,8 +24,6 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from monai.metrics import DiceMetric, MeanIoU
-from monai.networks.utils import one_hot
 
 from shared_models.metrics import ratio
 
@@ -55,12 +53,17 @@ def _mean_over_cases(per_case: torch.Tensor) -> list[float]:
 def dice_per_class(pred, truth, num_classes: int = 3, ignore_empty: bool = False) -> list[float]:
     """Dice of each class (background first), averaged over cases."""
     pred, truth = _label_maps(pred, truth)
+    from monai.metrics import DiceMetric  # here, not at import: MONAI costs a second to import (every process)
+
     metric = DiceMetric(include_background=True, reduction="none", num_classes=num_classes, ignore_empty=ignore_empty)
     return _mean_over_cases(metric(pred, truth))
 
 
 def iou_per_class(pred, truth, num_classes: int = 3, ignore_empty: bool = False) -> list[float]:
     """IoU (Jaccard) of each class (background first), averaged over cases."""
+    from monai.metrics import MeanIoU
+    from monai.networks.utils import one_hot
+
     pred, truth = _label_maps(pred, truth)
     metric = MeanIoU(include_background=True, reduction="none", ignore_empty=ignore_empty)
     return _mean_over_cases(metric(one_hot(pred, num_classes, dim=1), one_hot(truth, num_classes, dim=1)))
@@ -74,6 +77,9 @@ def mean_foreground_dice(pred, truth, num_classes: int = 3, ignore_empty: bool =
 
 def per_case(pred, truth, num_classes: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """Dice and IoU of every case and class ([cases, K] each, in [0, 1]; ignore_empty=False, so all defined)."""
+    from monai.metrics import DiceMetric, MeanIoU
+    from monai.networks.utils import one_hot
+
     pred, truth = _label_maps(pred, truth)
     dice = DiceMetric(include_background=True, reduction="none", num_classes=num_classes, ignore_empty=False)
     iou = MeanIoU(include_background=True, reduction="none", ignore_empty=False)

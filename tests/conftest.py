@@ -14,7 +14,7 @@ from tests import helpers
 
 # Roughly longest first (wall time in CI); every other module keeps its place after these.
 SLOW_FIRST = ("test_secure_deployment.py", "test_outages.py", "test_deployment.py", "test_public_finetune.py",
-              "test_fault_injection.py", "test_secure_aggregation_deployment.py", "test_seg_demo.py", "test_attacks.py",
+              "test_fault_injection.py", "test_seg_demo.py", "test_attacks.py",
               "test_privacy.py", "test_warm_site.py", "test_secure_aggregation.py",
               "test_run_report.py", "test_reliability.py", "test_server_round.py", "test_imaging_ingest.py",
               "test_seg_federation.py")

@@ -207,10 +207,10 @@ def add_dataset_with_policy(site_toml: Path, centre: str, **policy) -> None:
     from client.ingest.heart_disease import centre_file
     from deploy.coordinator.superlink import toml_value
 
+    policy = {"epsilon_budget": 10.0, "delta": 1e-4, **policy}
     settings = "".join(f"{key} = {toml_value(value)}\n" for key, value in policy.items())
     with site_toml.open("a") as fh:
-        fh.write(f'\n[datasets.heart-disease]\npath = "{centre_file(data_dir(), centre)}"\n'
-                 f'epsilon_budget = 10.0\ndelta = 1e-4\n{settings}')
+        fh.write(f'\n[datasets.heart-disease]\npath = "{centre_file(data_dir(), centre)}"\n{settings}')
 
 
 class SuperLinkLog:

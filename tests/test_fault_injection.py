@@ -1,9 +1,18 @@
-"""Faults and a misbehaving app on a real loopback consortium (kits, TLS, node auth, 4 site agents): a
-site's SuperNode killed mid-round and the coordinator's SuperLink killed after a round, then resumed; then
-an app version every site approved (so the code gate lets it run) that misbehaves at three of the four
-sites, one way per site and round: each gated SuperNode's egress guard blocks what its app tries to send,
-logs the block in the site's signed audit log, the coordinator gets an error in its place, the study
-completes on the honest site, and nothing the app tried to smuggle out reaches the coordinator."""
+"""Faults, a misbehaving app and secure aggregation on one real loopback consortium (kits, TLS, node auth,
+4 site agents behind their code gates and egress guards), studies one after the other:
+
+1. a site's SuperNode killed mid-round and the coordinator's SuperLink killed after a round, then resumed;
+2. an app version every site approved (so the code gate lets it run) that misbehaves at three of the four
+   sites, one way per site and round: each gated SuperNode's egress guard blocks what its app tries to send,
+   logs the block in the site's signed audit log, the coordinator gets an error in its place, the study
+   completes on the honest site, and nothing the app tried to smuggle out reaches the coordinator;
+3. a study whose sites mask their updates (secure aggregation), one of which dies after its masked update
+   arrived: what the coordinator received, what it could unmask, and what sites and the run config refuse.
+   The app every site approves then is this repository's with two recorders compiled in (each site writes
+   its plain update before masking, the coordinator writes the replies it received), so the test can compare
+   what left a site with what the coordinator held.
+
+One consortium serves all three (starting one costs minutes of CI on 2 cores)."""
 
 from __future__ import annotations
 
@@ -11,12 +20,17 @@ import json
 import math
 import os
 import signal
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from benchmarks.attacks import TRAIN_REPLY, patched_app
+from deploy import processes
 from deploy.site.approval import app_hash, approve
+from privacy import secure_aggregation as sa
 from server.checkpoint import load
 from server.run_dir import read_jsonl
 from tests.helpers import default_run_config, running_consortium_with_policy, wait_for, wait_online, wait_run
@@ -40,7 +54,8 @@ def _gate_pgid(config: Path) -> int | None:
 def consortium(tmp_path_factory):
     # RDP accounting at the sites: neither the faults nor the egress guard depend on the accountant, and PRV's
     # composition at every plan and charge costs seconds of CPU per site and run
-    with running_consortium_with_policy(tmp_path_factory.mktemp("faults"), SITES, accountant="rdp") as c:
+    with running_consortium_with_policy(tmp_path_factory.mktemp("faults"), SITES, accountant="rdp",
+                                        epsilon_budget=30.0) as c:  # three studies of ε ≈ 4
         yield c
 
 
@@ -94,15 +109,16 @@ _PLAN = {{k: v[0] for k, v in {PLAN!r}.items()}}
 
 
 def _charge_or_skip(site_id, server_round, charge):
-    """The "no-charge" version trains and replies without ever charging the site's ledger."""
+    """The "no-charge" version plans its noise, trains and replies without ever charging the site's ledger."""
     if _PLAN.get((site_id, server_round)) != "no-charge":
         return charge
 
-    def skipped(plan, policy, ledger_path, dataset, n, run_id, server_round, *rest):
+    def skipped(config, data, run_id, batch_size, steps_per_round, trained_parameters, group=None, cache=None):
         from privacy.ledger import Charge
-        return release.Release(run_id, server_round, dataset, plan.request, plan.sample_rate, plan.steps_per_round,
-                               n, policy.epsilon_budget, Charge(dataset, 0.0, 0.5, policy.delta_for(n),
-                                                                policy.accountant))
+        plan = release.plan_study(config, data, batch_size, steps_per_round, cache)
+        return release.Release(run_id, server_round, data.name, plan.request, plan.sample_rate, plan.steps_per_round,
+                               data.n, data.policy.epsilon_budget,
+                               Charge(data.name, 0.0, 0.5, data.policy.delta_for(data.n), data.policy.accountant))
     return skipped
 
 
@@ -127,9 +143,9 @@ def _misbehave(site_id, server_round, reply, task):
 
 def malicious_app(folder: Path) -> Path:
     """This repository's app with the misbehaviour above compiled into its ClientApp's train handler."""
-    charge = "    charged = release.charge_training("
+    charge = "    charged = release.charge_round("
     return patched_app(folder, {
-        charge: '    charged = _charge_or_skip(site.site_id, int(config["server-round"]), release.charge_training)(',
+        charge: '    charged = _charge_or_skip(site.site_id, int(config["server-round"]), release.charge_round)(',
         TRAIN_REPLY: '    reply = _misbehave(site.site_id, int(config["server-round"]), reply, task)\n' + TRAIN_REPLY,
     }, MISBEHAVIOUR)
 
@@ -182,3 +198,152 @@ def _blocks(log: Path, run_id: str) -> list[dict]:
     """The egress guard's blocks of that run in a site's audit log."""
     records = [json.loads(line) for line in log.read_text().splitlines()]
     return [r["payload"] for r in records if r["event"] == "egress-blocked" and r["payload"]["run_id"] == run_id]
+
+
+DIES = ("va", 2)  # this site kills its own SuperNode when asked to unmask that round: after its update arrived
+# Each summand is stochastically rounded to within one step 2·8/2²² (3.8e-6); four of them, divided by the
+# sum's share of the weights (at least half here), then float32: the unmasked average may differ by this.
+TOLERANCE = 4 * 2 * sa.CLIP_RANGE / sa.QUANT_RANGE / 0.5 + 1e-6
+
+SITE_RECORDER = '''
+
+# ---- tests/test_fault_injection.py: record the plain update; one site dies at unmasking ----
+import os as _os  # noqa: E402
+import signal as _signal  # noqa: E402
+
+import numpy as _np  # noqa: E402
+
+_DUMPS = {dumps!r}
+_masked_update = secagg.masked_update
+
+
+def _recording(msg, context, trained, names):
+    r = int(msg.content["config"]["server-round"])
+    base = _np.concatenate([msg.content["arrays"][n].numpy().astype(_np.float64).ravel() for n in names])
+    plain = _np.concatenate([trained[n].numpy().astype(_np.float64).ravel() for n in names]) - base
+    _np.savez(f"{{_DUMPS}}/site-{{context.node_id}}-round-{{r}}.npz", base=base, plain=plain)
+    return _masked_update(msg, context, trained, names)
+
+
+secagg.masked_update = _recording
+_unmask = secagg.unmask
+
+
+def _dying(msg, context):
+    site = site_from_configs(context.node_config, context.run_config).site_id
+    if (site, int(msg.content["config"]["server-round"])) == {dies!r}:
+        _os.killpg(_os.getpgid(0), _signal.SIGKILL)  # the gate, its executor and this ClientApp
+    return _unmask(msg, context)
+
+
+secagg.unmask = _dying
+'''
+
+SERVER_RECORDER = '''
+
+# ---- tests/test_fault_injection.py: what the coordinator received ----
+_exchange = SiteGrid._exchange
+
+
+def _recording_exchange(self, messages, timeout, *rest):
+    replies = _exchange(self, messages, timeout, *rest)
+    import numpy as _np
+    for reply in replies:
+        if reply.metadata.message_type == "train" and not reply.has_error():
+            arrays = next(iter(reply.content.array_records.values()))
+            _np.save(f"{dumps}/received-{{reply.metadata.src_node_id}}-round-{{reply.metadata.group_id}}.npy",
+                     _np.concatenate([a.numpy().ravel() for a in arrays.values()]))
+    return replies
+
+
+SiteGrid._exchange = _recording_exchange
+'''
+
+
+@pytest.fixture(scope="module")
+def secure_study(consortium):
+    """After the misbehaving app's study, on the same consortium: every site approves the recording app."""
+    coord, root, kits = consortium["coord"], consortium["root"], consortium["kits"]
+    dumps = root / "dumps"
+    dumps.mkdir()
+    app = patched_app(root / "secagg", {}, SITE_RECORDER.format(dumps=str(dumps), dies=DIES))
+    sites_py = app / "server" / "sites.py"
+    sites_py.write_text(sites_py.read_text() + SERVER_RECORDER.format(dumps=str(dumps)))
+    for site in SITES:
+        approve(kits / site / "site.toml", app_hash(app))
+    wait_online(coord, list(SITES), timeout=300)
+    coord.app_dir = app
+    consortium = {**consortium, "dumps": dumps}
+    out = root / "secure-run"
+    config = default_run_config(**{"num-server-rounds": 2, "local-steps": 5, "min-sites": 3, "round-timeout": 90,
+                                   "sites": "", "out-dir": str(out), "secure-aggregation": True})
+    run_id = coord.submit(config)
+    status = wait_run(coord, run_id, timeout=400)
+    return {**consortium, "out": out, "status": status, "run_log": coord.run_log(run_id)}
+
+
+def test_the_study_completes_on_the_unmasked_sum_with_a_site_that_died_after_masking(secure_study):
+    out, nodes = secure_study["out"], secure_study["coord"].site_nodes()
+    assert secure_study["status"] == "finished:completed", secure_study["run_log"][-3000:]
+    first, second = (r["secure_aggregation"] for r in read_jsonl(out / "rounds.jsonl"))
+    assert first["summed"] == sorted(SITES) and first["recovered"] == []
+    assert second["summed"] == sorted(SITES) and second["recovered"] == [DIES[0]]  # in the sum, mask rebuilt
+    # the unmasked sum is FedAvg of the very updates the sites computed (their public weights)
+    weights = json.loads((out / "summary.json").read_text())["per_site"]
+    dumps = {site: np.load(secure_study["dumps"] / f"site-{nodes[site]}-round-2.npz") for site in SITES}
+    total = sum(weights[s]["weight"] for s in SITES)
+    fedavg = dumps["cleveland"]["base"] + sum(weights[s]["weight"] * dumps[s]["plain"] for s in SITES) / total
+    state = torch.load(out / "final_model.pt", weights_only=False)
+    state = state.get("state_dict", state)
+    final = np.concatenate([v.numpy().astype(np.float64).ravel() for v in state.values()])
+    assert np.abs(final - fedavg).max() < TOLERANCE
+
+
+def test_what_the_coordinator_received_holds_no_site_update(secure_study):
+    dumps, nodes = secure_study["dumps"], secure_study["coord"].site_nodes()
+    received = sorted(dumps.glob("received-*.npy"))
+    assert len(received) == 2 * len(SITES)
+    for site in SITES:
+        for server_round in (1, 2):
+            words = np.load(dumps / f"received-{nodes[site]}-round-{server_round}.npy")
+            plain = np.load(dumps / f"site-{nodes[site]}-round-{server_round}.npz")["plain"]
+            assert words.dtype == np.uint32 and words.size == plain.size
+            alone = sa.dequantised_sum(words.astype(np.int64) % (sa.QUANT_RANGE + 1), 1)  # read as one update
+            assert np.abs(alone - plain).mean() > 20 * np.abs(plain).mean()
+    # each site logged the hash of the masked reply it sent; the coordinator logged the same hash received
+    audit = [json.loads(x) for x in (secure_study["out"] / "audit.jsonl").read_text().splitlines()]
+    received_hashes = {(r["payload"]["site"], r["payload"]["round"]): r["payload"]["arrays_sha256"]
+                       for r in audit if r["event"] == "update"}
+    for site in SITES:
+        site_log = [json.loads(x) for x in (secure_study["kits"] / site / "audit.jsonl").read_text().splitlines()]
+        sent = {r["payload"]["round"]: r["payload"]["arrays_sha256"] for r in site_log
+                if r["event"] == "reply" and r["payload"].get("message_type") == "train"
+                and r["payload"].get("arrays_sha256")}
+        assert all(sent[rnd] == received_hashes[(site, rnd)] for rnd in (1, 2) if rnd in sent)
+        assert 1 in sent
+    sums = [r["payload"] for r in audit if r["event"] == "secure-aggregation"]
+    assert [s["recovered"] for s in sums] == [[], [DIES[0]]]
+
+
+def test_a_site_requiring_secure_aggregation_refuses_a_plain_run_and_a_robust_strategy_is_refused(secure_study):
+    coord, kits, root = secure_study["coord"], secure_study["kits"], secure_study["root"]
+    with (kits / "cleveland" / "site.toml").open("a") as fh:  # the dataset's section is the file's last
+        fh.write("require_secure_aggregation = true\n")
+    wait_online(coord, ["cleveland", "hungarian"], timeout=120)
+    plain = default_run_config(**{"num-server-rounds": 1, "min-sites": 2, "round-timeout": 60,
+                                  "sites": "cleveland,hungarian", "out-dir": str(root / "plain-run")})
+    run_id = coord.submit(plain)
+    assert wait_run(coord, run_id, timeout=200) != "finished:completed"
+    stop = read_jsonl(root / "plain-run" / "metrics.jsonl")[-1]
+    assert "requires secure aggregation" in stop["reason"] and "cleveland" in stop["reason"]
+    assert not (root / "plain-run" / "checkpoint.pt").exists()
+
+    # the operator's command refuses a robust strategy under secure aggregation before anything is submitted
+    done = subprocess.run([processes.tool("carefl"), "coordinator", "run", "--kit", str(kits / "coordinator"),
+                           "--state-dir", str(root / "state"), "--sites", "cleveland,hungarian", "--rounds", "1",
+                           "--strategy", "fedmedian", "--secure-aggregation", "--out", str(root / "robust-run")],
+                          capture_output=True, text=True, env={**processes.flower_env(root / "cli"), "COLUMNS": "300"},
+                          timeout=120, stdin=subprocess.DEVNULL)
+    text = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode != 0 and "strategy 'fedmedian' needs every site's own update" in text, text
+    assert "Traceback" not in text and not (root / "robust-run").exists()

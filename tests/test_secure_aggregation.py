@@ -1,7 +1,7 @@
 """Secure aggregation (SecAgg+): the protocol's arithmetic, and real studies of the four heart-disease
 hospitals through the real ServerApp and ClientApps in this process (deploy/demo/inprocess.py): what the
 coordinator receives, what it can unmask, sites that drop before and after masking, and what a site's
-policy and the run config refuse. tests/test_secure_aggregation_deployment.py runs it over real processes."""
+policy and the run config refuse. tests/test_fault_injection.py runs it over real processes."""
 
 from __future__ import annotations
 

@@ -255,4 +255,4 @@ def test_a_self_keyed_site_is_added_and_its_agent_waits_out_a_coordinator_outage
         if agent is not None:
             agent.stop()
         subprocess.run([processes.tool("carefl"), "coordinator", "stop", "--state-dir", str(tmp_path / "state")],
-                       env=env, capture_output=True, timeout=60)
+                       env=env, capture_output=True, timeout=180)

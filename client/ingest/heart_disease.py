@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from client.errors import DataFormatError, DataNotFoundError
 
@@ -121,6 +120,8 @@ def split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """FLamby's per-centre split: 66/34, seed 43, stratified if both classes have >2 members."""
     levels, counts = np.unique(labels, return_counts=True)
     stratify = labels if len(levels) > 1 and all(counts > 2) else None
+    from sklearn.model_selection import train_test_split  # here: scikit-learn costs a second to import
+
     return train_test_split(
         np.arange(len(labels)),
         test_size=1.0 - TRAIN_FRACTION,

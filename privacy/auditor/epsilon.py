@@ -27,6 +27,9 @@ Distributed DP (docs/PRIVACY.md): a training round whose site added σ/√t of a
 (``honest_sites``). A dataset with such rounds has a second track, every release's σ counted as σ·√t (t = 1
 where not logged), recomputed beside the first; a logged ``epsilon_assumed_after`` is judged against it
 exactly as ``epsilon_after`` is against the own-noise track. Datasets without such rounds are unchanged.
+
+(Over 400 lines on purpose: the auditor's independent ε — both accountants, the composition of every kind
+of release and the judgement of each logged ε — is one computation an auditor should read in one place.)
 """
 
 from __future__ import annotations
@@ -38,11 +41,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
-import dp_accounting
 import numpy as np
-from dp_accounting.pld import privacy_loss_distribution as pld_lib
-from dp_accounting.rdp import RdpAccountant
-from dp_accounting.rdp import compute_epsilon as rdp_to_epsilon
 
 TOLERANCE = 0.01                 # relative difference allowed between the logged and the recomputed ε
 PLD_DISCRETIZATION = 1e-3        # value discretization interval of the PLDs (measured in docs/AUDIT.md),
@@ -66,6 +65,9 @@ def _round_pld(sigma: float, q: float, steps: int, interval: float):
 
 @lru_cache(maxsize=128)
 def _step_pld(sigma: float, q: float, interval: float):
+    # dp-accounting is imported where it is used: it costs a second of CPU, which every `carefl` command would pay
+    from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
     return pld_lib.from_gaussian_mechanism(standard_deviation=sigma, sampling_prob=q,
                                            value_discretization_interval=interval, pessimistic_estimate=True)
 
@@ -110,6 +112,8 @@ def _quiet():
 
 
 def _rdp_epsilon(rdp, delta: float) -> float:
+    from dp_accounting.rdp import compute_epsilon as rdp_to_epsilon
+
     with _quiet():
         return float(rdp_to_epsilon(list(RDP_ORDERS), list(rdp), delta)[0])
 
@@ -117,6 +121,9 @@ def _rdp_epsilon(rdp, delta: float) -> float:
 @lru_cache(maxsize=128)
 def _step_rdp(sigma: float, q: float) -> np.ndarray:
     """RDP at RDP_ORDERS of one step, by dp-accounting's RdpAccountant (composition is a sum)."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
     acc = RdpAccountant(list(RDP_ORDERS))
     with _quiet():
         acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)))
