@@ -12,6 +12,7 @@ import time
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord
 
 from server.metrics import pooled_metrics, release_problem, site_figures
+from server.sites import NO_REPLY
 from server.run_dir import METRICS_FILE, ROUNDS_FILE, RunDirectory
 from shared_models.metrics import PERSONAL_PREFIX
 
@@ -110,7 +111,7 @@ class RoundRecorder:
             if site in self._errors:
                 record["error"] = self._errors[site]
             elif site not in self._train or site not in self._eval:
-                record["error"] = "no reply within the round timeout"
+                record["error"] = NO_REPLY  # (SiteGrid records it; a bare Flower grid does not)
             self.run_dir.append(METRICS_FILE, record)
         pooled = pooled_metrics(list(self._eval_raw.values()))
         self.last_round = {"round": server_round, "seconds": round(seconds, 3),

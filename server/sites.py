@@ -3,6 +3,10 @@
 Flower knows nodes by number only. At the start of a run the coordinator sends every connected
 node a ``query`` and learns its site id; from then on work goes only to the sites of this run,
 never to whatever else happens to be connected.
+
+(Over 400 lines on purpose: ``SiteGrid`` is one object whose every kind of round — plain, re-sent or
+secure — reads and updates the same per-round state (where each message went, who failed, whose update
+was refused); the secure round's protocol itself is server/secure_aggregation.py.)
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ log = logging.getLogger("flwr")
 
 CODE_REJECTED = 4100  # an update the coordinator refused to aggregate
 CODE_PROTOCOL = 4101  # a site that left a secure-aggregation round before its masked update (its reason kept)
+CODE_NO_REPLY = 4102  # a site that sent nothing before the round deadline (Flower reported no loss either)
+NO_REPLY = "no reply before the round deadline"
 QUERY_TIMEOUT = 120.0  # one query round trip; a ClientApp process has to start at the site
 PULL_INTERVAL = 1.0    # seconds between pulls of an exchange's replies (Flower's own loop: 3 s)
 GRACE = 10.0           # ... and how long it still waits for the others once the replies suffice
@@ -271,7 +277,8 @@ class SiteGrid:
             if message_type == MessageType.EVALUATE:  # a release whose sums contradict each other is not believed
                 sigma = first.content.config_records.get("config", {}).get("eval-noise-multiplier")
                 replies = [self._checked_release(r, sigma) for r in replies]
-            self._on_replies(message_type, server_round, [(self._site(r), r) for r in replies])
+            self._on_replies(message_type, server_round,
+                             [(self._site(r), r) for r in replies] + self._silent(messages, replies))
             return replies
 
         global_arrays = next(iter(first.content.array_records.values()))
@@ -287,13 +294,11 @@ class SiteGrid:
         self._refused: dict[str, bool] = {}  # sites whose update this coordinator refused this round
         for attempt in range(self._retries + 1):
             replies = self._exchange(pending, timeout)
-            answered = {self._site(r) for r in replies}
             checked, average, gram = self._check(replies, reference, norms)  # (the replies, their FedAvg) or None
             grams.append(gram)
+            checked += self._silent(pending, replies)
             self._on_replies(message_type, server_round, checked)
             lost = [(site, reply.error.reason) for site, reply in checked if reply.has_error()]
-            lost += [(self._site_of[m.metadata.dst_node_id], "no reply before the round deadline")
-                     for m in pending if self._site_of[m.metadata.dst_node_id] not in answered]
             for site, reason in lost:
                 if site not in failures:
                     failures[site] = reason
@@ -357,9 +362,7 @@ class SiteGrid:
         self._on_replies(MessageType.TRAIN, server_round, checked)
         failures = dict(protocol.outcome.failures)
         failures.update({site: reply.error.reason for site, reply in checked if reply.has_error()})
-        answered = {self._site(r) for r in replies}
-        failures.update({self._site_of[m.metadata.dst_node_id]: "no reply before the round deadline"
-                         for m in train if self._site_of[m.metadata.dst_node_id] not in answered})
+        failures.update({site: reply.error.reason for site, reply in self._silent(train, replies)})
         if len(accepted) < max(self._quorum, 2) or protocol.outcome.problem:
             problem = protocol.outcome.problem or (f"only {len(accepted)} masked update(s) arrived, min-sites is "
                                                    f"{self._quorum} and a secure sum needs 2")
@@ -464,6 +467,13 @@ class SiteGrid:
             if waiting:
                 time.sleep(PULL_INTERVAL)
         return replies
+
+    def _silent(self, sent: list[Message], replies: list[Message]) -> list[tuple[str, Message]]:
+        """A site whose message got no reply at all before the deadline, with an error reply that says so: the
+        round's records and the coordinator's audit log name it and the cause, like any other failure."""
+        answered = {self._site(r) for r in replies}
+        return [(self._site_of[m.metadata.dst_node_id], Message(Error(CODE_NO_REPLY, NO_REPLY), reply_to=m))
+                for m in sent if self._site_of[m.metadata.dst_node_id] not in answered]
 
     def _site(self, reply: Message) -> str:
         """The site a reply is about: its sender, or (for Flower's replies on a lost node's behalf, which come
