@@ -1,23 +1,30 @@
-"""Federated feature statistics: bounded per-patient vectors, the Gaussian release, decoding, and a
-real ehr-seq study whose sites release them (charged as round 0) before training on them."""
+"""Federated feature statistics: bounded per-patient vectors, the Gaussian release, decoding, a
+real ehr-seq study whose sites release them (charged as round 0) before training on them, and the
+auditor recomputing the ε a site's ledger charged for its release."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from flwr.app import DEFAULT_TTL, ConfigRecord, Context, Metadata, RecordDict
+from flwr.app.message import make_message
 
+from client import client_app as handlers
 from client.ingest import ehr_encode, ehr_extract
 from client.client_app import app as client_app
 from client.site import write_site_config
 from deploy.datasets.synthetic_ehr import synthesize
 from deploy.demo.inprocess import InProcessGrid
 from privacy.accounting import epsilon, plan_noise, sample_rate
+from privacy.auditor.verify import audit_logs
 from privacy.gaussian import noisy_sum
 from privacy.ledger import PrivacyLedger
-from server.feature_stats import STATS_FILE
+from server.feature_stats import MESSAGE_TYPE, STATS_FILE
 from server.server_app import app as server_app
 from shared_models.feature_stats import FeatureStats, decode, l2_bound, layout, patient_vectors
 from shared_models.schema import builtin_schema
@@ -42,6 +49,34 @@ def test_exact_sum_decodes_to_the_pooled_statistics(heart_extract):
         assert shared.numeric[name].std == pytest.approx(st.std, rel=1e-6)
     assert {k: pytest.approx(v) for k, v in shared.categories.items()} == local.categories
     assert FeatureStats.from_json(shared.to_json()) == shared
+
+
+def test_a_variance_the_noise_cannot_resolve_falls_back_to_the_range_rule():
+    """At the demo's σ = 10 over ~660 patients the noise on the mean of u² is ten times a typical variance: the
+    std must not collapse to the floor (0.1 % of the range, inputs scaled up a thousandfold) but take range / 6."""
+    schema = builtin_schema("diabetes-visits")
+    rng = np.random.default_rng(0)
+    n = 660
+    values = {"age": rng.normal(60, 11, n), "bmi": rng.normal(31, 5, n), "hba1c": rng.normal(7.4, 1.1, n),
+              "sbp": rng.normal(132, 15, n), "sex": rng.integers(0, 2, n).astype(float),
+              "smoker": rng.integers(0, 3, n).astype(float)}
+    exact = patient_vectors(schema, values, [np.array([i]) for i in range(n)]).sum(axis=0)
+    noise_std = 10.0 * l2_bound(schema) * np.sqrt(3)  # three sites at σ = 10
+    assert decode(schema, exact, noise_std=0.0).numeric["hba1c"].std == pytest.approx(1.1, rel=0.1)  # resolved
+    low = exact.copy()
+    hba1c = layout(schema).index("hba1c:mean-square")
+    low[hba1c] -= 2 * noise_std  # a draw of the noise that would have made the variance negative
+    assert decode(schema, low).numeric["hba1c"].std == pytest.approx(17 * 1e-3)  # without noise_std: the old floor
+    stats = decode(schema, low, noise_std=noise_std)
+    assert stats.numeric["hba1c"].std == pytest.approx((20 - 3) / 6)
+    for _ in range(20):  # every noisy draw: a std between the range rule and half the range, never the floor
+        noisy = decode(schema, exact + rng.normal(0, noise_std, exact.shape), noise_std=noise_std)
+        for f in ("age", "bmi", "hba1c", "sbp"):
+            st, (lo, hi) = noisy.numeric[f].std, next((g.min, g.max) for g in schema.features if g.name == f)
+            assert (hi - lo) / 6 - 1e-9 <= st <= (hi - lo) / 2 + 1e-9
+    # a small noise resolves the variance: the estimate is kept
+    assert decode(schema, exact + rng.normal(0, 0.01, exact.shape), noise_std=0.01).numeric["hba1c"].std == \
+        pytest.approx(1.1, rel=0.1)
 
 
 def test_a_history_counts_once_whatever_its_number_of_visits():
@@ -117,3 +152,42 @@ def test_a_site_whose_policy_refuses_the_release_stops_the_study_with_its_reason
                                         r"site minimum 50; noise multiplier 1 is below"):
         _study(tmp_path, strict_site="rural")
     assert not (tmp_path / "run" / STATS_FILE).exists()
+
+
+def test_the_auditor_recomputes_the_ledgers_epsilon_of_a_feature_statistics_release(tmp_path):
+    """One ehr-seq site's round-0 release through the real handler, with a signed audit log: ``carefl audit
+    verify``'s own path (privacy/auditor/verify.py: audit_logs) recomputes the ε the site's ledger charged."""
+    path = synthesize(tmp_path / "data", sites=1, seed=2, patients=60)
+    site_toml = write_site_config(tmp_path / "site" / "site.toml", "solo", next(iter(path.values())), device="cpu",
+                                  dataset="diabetes-visits", epsilon_budget=50.0, delta=1e-4)  # PRV at the site
+    key = ed25519.Ed25519PrivateKey.generate()
+    (tmp_path / "audit.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+    schema = builtin_schema("diabetes-visits")
+    metadata = Metadata(run_id=5, message_id="stats-1", src_node_id=1, dst_node_id=42, reply_to_message_id="",
+                        group_id="0", created_at=time.time(), ttl=DEFAULT_TTL, message_type=MESSAGE_TYPE)
+    msg = make_message(metadata=metadata, content=RecordDict({"config": ConfigRecord(
+        {"schema-sha256": schema.sha256, "stats-noise-multiplier": 5.0})}))
+    context = Context(run_id=5, node_id=42, state=RecordDict(),
+                      node_config={"site-config": str(site_toml), "audit-key": str(tmp_path / "audit.pem")},
+                      run_config={"task": "ehr-seq", "schema": "diabetes-visits"})
+    reply = handlers.feature_stats(msg, context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+
+    ledger = PrivacyLedger(tmp_path / "site" / "privacy-ledger.sqlite")
+    [charged] = ledger.rounds("diabetes-visits")
+    assert (charged["round"], charged["kind"], charged["noise_multiplier"], charged["sample_rate"],
+            charged["steps"]) == (0, "feature-statistics", 5.0, 1.0, 1)
+    assert reply.content["statistics"]["epsilon"] == charged["epsilon_after"]  # what left is what was charged
+
+    summary = audit_logs(tmp_path / "site" / "audit.jsonl", key.public_key())
+    [site] = summary.actors
+    assert summary.ok and not site.errors, summary.first_problem()
+    [row] = site.epsilon["diabetes-visits"].rounds
+    assert (row.mechanism, row.round, row.status, row.charged) == ("feature-statistics", 0, "ok", True)
+    assert row.logged_after == charged["epsilon_after"]
+    spent = ledger.spent("diabetes-visits", 1e-4, "prv")  # Opacus's PRV at the site …
+    assert row.recomputed_after == pytest.approx(spent, rel=0.01)  # … dp-accounting's PLD at the auditor
+    assert site.epsilon["diabetes-visits"].by_mechanism()["feature-statistics"] == pytest.approx(
+        ledger.spent_by_kind("diabetes-visits", 1e-4, "prv")["feature-statistics"], rel=0.01)
