@@ -51,6 +51,12 @@ CONFIGS = {
                                   "local-steps": 2, "lr": 2.0}, "0.685 ± 0.055 (ε = 1, δ = 1e-4, steps under-counted)"),
     "fedadam-dp-eps1": ({**DP_SETTINGS, "strategy": "fedadam", "target-epsilon": 1.0, "lr": 0.01, "server-lr": 0.1},
                         "0.685 ± 0.055 (FedAvg, ε = 1, δ = 1e-4, steps under-counted)"),
+    # a moving average of the global models at the coordinator (post-processing, no ε): sites evaluate it
+    "fedavg-dp-eps1-avg": ({**DP_SETTINGS, "strategy": "fedavg", "target-epsilon": 1.0, "weight-average": 0.9},
+                           "0.685 ± 0.055 (ε = 1, δ = 1e-4, steps under-counted)"),
+    "fedavg-dp-eps1-fullbatch-avg": ({**DP_SETTINGS, "strategy": "fedavg", "target-epsilon": 1.0, "batch-size": 256,
+                                      "local-steps": 2, "lr": 2.0, "weight-average": 0.9},
+                                     "0.685 ± 0.055 (ε = 1, δ = 1e-4, steps under-counted)"),
     "fedavg-dp-eps4": ({**DP_SETTINGS, "strategy": "fedavg", "target-epsilon": 4.0},
                        "0.700–0.705 (ε = 5, δ = 1e-4…1e-1, steps under-counted)"),
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from flwr.serverapp import Grid
 
 from server.run_dir import atomic_write_json
 from server.sites import QUERY_TIMEOUT, SiteInfo
-from shared_models.feature_stats import FeatureStats, decode, layout
+from shared_models.feature_stats import FeatureStats, decode, l2_bound, layout
 from shared_models.schema import Schema
 
 log = logging.getLogger("flwr")
@@ -68,7 +69,8 @@ def gather(grid: Grid, sites: list[SiteInfo], schema: Schema, noise_multiplier: 
     if problems:
         raise FeatureStatsError("feature statistics are needed from every site of the run; "
                                 + "; ".join(f"{site}: {reason}" for site, reason in sorted(problems.items())))
-    stats = decode(schema, total)
+    # every site adds its own N(0, (σ · L2 bound)²) per coordinate (privacy/gaussian.py)
+    stats = decode(schema, total, noise_std=noise_multiplier * l2_bound(schema) * math.sqrt(len(privacy)))
     atomic_write_json(existing, {
         "schema": schema.name, "schema_sha256": schema.sha256, "noise_multiplier": noise_multiplier,
         "layout": layout(schema), "noisy_total": total.tolist(), "sites": privacy, "stats": stats.to_json(),

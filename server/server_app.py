@@ -276,6 +276,8 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
             raise
     else:
         result_arrays = initial
+    if strategy.average is not None and strategy.average.weight > 0:  # the published model is the average
+        result_arrays = strategy.average.current()
 
     run_dir.save_model(result_arrays.to_torch_state_dict(), settings.model, model_kwargs)
     per_site = {}
@@ -296,6 +298,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, run_dir: RunDirect
         "model": settings.model,
         "strategy": settings.strategy,
         "train_params": settings.train_params,
+        "weight_average": settings.weight_average,
         "init_model": _provenance_summary(public),
         "rounds": settings.num_rounds,
         "rounds_completed": recorder.last_round.get("round", 0),

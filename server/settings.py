@@ -62,6 +62,7 @@ class RunSettings:
     consensus: ConsensusRule = ConsensusRule()  # bounded, consensus-checked updates (server/consensus.py)
     secure_aggregation: bool = False  # SecAgg+: the coordinator sees only the sum of the updates (server/secure_aggregation.py)
     distributed_dp: bool = False      # under it, sites that opt in add σ/√t each (docs/PRIVACY.md, "Distributed DP")
+    weight_average: float = 0.0  # > 0: decay of the moving average of global models sites evaluate (server/iterate_average.py)
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> "RunSettings":
@@ -106,6 +107,7 @@ class RunSettings:
                                     policy=str(cfg.get("outlier-policy", ConsensusRule.policy)).lower()),
             secure_aggregation=cfg.get("secure-aggregation", False) is True,
             distributed_dp=cfg.get("distributed-dp", False) is True,
+            weight_average=_number(cfg.get("weight-average", 0.0)),
         )
         if s.task not in TASKS:
             problems.append(f"task '{s.task}' is not one of {', '.join(TASKS)} (shared_models/tasks.py)")
@@ -132,6 +134,8 @@ class RunSettings:
             problems.append("with dp = true set exactly one of 'noise-multiplier' (> 0) or 'target-epsilon' (> 0)")
         if s.dp and not s.clip_norm > 0:
             problems.append("'clip-norm' must be > 0 when dp = true")
+        if not 0 <= s.weight_average < 1:
+            problems.append("'weight-average' must be in [0, 1): the decay of the moving average of global models")
         if not 0 <= s.trim_beta < 0.5:
             problems.append("'trim-beta' must be in [0, 0.5)")
         if s.byzantine_sites < 0 or s.round_retries < 0 or s.max_update_norm < 0:
@@ -168,8 +172,8 @@ class RunSettings:
             problems.append(f"'outlier-policy' must be one of {', '.join(POLICIES)}")
         if s.train_params not in TRAINABLE:
             problems.append(f"'train-params' must be one of {', '.join(TRAINABLE)}")
-        elif s.train_params == "decoder" and s.task != "seg":
-            problems.append("'train-params' = \"decoder\" needs a U-Net (task seg)")
+        elif s.task in TASKS and (problem := TASKS[s.task].train_params_problem(s.train_params)):
+            problems.append(problem)
         for key in ("secure-aggregation", "distributed-dp"):
             if not isinstance(cfg.get(key, False), bool):
                 problems.append(f"'{key}' must be true or false")

@@ -6,6 +6,9 @@ FedAvg's average is accumulated block by block, in the validation pass when ``Si
 robust strategies work block by block too (a comparator network, a blocked Gram matrix). The results are
 bit-identical to Flower's, except the rounding of FedTrimmedAvg's sum and of (Multi-)Krum's distances (see
 there) (tests/test_aggregation_path.py); benchmarks/aggregation.py measures the gain.
+
+(Over 400 lines on purpose: every strategy the run config names sits beside the zero-copy kernels they share,
+so each can be read against its Flower original in one place.)
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
-from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import Strategy
 
-from server.flower_seam import aggregate_arrayrecords, check_and_log_replies, trim_mean
+from server.flower_seam import AggregationError, aggregate_arrayrecords, check_and_log_replies, trim_mean
+from server.iterate_average import IterateAverage
 from server.metrics import pooled_evaluate_metrics
 from server.settings import RunSettings
 from server.validation import CHUNK, accumulate, as_ndarray, to_array
@@ -57,6 +60,16 @@ class _EvaluationReleases:
     """The sites' evaluate replies pooled by ``evaluate_metrics_aggr_fn`` (server/metrics.py) without FedAvg's
     consistency check: that check wants every reply to carry the weighting key and one key set, but an
     evaluation release carries no ``num-examples`` and a site in exact mode sends no ε (docs/PRIVACY.md)."""
+
+    average: IterateAverage | None = None  # run config ``weight-average`` > 0: the sites evaluate the average
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Flower calls this once per round with the round's new global model: the moving average takes it in
+        here, and the sites evaluate the average (server/iterate_average.py)."""
+        if self.average is not None:
+            arrays = self.average.add(arrays)
+        return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid = [m for m in replies if not m.has_error()]
@@ -394,6 +407,15 @@ class Krum(flwr_strategy.Krum, _ViewsMultiKrum):
 
 
 def build_strategy(settings: RunSettings, n_sites: int) -> Strategy:
+    """The run config's strategy; with ``weight-average`` > 0 it also keeps the moving average of the global
+    models that the sites evaluate and the run publishes."""
+    strategy = _named_strategy(settings, n_sites)
+    if settings.weight_average > 0:
+        strategy.average = IterateAverage(settings.weight_average)
+    return strategy
+
+
+def _named_strategy(settings: RunSettings, n_sites: int) -> Strategy:
     """Every selected site that is online trains and evaluates every round (cross-silo: few, known
     sites); a round needs ``min-sites`` of them, so one site down does not stall the study."""
     quorum = max(1, min(settings.min_sites, n_sites))

@@ -143,11 +143,23 @@ def patient_vectors(schema: Schema, values: Mapping[str, np.ndarray], patients: 
     return out
 
 
-def decode(schema: Schema, total: np.ndarray) -> FeatureStats:
+# The standard deviation, as a share of a feature's plausible range, taken where the release cannot resolve the
+# variance: the range read as ± 3 standard deviations (the "range rule").
+UNRESOLVED_STD = 1.0 / 6.0
+
+
+def decode(schema: Schema, total: np.ndarray, noise_std: float = 0.0) -> FeatureStats:
     """Shared statistics from the (noisy) sum of every site's vectors.
 
     Noise can push a sum below zero or a variance negative: counts are floored at 0, a mean is kept
     inside the plausible range, and a standard deviation inside (0, half the range].
+
+    ``noise_std`` is the standard deviation of the Gaussian noise on each coordinate of ``total`` (0: an
+    exact sum). A variance below twice its standard error under that noise is not resolved by the release
+    (with a few hundred patients at the default σ the noise on the mean of u² is ten times a typical
+    variance) and its standard deviation becomes ``UNRESOLVED_STD`` of the range instead of the floor:
+    the floor (0.1 % of the range) scaled inputs up a thousandfold and broke training (docs/RESULTS.md,
+    "The same levers for EHR"). Post-processing of the release: it costs no ε.
     """
     total = np.asarray(total, dtype=np.float64)
     if total.shape != (len(layout(schema)),) or not np.isfinite(total).all():
@@ -158,7 +170,11 @@ def decode(schema: Schema, total: np.ndarray) -> FeatureStats:
         present, s1, s2 = total[col:col + 3]
         weight = max(present, 1.0)
         mean_u = min(max(s1 / weight, 0.0), 1.0)
-        var_u = min(max(s2 / weight - mean_u * mean_u, 1e-6), 0.25)
+        var_u = s2 / weight - mean_u * mean_u
+        # its standard error: the noise on s2 / weight, and on mean_u², through mean_u
+        if noise_std > 0 and var_u < 2.0 * noise_std / weight * math.sqrt(1.0 + 4.0 * mean_u * mean_u):
+            var_u = UNRESOLVED_STD ** 2
+        var_u = min(max(var_u, 1e-6), 0.25)
         numeric[f.name] = NumericStats(low + mean_u * (high - low), math.sqrt(var_u) * (high - low))
         col += 3
     for f in schema.features:

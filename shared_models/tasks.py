@@ -3,8 +3,9 @@
 A task names the site dataset it trains on, the kind of that dataset, the model and run configuration a
 study starts from, the metric family the sites report and the report draws, and the headline metric.
 Like Opacus' accountants: a dict and one lookup with one error message. Adding a task touches this table,
-the task's site code (``client/tasks.py``: how a site loads and trains it) and, for ``carefl demo``, its
-demo-data maker; nothing else.
+the task's site code (``client/tasks.py``: how a site loads and trains it) and its demo sites
+(``deploy/cli/demo.py: DEMO_SITES``, for ``carefl demo`` and ``carefl simulate``); a new default model is
+also registered in ``shared_models/registry.py``. docs/ARCHITECTURE.md, "Adding a task", has the whole list.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from dataclasses import dataclass, field
 
 BINARY = "binary"              # accuracy, AUC, F1 from confusion counts and score histograms
 SEGMENTATION = "segmentation"  # Dice per class from overlap counts
+
+# What a ``train-params`` choice (shared_models/trainable.py) needs of a task's models, beyond any model.
+TRAIN_PARAMS_NEED = {"decoder": "a U-Net"}
 
 
 class UnknownTaskError(ValueError):
@@ -31,6 +35,7 @@ class Task:
     run_config: dict = field(default_factory=dict)     # run-config defaults of a study from scratch
     finetune_config: dict = field(default_factory=dict)  # ... of a study that starts from a public checkpoint
     shared_statistics: bool = False  # sites first pool DP feature statistics (round 0) for one encoding
+    train_params: tuple[str, ...] = ("all", "norms-head")  # train-params its models offer (shared_models/trainable.py)
 
     def dataset_name(self, schema: str = "") -> str:
         return self.dataset or schema
@@ -41,6 +46,14 @@ class Task:
             raise UnknownTaskError(f"task '{self.name}' has no public-checkpoint fine-tuning")
         extra = self.finetune_config if from_checkpoint else self.run_config
         return {"task": self.name, "model": self.default_model, **extra}
+
+    def train_params_problem(self, which: str) -> str | None:
+        """Why a study of this task cannot train ``which`` (a train-params choice), or None when it can."""
+        if which in self.train_params:
+            return None
+        offering = [t.name for t in TASKS.values() if which in t.train_params]
+        return (f"'train-params' = \"{which}\" needs {TRAIN_PARAMS_NEED.get(which, 'another model')} "
+                f"(task {', '.join(offering) or 'none'})")
 
 
 # DP fine-tuning of a public U-Net (init-checkpoint): the scale and shift of every normalisation layer and
@@ -54,13 +67,13 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          "heart-disease", "ehr-logreg", BINARY, "pooled_auc"),
     Task("ehr-seq", "a schema-driven visit extract per site, per-patient visit histories, sequence model", None,
          "ehr-extract", "ehr-gru-attn", BINARY, "pooled_auc",
-         run_config={"schema": "diabetes-visits", "batch-size": 40, "optimizer": "adam", "lr": 0.01,
+         run_config={"schema": "diabetes-visits", "batch-size": 40, "optimizer": "sgd", "lr": 1.0,
                      "local-steps": 0, "local-epochs": 2},
          shared_statistics=True),
     Task("seg", "hippocampus MRI segmentation (MSD Task04), 3-D U-Net", "hippocampus", "imaging", "seg-unet3d",
          SEGMENTATION, "mean_dice",
          run_config={"batch-size": 4, "optimizer": "adam", "lr": 2e-3},
-         finetune_config=SEG_DP_FINETUNE),
+         finetune_config=SEG_DP_FINETUNE, train_params=("all", "decoder", "norms-head")),
 )}
 
 

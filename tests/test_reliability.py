@@ -141,16 +141,29 @@ class LostSiteGrid(InProcessGrid):
         return replies
 
 
-def test_a_lost_site_is_named_with_its_cause_in_the_metrics_and_the_audit_log(tmp_path):
+class SilentSiteGrid(InProcessGrid):
+    """The real ClientApps, except that va's train messages get no reply at all before the deadline (a site
+    whose heartbeat outlives the round: Flower has not yet declared it lost)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return super().send_and_receive([m for m in messages if not (m.metadata.dst_node_id == 13
+                                                                     and m.metadata.message_type == "train")])
+
+
+@pytest.mark.parametrize("grid_class, cause", [
+    (LostSiteGrid, "train: site lost: its SuperNode sent no heartbeat"),
+    (SilentSiteGrid, "train: no reply before the round deadline"),
+])
+def test_a_lost_or_silent_site_is_named_with_its_cause_in_the_metrics_and_the_audit_log(tmp_path, grid_class, cause):
     out = tmp_path / "run"
     cfg = _config(out, **{"num-server-rounds": 1})
-    grid = LostSiteGrid(client_app, _nodes(tmp_path), cfg, run_id=7)
+    grid = grid_class(client_app, _nodes(tmp_path), cfg, run_id=7)
     server_app(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
     va = next(r for r in read_jsonl(out / "metrics.jsonl") if r["site"] == "va")
-    assert va["error"].startswith("train: site lost: its SuperNode sent no heartbeat")
+    assert va["error"].startswith(cause)
     audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
     rejections = [r["payload"] for r in audit if r["event"] == "rejection"]
-    assert [r["site"] for r in rejections] == ["va"] and "site lost" in rejections[0]["reason"]
+    assert [r["site"] for r in rejections] == ["va"] and rejections[0]["reason"].startswith(cause)
 
 
 class Crash(RuntimeError):
@@ -158,11 +171,12 @@ class Crash(RuntimeError):
 
 
 def test_a_crashed_coordinator_resumes_from_its_checkpoint_to_the_same_model(tmp_path):
-    """Non-DP FedAdam (deterministic, with server-side moments to restore): crash after round 2 of 3,
-    resume, and end with the model an uninterrupted run reaches."""
+    """Non-DP FedAdam (deterministic, with server-side moments to restore) whose published model is the moving
+    average of global models (also restored): crash after round 2 of 3, resume, and end with the model an
+    uninterrupted run reaches."""
     policy = {"allow_non_dp": True}
     common = {"num-server-rounds": 3, "strategy": "fedadam", "dp": False, "noise-multiplier": 0.0,
-              "server-lr": 0.05}
+              "server-lr": 0.05, "weight-average": 0.7}
     _serve(client_app, _nodes(tmp_path / "a", **policy), _config(tmp_path / "a" / "run", **common))
     reference = torch.load(tmp_path / "a" / "run" / "final_model.pt", weights_only=True)["state_dict"]
 
@@ -181,6 +195,7 @@ def test_a_crashed_coordinator_resumes_from_its_checkpoint_to_the_same_model(tmp
         _serve(crashing, nodes, _config(out, **common))
     assert "coordinator host lost power" in (out / "error.txt").read_text()
     assert load(out).round == 2 and set(load(out).strategy_state) == {"m_t", "v_t"}
+    assert load(out).weight_average["weight"] == 1 + 0.7
     assert not (out / "summary.json").exists()
 
     _serve(client_app, nodes, _config(out, **common, **{"resume-from": str(out)}), run_id=8)

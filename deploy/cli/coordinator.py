@@ -133,6 +133,9 @@ def coordinator_run(
                                                    "tasks.py: SEG_DP_FINETUNE)."),
     train_params: Optional[str] = typer.Option(None, help="all | decoder | norms-head: what the sites train."),
     trim_beta: Optional[float] = typer.Option(None, help="fedtrimmedavg: fraction cut at each end (default 0.2)."),
+    weight_average: Optional[float] = typer.Option(None, min=0.0, max=0.99, help="Decay of a moving average of the "
+                                                   "global models: the sites evaluate it and the run publishes it "
+                                                   "(post-processing, no ε; default 0: off)."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default <state-dir>/runs/<time>-<task>)."),
     tensorboard: bool = TensorBoardFlag,
 ) -> None:
@@ -174,7 +177,7 @@ def coordinator_run(
         extra.update({"secure-aggregation": secure_aggregation, "distributed-dp": distributed_dp})
     knobs = {"round-timeout": round_timeout, "round-retries": round_retries, "max-update-norm": max_update_norm,
              "byzantine-sites": byzantine_sites, "trim-beta": trim_beta, "bound-factor": bound_factor,
-             "outlier-policy": outlier_policy}
+             "outlier-policy": outlier_policy, "weight-average": weight_average}
     extra.update({k: v for k, v in knobs.items() if v is not None})
     run_config = check_run_config(rounds, strategy, model, lr, local_steps, extra,
                                   defaults=study.defaults(from_checkpoint=init_checkpoint is not None))
