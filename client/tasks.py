@@ -43,12 +43,13 @@ class EhrTask:
         self.data = site.load_heart_disease()
         self.n_train, self.n_test = len(self.data.y_train), len(self.data.y_test)
         self.model_kwargs = {"n_features": self.data.n_features}
-        self.excluded = self.data.rows_incomplete
+        self.excluded = self.data.rows_incomplete  # a file with a damaged row is refused, not trimmed
         self._file = self.dataset.path
         self._shard = (site.shard, site.num_shards)
 
     def exclusion_reasons(self) -> dict[str, int]:
-        return {"missing value in a kept column": int(self.excluded)}
+        """Reason → rows, as the schema's report counts them (as task ehr-seq's): counts only, never a row."""
+        return {reason: int(n) for reason, n in self.data.exclusions.items()}
 
     def fingerprint(self) -> str:
         """Which rows this site trains on: the extract's hash, its shard and the FLamby preprocessing."""

@@ -2,11 +2,18 @@
 
 A hospital points its agent at its own extract and the study's schema (``shared_models/schema.py``)
 instead of hand-editing a loader. Validation never stops at the first problem: every header problem
-and every (column, reason) with its row count — and up to ``max_rows_shown`` row numbers, for the
-site's own staff — goes into ONE ``ValidationReport``. No cell value and no patient id ever appears
-in it: reasons are built from the schema (names, ranges, allowed values), and header cells outside
-the schema are named by position, since a headerless file puts patient data there. Only
-``ValidationReport.counts()`` may be logged or sent; rows that fail are excluded and counted.
+and every (column, reason) with its row count and ALL its row numbers (for the site's own staff) goes
+into ONE ``ValidationReport``. No cell value and no patient id ever appears in it: reasons are built
+from the schema (names, ranges, allowed values), and header cells outside the schema are named by
+position, since a headerless file puts patient data there. Only ``ValidationReport.counts()`` may be
+logged centrally or sent; rows that fail are excluded and counted.
+
+One reader, one verdict. ``read_extract`` is the only function that reads an EHR file: ``carefl site
+validate``, ``carefl data validate-extract``, the training loaders (``load_extract``: task ``ehr-seq``,
+and ``client/ingest/heart_disease.py`` for task ``ehr``) and ``carefl site start``'s pre-flight all call
+it, and it applies the one rule for refusing a file as a whole (``FileRule``, chosen per schema by
+``file_rule``) so they cannot disagree. A row is *damaged* when it fails a check; a row left out only
+because a value is missing under the schema's ``drop-row`` policy is excluded but not damaged.
 
 Kept apart from encoding (``ehr_encode.py``), and whole though over 400 lines: it is all that ``carefl site
 validate`` and ``carefl data validate-extract`` run, and its rule — the report never carries a value — is
@@ -21,6 +28,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -32,20 +40,55 @@ import numpy as np
 from client.errors import DataFormatError, DataNotFoundError
 from shared_models.schema import ExtractFormat, Feature, Schema, level_text
 
-MAX_ROWS_SHOWN = 10
 ROW = "(row)"  # the "column" of problems that concern a whole row
 HEADER = "(header)"
+DROP_ROW = "missing value (policy drop-row)"  # the one reason that excludes a row without it being damaged
 PARQUET_SUFFIXES = (".parquet", ".pq")
 _EPOCH = dt.datetime(1970, 1, 1)
 _SECONDS_PER_YEAR = 365.25 * 86400.0
 
+log = logging.getLogger("carefl.site")  # the site's own log: row numbers may appear here, never a value
+
+
+@dataclass(frozen=True)
+class FileRule:
+    """When a file is refused as a whole — the one rule of ``carefl site validate``, the training loaders and
+    ``carefl site start``. A file is refused if it cannot be read as its schema says (``fatal``), if more of
+    its data rows are damaged than ``max_damaged`` (a fraction of the rows read), or if fewer than
+    ``min_rows`` rows are kept. Otherwise its damaged rows are excluded, named and counted, and the rest is used.
+    """
+
+    max_damaged: float = 0.5       # more than half the rows damaged: the wrong file or a wrong export, not typos
+    min_rows: int = 1              # rows that must be kept (at least one)
+    encoding: str = "utf-8-sig"    # how the text must be encoded: "utf-8-sig" (UTF-8, optional BOM) or "ascii"
+    why: str = "a file mostly failing its schema is the wrong file or a wrong export"  # said when it refuses
+    min_rows_why: str = ""         # said when too few rows are kept (min_rows > 1)
+
+
+# The study schemas whose files follow a stricter rule than ``FileRule()``. heart-disease: the UCI files are
+# fixed, checksummed public data read exactly as FLamby does (client/ingest/heart_disease.py), so one damaged
+# row means a damaged copy, and FLamby's per-centre 66/34 split needs at least 4 rows.
+FILE_RULES = {
+    "heart-disease": FileRule(
+        max_damaged=0.0, min_rows=4, encoding="ascii",
+        why="its files are fixed public data (UCI, checksummed): a damaged row means a damaged copy; fetch it "
+            "again with `carefl data fetch heart-disease`",
+        min_rows_why="too few to split into train and test"),
+}
+
+
+def file_rule(schema: Schema) -> FileRule:
+    """The rule that refuses a file of ``schema`` as a whole (``FILE_RULES``, else ``FileRule()``)."""
+    return FILE_RULES.get(schema.name, FileRule())
+
 
 class ExtractRejected(DataFormatError):
-    """Nothing of the extract can be used (header problems, empty file, or no row passed)."""
+    """The extract is refused as a whole (``FileRule``): file or header problems, too many damaged rows, or
+    too few rows kept. The message names every damaged row's line and problem, never a value."""
 
     def __init__(self, report: "ValidationReport") -> None:
         self.report = report
-        super().__init__("\n".join(report.lines()))
+        super().__init__("\n".join(report.refusal_lines()))
 
 
 @dataclass
@@ -61,45 +104,101 @@ class ValidationReport:
     fatal: list[str] = field(default_factory=list)    # file/header problems: nothing can be used
     hints: list[str] = field(default_factory=list)    # how to fix a fatal problem
     problems: dict[tuple[str, str], int] = field(default_factory=dict)      # (column, reason) → rows
-    examples: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # → first row numbers
-    max_rows_shown: int = MAX_ROWS_SHOWN
+    examples: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # → every row number, in order
+    by_row: dict[int, list[tuple[str, str, str]]] = field(default_factory=dict)  # row → (column, reason, text)
+    rule: FileRule = field(default_factory=FileRule)
+    refusal: list[str] = field(default_factory=list)  # why the file is refused as a whole (``FileRule``); no rows
 
     @property
     def rows_excluded(self) -> int:
         return self.rows_read - self.rows_kept
 
     @property
-    def ok(self) -> bool:
-        """Usable: no fatal problem and at least one row kept (some rows may still be excluded)."""
-        return not self.fatal and self.rows_kept > 0
+    def damaged_rows(self) -> list[int]:
+        """Row numbers of the rows that failed a check (not only a missing value under ``drop-row``)."""
+        return sorted(r for r, found in self.by_row.items() if any(reason != DROP_ROW for _, reason, _ in found))
 
-    def add(self, column: str, reason: str, row: int) -> None:
+    @property
+    def excluded_rows(self) -> list[int]:
+        """Row numbers of the rows excluded for a problem of their own (every row, if the file is refused
+        for a file-level problem, is excluded too, but not listed here)."""
+        return sorted(self.by_row)
+
+    @property
+    def ok(self) -> bool:
+        """Usable: the rule refuses nothing (some rows may still be excluded)."""
+        return not self.refusal
+
+    def add(self, column: str, reason: str, row: int, text: str = "") -> None:
+        """One problem of one row; ``text`` is a more precise wording for that row (default: ``reason``).
+        Neither may hold a cell value."""
         key = (column, reason)
         self.problems[key] = self.problems.get(key, 0) + 1
-        shown = self.examples.setdefault(key, [])
-        if len(shown) < self.max_rows_shown:
-            shown.append(row)
+        self.examples.setdefault(key, []).append(row)
+        self.by_row.setdefault(row, []).append((column, reason, text or reason))
+
+    def decide(self) -> None:
+        """Apply the rule (``FileRule``): fill ``refusal``, empty when the file is usable."""
+        rule, damaged = self.rule, len(self.damaged_rows)
+        self.refusal = []
+        if self.fatal:
+            self.refusal.append("the file cannot be read as the schema describes (errors above)")
+            return
+        if damaged > rule.max_damaged * self.rows_read:
+            limit = ("allows none" if rule.max_damaged == 0 else
+                     f"allows at most {rule.max_damaged:.0%} of the rows read")
+            self.refusal.append(f"{damaged} of {self.rows_read} rows damaged; schema {self.schema} {limit} "
+                                f"({rule.why})")
+        if self.rows_kept < rule.min_rows:
+            self.refusal.append("no row passed" if rule.min_rows <= 1 else
+                                f"only {self.rows_kept} usable row(s), {rule.min_rows_why or 'too few'} "
+                                f"(at least {rule.min_rows})")
 
     def counts(self) -> dict:
         """Counts only — what may be logged or sent (no file name, no row numbers, no values)."""
         return {"schema": self.schema, "schema_sha256": self.schema_sha256, "rows_read": self.rows_read,
-                "rows_kept": self.rows_kept, "rows_excluded": self.rows_excluded, "fatal": list(self.fatal),
+                "rows_kept": self.rows_kept, "rows_excluded": self.rows_excluded,
+                "rows_damaged": len(self.damaged_rows), "fatal": list(self.fatal), "refused": list(self.refusal),
                 "problems": {_key_text(k): n for k, n in sorted(self.problems.items())}}
 
+    def verdict(self) -> str:
+        """The one-line verdict with every excluded and every damaged row named: what ``carefl site validate``
+        ends with, what a refused file's error ends with, and what a loader logs when it excludes rows."""
+        text = f"rows: {self.rows_read} read, {self.rows_kept} kept, {self.rows_excluded} excluded"
+        excluded, damaged = self.excluded_rows, self.damaged_rows
+        if excluded and not self.fatal:
+            text += f" (lines {row_list(excluded)})"
+        if damaged and damaged == excluded and not self.fatal:
+            text += ", all damaged"
+        elif damaged:
+            text += f", {len(damaged)} damaged (lines {row_list(damaged)})"
+        elif excluded:
+            text += ", none damaged"
+        return text + (f" — refused: {'; '.join(self.refusal)}" if self.refusal else " — usable")
+
     def lines(self) -> list[str]:
-        """``carefl site validate``-style lines: errors, then excluded rows per (column, reason)."""
+        """``carefl site validate``-style lines: errors, then excluded rows per (column, reason), then the verdict."""
         out = [f"extract {self.file_name or '<extract>'} against schema {self.schema} "
                f"(sha256 {self.schema_sha256[:12]}…); rows are numbered as in a spreadsheet, the first line is row 1"]
         out += [f"error     {p}" for p in self.fatal]
         out += [f"hint      {h}" for h in self.hints]
         for key, n in sorted(self.problems.items()):
-            rows = self.examples.get(key, [])
-            more = f", … ({n - len(rows)} more)" if n > len(rows) else ""
-            out.append(f"excluded  {_key_text(key)}: {n} row(s): {', '.join(map(str, rows))}{more}")
-        verdict = ("nothing can be used" if self.fatal else
-                   "no row passed" if self.rows_kept == 0 else "usable")
-        out.append(f"rows: {self.rows_read} read, {self.rows_kept} kept, {self.rows_excluded} excluded — {verdict}")
+            out.append(f"excluded  {_key_text(key)}: {n} row(s): {row_list(self.examples.get(key, []))}")
+        out.append(self.verdict())
         return out
+
+    def problem_lines(self) -> list[str]:
+        """Every problem of every damaged row, one line each, in file order: ``<file> line 7, column 'chol':
+        not a number``."""
+        name = self.file_name or "<extract>"
+        return [f"{name} line {row}" + ("" if column in (ROW, HEADER) else f", column '{column}'") + f": {text}"
+                for row in self.damaged_rows for column, _, text in self.by_row[row]]
+
+    def refusal_lines(self) -> list[str]:
+        """A refused file's error: its file problems, every damaged row's problems, the verdict."""
+        name = self.file_name or "<extract>"
+        return ([f"{name}: {p}" for p in self.fatal] + [f"{name}: hint: {h}" for h in self.hints]
+                + self.problem_lines() + [f"{name}: {self.verdict()}"])
 
     def __str__(self) -> str:
         return "\n".join(self.lines())
@@ -108,6 +207,17 @@ class ValidationReport:
 def _key_text(key: tuple[str, str]) -> str:
     column, reason = key
     return reason if column in (ROW, HEADER) else f"column '{column}': {reason}"
+
+
+def row_list(rows: list[int]) -> str:
+    """Every row number, runs written as ranges: ``2, 5-7, 12``."""
+    runs: list[list[int]] = []
+    for row in sorted(rows):
+        if runs and row == runs[-1][1] + 1:
+            runs[-1][1] = row
+        else:
+            runs.append([row, row])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,27 +241,34 @@ class Extract:
         return len(self.labels)
 
 
-def read_extract(path: Path | str, schema: Schema, fmt: ExtractFormat | None = None,
-                 max_rows_shown: int = MAX_ROWS_SHOWN) -> Extract:
-    """Validate the whole extract; never raises for bad content — the report says everything.
+def read_extract(path: Path | str, schema: Schema, fmt: ExtractFormat | None = None) -> Extract:
+    """Validate the whole extract and decide on it (``file_rule(schema)``); never raises for bad content —
+    the report says everything: every problem with its row, and ``refusal`` (empty: usable).
 
     ``fmt`` overrides how the file is written (header, delimiter), never what the study means.
     """
     path = Path(path)
     fmt = fmt or schema.extract
-    report = ValidationReport(f"{schema.name} v{schema.version}", schema.sha256, path.name,
-                              max_rows_shown=max_rows_shown)
+    report = ValidationReport(f"{schema.name} v{schema.version}", schema.sha256, path.name, rule=file_rule(schema))
     records = _records(path, fmt, report)
     columns, width = _header(records, schema, fmt, report)
     parsed = _rows(records, schema, columns, width, report)
-    return _assemble(schema, report, parsed)
+    extract = _assemble(schema, report, parsed)
+    report.decide()
+    return extract
 
 
 def load_extract(path: Path | str, schema: Schema, fmt: ExtractFormat | None = None) -> Extract:
-    """``read_extract``, refusing (``ExtractRejected``) an extract of which nothing can be used."""
+    """The loader of every EHR task: ``read_extract``, raising ``ExtractRejected`` (every damaged row named)
+    where its verdict refuses the file; otherwise the kept rows, the excluded ones logged at the site by
+    count and row numbers (``ValidationReport.verdict``)."""
     extract = read_extract(path, schema, fmt)
-    if not extract.report.ok:
-        raise ExtractRejected(extract.report)
+    report = extract.report
+    if not report.ok:
+        raise ExtractRejected(report)
+    if report.rows_excluded:
+        log.log(logging.WARNING if report.damaged_rows else logging.INFO, "%s: %s", report.file_name,
+                report.verdict())
     return extract
 
 
@@ -163,9 +280,12 @@ def _records(path: Path, fmt: ExtractFormat, report: ValidationReport) -> list[t
                             "(pyarrow); export the extract as CSV")
         return []
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = path.read_bytes().decode(report.rule.encoding)
     except UnicodeDecodeError as exc:
-        report.fatal.append(f"not UTF-8 text (first undecodable byte at offset {exc.start})")
+        report.fatal.append(f"not UTF-8 text (first undecodable byte at offset {exc.start})"
+                            if report.rule.encoding.startswith("utf") else
+                            f"not a plain-text ({report.rule.encoding.upper()}) file (first byte that is not "
+                            f"{report.rule.encoding.upper()} at offset {exc.start})")
         return []
     records, number = [], 0
     try:
@@ -176,7 +296,7 @@ def _records(path: Path, fmt: ExtractFormat, report: ValidationReport) -> list[t
     except csv.Error:
         report.fatal.append(f"row {number + 1}: malformed CSV (e.g. an unclosed quote); the rest cannot be read")
     if not records and not report.fatal:
-        report.fatal.append("empty file: no header and no rows" if fmt.header else "empty file: no rows")
+        report.fatal.append("empty file: no header and no rows" if fmt.header else "no data rows (the file is empty)")
     return records
 
 
@@ -262,11 +382,12 @@ def _rows(records: list, schema: Schema, columns: dict[str, int], width: int,
           report: ValidationReport) -> _Parsed:
     out = _Parsed()
     markers = set(schema.missing.markers)
-    drop_row = "missing value (policy drop-row)" if schema.missing.policy == "drop-row" else None
+    drop_row = DROP_ROW if schema.missing.policy == "drop-row" else None
     for index, (number, fields) in enumerate(records):
         out.rows.append(number)
         if len(fields) != width:  # shifted cells would only produce misleading reasons: not parsed
-            report.add(ROW, f"wrong number of fields (expected {width})", number)
+            report.add(ROW, f"wrong number of fields (expected {width})", number,
+                       f"{len(fields)} columns, expected {width}")
             out.bad.add(index)
             out.ids.append(None)
             out.times.append(math.nan)
@@ -327,7 +448,9 @@ def _level(text: str, values: tuple) -> int | None:
 
 
 def _not_allowed(values: tuple) -> str:
-    return f"not one of the allowed values ({', '.join(level_text(v) for v in values)})"
+    """Numeric levels are codes (``cp`` 1-4, a 0/1 label), text levels are values."""
+    kind = "codes" if values and isinstance(values[0], float) else "values"
+    return f"not one of the allowed {kind} ({', '.join(level_text(v) for v in values)})"
 
 
 def _feature_value(feature: Feature, text: str) -> tuple[float, str | None]:

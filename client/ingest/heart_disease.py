@@ -5,19 +5,27 @@ with a missing value, one-hot ``cp`` and ``restecg`` with the first level droppe
 label = ``num > 0``, per-centre 66/34 split with ``random_state=43`` (stratified when both
 classes have more than 2 members), z-score with the centre's own train mean/std.
 
-A site reads only its own centre's file. Errors name the file, line and column, never a value.
+A site reads only its own centre's file, through the study schema ``shared_models/schemas/heart-disease.toml``
+and ``client/ingest/ehr_extract.py`` — the reader ``carefl site validate`` runs, so both give one verdict
+(``FILE_RULES["heart-disease"]``: a file with any damaged row is refused, naming every one; rows with a
+missing value are left out as FLamby does). Errors name the file, line and column, never a value.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from client.errors import DataFormatError, DataNotFoundError
+from client.ingest import ehr_encode
+from client.ingest.ehr_extract import Extract, load_extract
+from shared_models.schema import Schema, builtin_schema
+
+SCHEMA = "heart-disease"  # the study schema of these files (shared_models/schemas/heart-disease.toml)
 
 FOLDER = "uci_heart_disease"
 CENTRES = ("cleveland", "hungarian", "switzerland", "va")
@@ -57,51 +65,69 @@ def centre_of(path: Path) -> str:
     return parts[1] if len(parts) == 3 and parts[0] == "processed" else path.stem
 
 
-def read_rows(path: Path) -> np.ndarray:
-    """Parse one UCI ``processed.*.data`` file into a float array (NaN for '?').
+@functools.lru_cache(maxsize=1)
+def schema() -> Schema:
+    """The study schema the centre files are read with."""
+    return builtin_schema(SCHEMA)
 
-    Raises DataFormatError naming file, line and column for any malformed row.
-    """
+
+def _require_file(path: Path) -> None:
     if not path.is_file():
         raise DataNotFoundError(
             f"heart-disease file not found: {path}. Fetch the data with "
             f"`carefl data fetch heart-disease` or point --data-dir / $CAREFL_DATA at it."
         )
+
+
+def read_centre(path: Path) -> Extract:
+    """The kept rows of one centre file, validated by the study schema — the one reader of these files for
+    training and for ``carefl site validate`` (``ehr_extract.load_extract``). Raises ``ExtractRejected`` (a
+    DataFormatError) naming every damaged line where the file is refused."""
+    path = Path(path)
+    _require_file(path)
+    return load_extract(path, schema())
+
+
+def read_rows(path: Path) -> np.ndarray:
+    """All 14 raw columns of a UCI ``processed.*.data`` file as floats (NaN for '?'), every row: an
+    independent reference for tests and tools, not the loader (``read_centre`` is).
+
+    Raises DataFormatError naming file, line and column of every malformed row at once.
+    """
+    path = Path(path)
+    _require_file(path)
     try:
         text = path.read_text(encoding="ascii")
     except UnicodeDecodeError:
         raise DataFormatError(f"{path}: not a plain-text (ASCII) UCI data file") from None
-    rows = []
+    rows, problems = [], []
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.strip().split(",")
         if len(fields) != len(COLUMNS):
-            raise DataFormatError(
-                f"{path.name} line {line_no}: {len(fields)} columns, expected {len(COLUMNS)} "
-                f"({', '.join(COLUMNS)})"
-            )
+            problems.append(f"{path.name} line {line_no}: {len(fields)} columns, expected {len(COLUMNS)} "
+                            f"({', '.join(COLUMNS)})")
+            continue
         row = []
         for col, field in zip(COLUMNS, fields):
             field = field.strip()
-            if field == "?":
-                row.append(math.nan)
-                continue
-            try:
-                value = float(field)
-            except ValueError:
-                raise DataFormatError(
-                    f"{path.name} line {line_no}, column '{col}': not a number and not '?'"
-                ) from None
-            if not math.isfinite(value):
-                raise DataFormatError(f"{path.name} line {line_no}, column '{col}': not a finite number")
-            if col in ALLOWED and value not in ALLOWED[col]:
-                raise DataFormatError(
-                    f"{path.name} line {line_no}, column '{col}': outside the allowed codes "
-                    f"{ALLOWED[col]}"
-                )
+            value = math.nan
+            if field != "?":
+                try:
+                    value = float(field)
+                except ValueError:
+                    problems.append(f"{path.name} line {line_no}, column '{col}': not a number and not '?'")
+                    continue
+                if not math.isfinite(value):
+                    problems.append(f"{path.name} line {line_no}, column '{col}': not a finite number")
+                elif col in ALLOWED and value not in ALLOWED[col]:
+                    problems.append(f"{path.name} line {line_no}, column '{col}': outside the allowed codes "
+                                    f"{ALLOWED[col]}")
             row.append(value)
         rows.append(row)
+    if problems:
+        raise DataFormatError("\n".join(problems))
     if not rows:
         raise DataFormatError(f"{path.name}: no data rows")
     return np.asarray(rows, dtype=np.float64)
@@ -142,7 +168,9 @@ class SiteData:
     x_test: np.ndarray
     y_test: np.ndarray
     rows_read: int
-    rows_incomplete: int  # excluded for a missing value in a kept column
+    rows_incomplete: int  # excluded for a missing value in a kept column (a file with a damaged row is refused)
+    exclusions: dict = field(default_factory=dict)  # reason → rows excluded for it: counts only, no row numbers
+    verdict: str = ""  # the reader's verdict line, every excluded line named (site-local: never sent or audited)
 
     @property
     def n_features(self) -> int:
@@ -157,7 +185,7 @@ def load_centre(path: Path, shard: int = 0, num_shards: int = 1) -> SiteData:
     30 training rows, so at most 3 shards), the rows are split into as many shards as fit and site
     ``shard`` uses shard ``shard mod that number`` — several virtual sites then train on the same rows.
     """
-    rows_read, rows_incomplete, x, y, train_idx, test_idx = _parsed(Path(path))
+    rows_read, rows_incomplete, exclusions, verdict, x, y, train_idx, test_idx = _parsed(Path(path))
     if num_shards > 1:
         usable = max(1, min(num_shards, len(train_idx) // MIN_SHARD_ROWS))
         train_idx = np.array_split(np.sort(train_idx), usable)[shard % usable]
@@ -172,11 +200,14 @@ def load_centre(path: Path, shard: int = 0, num_shards: int = 1) -> SiteData:
         y_test=y[test_idx].astype(np.float32),
         rows_read=rows_read,
         rows_incomplete=rows_incomplete,
+        exclusions=dict(exclusions),
+        verdict=verdict,
     )
 
 
-def _parsed(path: Path) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(rows read, rows incomplete, features, labels, train indices, test indices) of a centre file.
+def _parsed(path: Path) -> tuple[int, int, dict, str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(rows read, rows excluded, reason → rows, verdict, features, labels, train indices, test indices) of a
+    centre file.
 
     Remembered per process while the file is unchanged (same size and modification time): a simulation
     actor serves many virtual sites of the same centre, each message parsing the file and re-running the
@@ -185,27 +216,26 @@ def _parsed(path: Path) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray, n
     try:
         stat = path.stat()
     except OSError:
-        return _parse(path)  # read_rows says what is wrong
+        return _parse(path)  # read_centre says what is wrong
     return _parse_cached(path, stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=16)
 def _parse_cached(path: Path, size: int, mtime_ns: int):
     parsed = _parse(path)
-    for array in parsed[2:]:
+    for array in parsed[4:]:
         array.setflags(write=False)  # shared by every caller: never changed in place
     return parsed
 
 
-def _parse(path: Path) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    rows = read_rows(path)
-    kept_cols = [i for i, name in enumerate(COLUMNS) if name not in DROPPED]
-    complete = ~np.isnan(rows[:, kept_cols]).any(axis=1)
-    x, y = encode(rows[complete])
-    if len(y) < 4:
-        raise DataFormatError(f"{path.name}: only {len(y)} complete rows, too few to split")
+def _parse(path: Path) -> tuple[int, int, dict, str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    extract = read_centre(path)  # refuses (naming every damaged line) a file with fewer than 4 rows kept, too
+    report = extract.report
+    # the schema's encoding equals ``encode`` (13 columns, same order, unscaled): tests/test_ehr_schema.py
+    x, y = ehr_encode.raw_matrix(extract), extract.labels
     train_idx, test_idx = split_indices(y)
-    return len(rows), int((~complete).sum()), x, y, train_idx, test_idx
+    return (report.rows_read, report.rows_excluded, report.counts()["problems"], report.verdict(), x, y,
+            train_idx, test_idx)
 
 
 def partition_for(partition_id: int, num_partitions: int) -> tuple[str, int, int]:

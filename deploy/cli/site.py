@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from client.errors import SiteError
@@ -54,7 +55,8 @@ def site_approve(
 
 
 def _check_data(site: SiteConfig) -> list[str]:
-    """Every dataset must be readable and have cases to train on; exclusions are reported, not fatal."""
+    """Every dataset must be readable and have cases to train on; exclusions are reported, not fatal. An EHR
+    extract is read by its training loader, so it gets the verdict `carefl site validate` gives it."""
     from client.ingest.imaging.manifest import read_manifest, validate
 
     problems = []
@@ -68,12 +70,33 @@ def _check_data(site: SiteConfig) -> list[str]:
                 elif report.problems:
                     console.print(f"[yellow]dataset {name}: {report.summary()}[/] (excluded cases are not used)")
             elif name == HEART_DISEASE:
-                site.load_heart_disease()
+                data = site.load_heart_disease()
+                _excluded(name, data.rows_incomplete, data.verdict)
+            elif ds.path is not None and (schema := _study_schema(name)) is not None:  # e.g. ehr-seq's extract
+                from client.ingest.ehr_extract import load_extract
+
+                report = load_extract(ds.path, schema).report
+                _excluded(name, report.rows_excluded, report.verdict())
             elif ds.path is not None and not ds.path.exists():
                 problems.append(f"dataset {name}: {ds.path} does not exist")
-        except SiteError as exc:
-            problems.append(str(exc))
+        except SiteError as exc:  # a refused extract names every damaged line, one per line: indented under it
+            problems.append(str(exc).replace("\n", "\n    "))
     return problems
+
+
+def _study_schema(name: str):
+    """The shipped study schema a tabular dataset is named after (its training loader reads it), or None."""
+    try:
+        return builtin_schema(name)
+    except SchemaError:
+        return None
+
+
+def _excluded(name: str, excluded: int, verdict: str) -> None:
+    """Rows the loader left out of a usable extract: count and line numbers, at the site's console only."""
+    if excluded:
+        console.print(f"[yellow]dataset {name}: {escape(verdict)}[/] (excluded rows are not used; "
+                      f"`carefl site validate --dataset {name}` lists why)", highlight=False)
 
 
 @site_app.command("start")
@@ -177,10 +200,12 @@ def _validation(config: Path, dataset: str):
     site, ds = _imaging_dataset(config, dataset)
     with console.status(f"validating {dataset} of site {site.site_id} …"):
         report = validate(read_manifest(ds.manifest), set(ds.labels) or {0, 1}, ds.require_deidentified)
-    for problem in report.problems:
-        console.print(f"[red]excluded[/] {problem}", highlight=False)
+    from rich.markup import escape  # paths and case ids are data, not markup
+
+    for problem in report.problems:  # each names its manifest line, case, file and reason
+        console.print(f"[red]excluded[/] {escape(str(problem))}", highlight=False)
     for warning in report.warnings:
-        console.print(f"[yellow]warning[/]  {warning}", highlight=False)
+        console.print(f"[yellow]warning[/]  {escape(str(warning))}", highlight=False)
     console.print(f"{dataset}: {report.summary()}, {len(report.warnings)} warning(s)")
     return site, ds, report
 
@@ -211,10 +236,14 @@ def validate_site_extract(dataset) -> int:
         console.print(f"[bold red]error:[/] dataset '{dataset.name}' has a path but no shipped study schema of that "
                       f"name ({exc})", highlight=False)
         return 2
-    report = read_extract(dataset.path, schema).report
-    for line in report.lines():
-        console.print(line, highlight=False, markup=False)
-    return 1 if report.fatal or report.rows_excluded else 0
+    try:  # the reader of the training loaders (ehr: heart_disease.read_centre; ehr-seq: load_extract), one verdict
+        report = read_extract(dataset.path, schema).report
+    except SiteError as exc:  # the file is missing
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 1
+    for line in report.lines():  # never wrapped: a line naming rows stays one line
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    return 1 if report.refusal or report.rows_excluded else 0
 
 
 @site_app.command("ingest")

@@ -5,6 +5,18 @@ enhanced multi-frame file; a silent mistake here (a missing slice, two series mi
 slice order) would corrupt training without any visible error, so every such case is refused
 with a message that names the file and the reason and never a value read from the file.
 
+Only image objects are read: the SOP class must be a CT, MR or PET image storage class (classic,
+enhanced or legacy converted enhanced; ``IMAGE_SOP_CLASSES``), and when the dataset declares its
+modalities, the SOP class and Modality must match them. An RT dose grid, a secondary capture or a
+SEG has pixel data too, but is refused by name.
+
+pydicom (and highdicom) warn through ``warnings`` and their loggers, quoting header values; every
+read here runs inside ``third_party_messages`` (client/ingest/imaging/third_party.py), which turns those into
+carefl log records that name only the kind of problem and the DICOM keywords / VRs involved.
+
+(Over 400 lines on purpose: reading a series and refusing each way an export can be wrong — object class,
+geometry, slice order, pixel decoding — is one job, and each check sits beside the read it guards.)
+
 Geometry: slices are sorted by ImagePositionPatient projected on the slice normal
 n = row cosine × column cosine (ascending), so the affine's columns are
 (n · slice gap, column cosine · row spacing, row cosine · column spacing) and its origin is the
@@ -16,18 +28,21 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom import uid as dicom_uid
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.sequence import Sequence
-from pydicom.uid import UID
+from pydicom.uid import UID, JPEGExtended12Bit
 
+from client.ingest.imaging.third_party import third_party_messages
 from client.ingest.imaging.volume import ImagingError, Volume
 
 log = logging.getLogger("carefl.imaging")
@@ -90,6 +105,29 @@ _DECODER_PACKAGES = {
     "1.2.840.10008.1.2.5": "pylibjpeg-rle",  # RLE Lossless
 }
 
+# The image storage SOP classes read as volumes, and the Modality each one holds. Anything else with
+# pixel data (RT Dose, Secondary Capture, SEG, ultrasound, projection X-ray, ...) is refused.
+IMAGE_SOP_CLASSES = {
+    dicom_uid.CTImageStorage: "CT",
+    dicom_uid.EnhancedCTImageStorage: "CT",
+    dicom_uid.LegacyConvertedEnhancedCTImageStorage: "CT",
+    dicom_uid.MRImageStorage: "MR",
+    dicom_uid.EnhancedMRImageStorage: "MR",
+    dicom_uid.LegacyConvertedEnhancedMRImageStorage: "MR",
+    dicom_uid.PositronEmissionTomographyImageStorage: "PT",
+    dicom_uid.EnhancedPETImageStorage: "PT",
+    dicom_uid.LegacyConvertedEnhancedPETImageStorage: "PT",
+}
+MODALITY_ALIASES = {"PET": "PT"}  # what a site may write in its config → the DICOM Modality code
+# DICOM Modality defined terms (PS3.3 C.7.3.1.1.1) that a refusal may name; any other value is not quoted.
+KNOWN_MODALITIES = frozenset({
+    "AR", "AU", "BDUS", "BI", "BMD", "CR", "CT", "DG", "DOC", "DX", "ECG", "EPS", "ES", "FID", "GM", "HC", "HD",
+    "IO", "IOL", "IVOCT", "IVUS", "KER", "KO", "LEN", "LS", "MG", "MR", "M3D", "NM", "OAM", "OCT", "OP", "OPM",
+    "OPT", "OPV", "OSS", "OT", "PLAN", "POS", "PR", "PT", "PX", "REG", "RESP", "RF", "RG", "RTDOSE", "RTIMAGE",
+    "RTPLAN", "RTRECORD", "RTSTRUCT", "RWV", "SEG", "SM", "SMR", "SR", "SRF", "STAIN", "TG", "US", "VA", "XA",
+    "XC",
+})
+
 DUPLICATE_MM = 0.01  # slices closer than this along the normal are the same position
 GAP_RTOL, GAP_ATOL_MM = 0.01, 0.01  # a gap may differ from the median by max(1 %, 0.01 mm)
 ORIENT_TOL = 1e-4  # direction cosines, unitless
@@ -114,6 +152,8 @@ class _Frame:
         return f"{self.path.name} (frame {self.index + 1})" if multi else self.path.name
 
 
+# --- reading ---------------------------------------------------------------------------------------
+
 def series_files(folder: Path, case: str | None = None) -> list[Path]:
     """Every file of a series folder, sorted; hidden files and a DICOMDIR index are skipped."""
     folder = Path(folder)
@@ -127,19 +167,78 @@ def series_files(folder: Path, case: str | None = None) -> list[Path]:
 
 
 def read_file(path: Path, case: str | None = None, *, header_only: bool = False) -> Dataset:
-    """One DICOM file; a non-DICOM or unreadable file becomes an ImagingError naming it."""
+    """One DICOM file; a non-DICOM or unreadable file becomes an ImagingError naming it. pydicom
+    converts values when they are first used: callers keep later use inside ``third_party_messages``."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=header_only)
+        with third_party_messages(case, path):
+            return pydicom.dcmread(path, stop_before_pixels=header_only)
     except InvalidDicomError:
         raise ImagingError(path, "not a DICOM file (no DICOM preamble / file meta header)", case) from None
     except Exception as exc:  # noqa: BLE001 - pydicom's messages may quote values; keep only the type
         raise ImagingError(path, f"unreadable DICOM file ({type(exc).__name__})", case) from None
 
 
-def read_dicom_series(folder: Path, *, case: str | None = None) -> Volume:
-    """All files of ``folder`` as one float32 (z, y, x) Volume, rescaled (HU for CT)."""
+def read_dicom_series(folder: Path, *, case: str | None = None,
+                      modalities: Iterable[str] | None = None) -> Volume:
+    """All files of ``folder`` as one float32 (z, y, x) Volume, rescaled (HU for CT), carrying the
+    series' SeriesInstanceUID and FrameOfReferenceUID (None when blank, e.g. anonymised).
+
+    ``modalities``: what the dataset declares (e.g. ``{"MR"}``; "PET" means "PT"); every file's
+    SOP class and Modality must match. Without it, any CT / MR / PET image storage class is read.
+    """
     folder = Path(folder)
+    with third_party_messages(case, folder):
+        return _read_series(folder, case, _declared(folder, modalities, case))
+
+
+def _declared(folder: Path, modalities: Iterable[str] | None, case: str | None) -> frozenset[str]:
+    if modalities is None:
+        return frozenset()
+    if isinstance(modalities, str):
+        modalities = [modalities]
+    declared = frozenset(MODALITY_ALIASES.get(m.strip().upper(), m.strip().upper()) for m in modalities)
+    unknown = sorted(declared - set(IMAGE_SOP_CLASSES.values()))
+    if not declared or unknown:
+        raise ImagingError(folder, f"the dataset declares modalities {sorted(declared)}; carefl reads CT, MR and "
+                                   f"PT (PET) image series", case)
+    return declared
+
+
+def _modality_named(modality: str) -> str:
+    return modality if modality in KNOWN_MODALITIES else ("none" if not modality else "an unrecognised value")
+
+
+def _check_image_object(path: Path, ds: Dataset, declared: frozenset[str], case: str | None) -> None:
+    """Refuse what is not an image of the declared modalities: by SOP class, then by Modality."""
+    sop = str(ds.get("SOPClassUID", "") or "").strip()
+    meta = getattr(ds, "file_meta", None)
+    if not sop and meta is not None:  # some anonymisers blank the dataset's copy; the file meta keeps it
+        sop = str(meta.get("MediaStorageSOPClassUID", "") or "").strip()
+    if not sop:
+        raise ImagingError(path, "no SOPClassUID (nor MediaStorageSOPClassUID): cannot tell an image from "
+                                 "another DICOM object", case)
+    name = UID(sop).name
+    name = name if name != sop else "an unrecognised SOP class"
+    wanted = [m if m != "PT" else "PET" for m in sorted(declared or set(IMAGE_SOP_CLASSES.values()))]
+    wanted_text = wanted[0] if len(wanted) == 1 else f"{', '.join(wanted[:-1])} or {wanted[-1]}"
+    expected = f"{wanted_text} image storage (classic, enhanced or legacy converted enhanced)"
+    kind = IMAGE_SOP_CLASSES.get(sop)
+    if kind is None:
+        raise ImagingError(path, f"not an image series: SOP class {name}; expected {expected}", case)
+    if declared and kind not in declared:
+        raise ImagingError(path, f"SOP class {name}, but the dataset declares {', '.join(sorted(declared))}: "
+                                 f"expected {expected}", case)
+    if declared:
+        modality = str(ds.get("Modality", "") or "").strip().upper()
+        if modality not in declared:
+            raise ImagingError(path, f"Modality is {_modality_named(modality)}, but the dataset declares "
+                                     f"{', '.join(sorted(declared))}", case)
+
+
+def _read_series(folder: Path, case: str | None, declared: frozenset[str]) -> Volume:
     datasets = [(p, read_file(p, case)) for p in series_files(folder, case)]
+    for path, ds in datasets:
+        _check_image_object(path, ds, declared, case)
 
     # Some anonymisers blank SeriesInstanceUID; such files count as one series of their own
     # (the geometry checks below still catch two stacks mixed in one folder).
@@ -152,6 +251,11 @@ def read_dicom_series(folder: Path, *, case: str | None = None) -> Volume:
     if len(series) > 1:
         raise ImagingError(folder, f"mixed series: {len(series)} series in one folder "
                                    f"(export one series per folder)", case)
+
+    frames_of_reference = {str(ds.get("FrameOfReferenceUID", "") or "").strip() for _, ds in datasets} - {""}
+    if len(frames_of_reference) > 1:
+        raise ImagingError(folder, f"files of one series lie in {len(frames_of_reference)} frames of reference "
+                                   f"(FrameOfReferenceUID differs): their positions cannot be compared", case)
 
     frames = [frame for path, ds in datasets for frame in _frames_of(path, ds, case)]
     _check_consistent(frames, case)
@@ -175,8 +279,10 @@ def read_dicom_series(folder: Path, *, case: str | None = None) -> Volume:
     affine[:3, 2] = first.row_cos * col_spacing
     affine[:3, 3] = frames[0].position
     modality = str(first.ds.get("Modality", "") or "").strip().upper()
+    series_uid = next(iter(series))
     return Volume(array=array, spacing=(float(gap), row_spacing, col_spacing), affine=affine,
-                  modality=modality)
+                  modality=modality, series_instance_uid=series_uid or None,
+                  frame_of_reference_uid=next(iter(frames_of_reference), None))
 
 
 def _frames_of(path: Path, ds: Dataset, case: str | None) -> list[_Frame]:
@@ -319,20 +425,47 @@ def _decode(path: Path, ds: Dataset, case: str | None) -> np.ndarray:
             raise ImagingError(path, f"cannot decode {label}: no pixel decoder installed; "
                                      f"install {package}", case)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    try:
-        array = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - keep only the type: messages can quote header values
-        if not ts.is_compressed:
-            raise ImagingError(path, f"pixel data is shorter or longer than Rows × Columns × frames "
-                                     f"needs (file truncated?) ({type(exc).__name__})", case) from None
-        raise ImagingError(path, f"pixel data could not be decoded as {label}; the file may be truncated "
-                                 f"or corrupt ({type(exc).__name__})", case) from None
+    with third_party_messages(case, path) as heard:
+        start = len(heard.records)
+        try:
+            array = ds.pixel_array
+        except Exception as exc:  # noqa: BLE001 - keep only the type: messages can quote header values
+            # pydicom logs each plugin's exception; NotImplementedError is how a plugin says "not supported"
+            failed = [r.exc_info[0] for r in heard.records[start:] if r.exc_info and r.exc_info[0]]
+            heard.records[start:] = [r for r in heard.records[start:] if not r.exc_info]  # reported below instead
+            _undecodable(path, ds, ts, label, failed, exc, case)
     array = np.asarray(array)
     if n_frames == 1 and array.ndim == 2:
         array = array[np.newaxis]
     if array.shape != (n_frames, int(ds.Rows), int(ds.Columns)):
         raise ImagingError(path, "decoded pixel data does not have Rows × Columns × frames samples", case)
     return array
+
+
+def _undecodable(path: Path, ds: Dataset, ts: UID, label: str, failed: list[type], exc: Exception,
+                 case: str | None) -> None:
+    """The ImagingError for pixel data that did not decode: unsupported by every installed plugin
+    (e.g. 12-bit JPEG Extended with only Pillow), else truncated or corrupt."""
+    if ts.is_compressed and failed and all(issubclass(t, NotImplementedError) for t in failed):
+        decoder = get_decoder(ts)
+        installed = ", ".join(decoder.available_plugins) or "none"
+        package = _DECODER_PACKAGES.get(str(ts)) or "; ".join(decoder.missing_dependencies) or "another decoder"
+        what = "this file's pixel data"
+        try:
+            if ts == JPEGExtended12Bit and int(ds.get("BitsStored", 8) or 8) > 8:
+                what, package = ("JPEG Extended with more than 8 bits per sample",
+                                 "pylibjpeg and pylibjpeg-libjpeg (pydicom's Pillow and GDCM plugins decode 8-bit "
+                                 "JPEG Extended only)")
+        except (TypeError, ValueError):
+            pass
+        raise ImagingError(path, f"cannot decode {label}: no installed decoder handles {what} (installed pydicom "
+                                 f"plugin(s): {installed}, which do not support it); install {package}",
+                           case) from None
+    if not ts.is_compressed:
+        raise ImagingError(path, f"pixel data is shorter or longer than Rows × Columns × frames "
+                                 f"needs (file truncated?) ({type(exc).__name__})", case) from None
+    raise ImagingError(path, f"pixel data could not be decoded as {label}; the file may be truncated "
+                             f"or corrupt ({type(exc).__name__})", case) from None
 
 
 def _header_datasets(source: Path | Dataset, case: str | None = None) -> list[Dataset]:
@@ -359,14 +492,18 @@ def phi_attributes(folder_or_dataset: Path | Dataset, *, case: str | None = None
     """Sorted KEYWORDS of PHI_KEYWORDS attributes with a non-empty value anywhere (nested sequences
     included) in any file of the folder, the file, or the dataset. Never returns a value."""
     found = set()
-    for ds in _header_datasets(folder_or_dataset, case):
-        for element in ds.iterall():
-            if element.keyword in PHI_KEYWORDS and _non_empty(element.value):
-                found.add(element.keyword)
+    where = None if isinstance(folder_or_dataset, Dataset) else Path(folder_or_dataset)
+    with third_party_messages(case, where):  # iterall converts every value: pydicom warns about invalid ones
+        for ds in _header_datasets(folder_or_dataset, case):
+            for element in ds.iterall():
+                if element.keyword in PHI_KEYWORDS and _non_empty(element.value):
+                    found.add(element.keyword)
     return sorted(found)
 
 
 def declares_deidentified(folder_or_dataset: Path | Dataset, *, case: str | None = None) -> bool:
     """True when every file says PatientIdentityRemoved = YES (a claim, checked by phi_attributes)."""
-    return all(str(ds.get("PatientIdentityRemoved", "") or "").strip().upper() == "YES"
-               for ds in _header_datasets(folder_or_dataset, case))
+    where = None if isinstance(folder_or_dataset, Dataset) else Path(folder_or_dataset)
+    with third_party_messages(case, where):
+        return all(str(ds.get("PatientIdentityRemoved", "") or "").strip().upper() == "YES"
+                   for ds in _header_datasets(folder_or_dataset, case))

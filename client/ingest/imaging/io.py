@@ -18,8 +18,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from client.ingest.imaging.dicom_series import read_dicom_series, read_file
-from client.ingest.imaging.volume import ImagingError, Volume, spacing_of
+from client.ingest.imaging.dicom_series import read_dicom_series, read_file, third_party_messages
+from client.ingest.imaging.volume import ImagingError, Volume, require_finite, spacing_of
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 ZYX_TO_IJK = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
@@ -33,23 +33,38 @@ def is_nifti(path: Path) -> bool:
 
 
 def read_image(path: Path, *, case: str | None = None) -> Volume:
-    """A DICOM series folder or a .nii/.nii.gz file as a float32 (z, y, x) LPS Volume."""
+    """A DICOM series folder or a .nii/.nii.gz file as a float32 (z, y, x) LPS Volume.
+
+    Every image passes here, so here a NaN or ±Inf voxel (in the file, or a value beyond float32's
+    range after rescaling) refuses the case: it never reaches the cache, statistics or training.
+    """
     path = Path(path)
     if path.is_dir():
-        return read_dicom_series(path, case=case)
-    if not path.exists():
-        raise ImagingError(path, "image not found", case)
-    if not is_nifti(path):
-        raise ImagingError(path, "unknown image format: expected a DICOM series folder, .nii or .nii.gz", case)
-    array, affine = read_nifti(path, case)
-    return Volume(array=array.astype(np.float32), spacing=spacing_of(affine), affine=affine, modality="")
+        volume = read_dicom_series(path, case=case)
+    else:
+        if not path.exists():
+            raise ImagingError(path, "image not found", case)
+        if not is_nifti(path):
+            raise ImagingError(path, "unknown image format: expected a DICOM series folder, .nii or .nii.gz", case)
+        array, affine = read_nifti(path, case)
+        with np.errstate(over="ignore", invalid="ignore"):  # counted just below, as non-finite
+            array = array.astype(np.float32)
+        volume = Volume(array=array, spacing=spacing_of(affine), affine=affine, modality="")
+    require_finite(volume.array, path, "image", case)
+    return volume
 
 
-def read_nifti(path: Path, case: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """NIfTI data as (z, y, x) in its stored dtype (scaling applied), and its (z, y, x) → LPS affine."""
+def read_nifti(path: Path, case: str | None = None, *,
+               array: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """NIfTI data as (z, y, x) in its stored dtype (scaling applied), and its (z, y, x) → LPS affine.
+
+    With ``array`` (data in this file's own array order, nibabel's (x, y, z) as ``get_fdata()``
+    returns it: e.g. a .npy mask saved beside the image), only the file's header is read and
+    ``array`` is oriented exactly as the file's own data would be.
+    """
     try:
         image = nib.load(str(path))
-        data = np.asanyarray(image.dataobj)
+        data = np.asanyarray(image.dataobj) if array is None else np.asarray(array)
         ras = np.asarray(image.affine, dtype=np.float64)
     except Exception as exc:  # noqa: BLE001 - nibabel's messages can quote header fields
         raise ImagingError(path, f"unreadable NIfTI file ({type(exc).__name__}); truncated or not NIfTI?",
@@ -74,11 +89,24 @@ def _flip_axis(affine: np.ndarray, axis: int, size: int) -> np.ndarray:
     return flipped
 
 
-def read_mask(path: Path, reference: Volume, labels: set[int], *, case: str | None = None) -> np.ndarray:
+def read_mask(path: Path, reference: Volume, labels: set[int], *, case: str | None = None,
+              image_file: Path | None = None) -> np.ndarray:
     """A label map (uint8, reference.array's shape) from .nii/.nii.gz, .npy or a DICOM SEG file.
 
-    ``labels`` is the declared set of label codes; 0 (background) is always allowed. A .npy file
-    carries no geometry: it must already be (z, y, x) on the reference grid.
+    ``labels`` is the declared set of label codes; 0 (background) is always allowed. NaN/Inf
+    voxels are refused (by count, never by value).
+
+    A .npy file carries no geometry, so it must be in the array order of the image it belongs to
+    (``image_file``, the manifest row's image, from which ``reference`` was read):
+
+    - beside a NIfTI image: that file's own array order, nibabel's (x, y, z) — exactly what
+      ``nib.load(image).get_fdata()`` returns, so ``np.save(mask_npy, nib.load(mask).get_fdata())``
+      gives a valid .npy mask. It is then placed on the grid with the image's affine, like a NIfTI
+      mask (including the row flip ``read_nifti`` applies to some files);
+    - beside a DICOM series, or without ``image_file``: carefl's (z, y, x) order of
+      ``reference.array`` (slices ascending along the slice normal, then rows, then columns).
+
+    A .npy of any other shape is refused, naming the expected order and the found vs expected shape.
     """
     path = Path(path)
     declared = {int(v) for v in labels}
@@ -95,10 +123,28 @@ def read_mask(path: Path, reference: Volume, labels: set[int], *, case: str | No
             data = np.load(path, allow_pickle=False)
         except Exception as exc:  # noqa: BLE001
             raise ImagingError(path, f"unreadable .npy file ({type(exc).__name__})", case) from None
-        if data.shape != reference.array.shape:
-            raise ImagingError(path, f"shape mismatch: mask {tuple(data.shape)} (z, y, x) vs image "
-                                     f"{tuple(reference.array.shape)}", case)
+        while data.ndim > 3 and data.shape[-1] == 1:
+            data = data[..., 0]
+        zyx = tuple(int(n) for n in reference.array.shape)
+        nibabel_order = image_file is not None and is_nifti(Path(image_file))
+        if nibabel_order:
+            expected, other = zyx[::-1], zyx
+            order = ("nibabel's (x, y, z) array order of its NIfTI image (as nib.load(image).get_fdata() "
+                     "returns it)")
+            looks = "carefl's (z, y, x) order: save the array untransposed, in the NIfTI file's own order"
+        else:
+            expected, other = zyx, zyx[::-1]
+            order = "carefl's (z, y, x) order (slice, row, column) of the image"
+            looks = "(x, y, z) order: transpose it to (z, y, x)"
+        found = tuple(int(n) for n in data.shape)
+        if found != expected:
+            hint = f"; the found shape looks like {looks}" if found == other and other != expected else ""
+            raise ImagingError(path, f"shape mismatch: a .npy mask must be in {order}: found shape {found}, "
+                                     f"expected {expected}{hint}", case)
         data = _integral(path, data, case)
+        if nibabel_order:
+            data, affine = read_nifti(Path(image_file), case, array=data)
+            data, _ = _onto_reference(path, data, affine, reference, case)
     else:
         data = _read_seg(path, reference, case)
     _check_labels(path, data, declared, case)
@@ -111,7 +157,8 @@ def _integral(path: Path, data: np.ndarray, case: str | None) -> np.ndarray:
         return data.astype(np.int64)
     if not np.issubdtype(data.dtype, np.floating):
         raise ImagingError(path, f"label data of type {data.dtype} is not numeric", case)
-    if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
+    require_finite(data, path, "label file", case)
+    if not np.array_equal(data, np.round(data)):
         raise ImagingError(path, "non-integral values in a label file (a probability map or an "
                                  "interpolated mask?); label maps hold whole label codes", case)
     return data.astype(np.int64)
@@ -119,6 +166,9 @@ def _integral(path: Path, data: np.ndarray, case: str | None) -> np.ndarray:
 
 def _check_labels(path: Path, data: np.ndarray, declared: set[int], case: str | None) -> None:
     unexpected = sorted(set(np.unique(data).tolist()) - declared - {0})
+    if len(unexpected) > 16:  # not a label map (an image in the mask column?): no values, only a count
+        raise ImagingError(path, f"labels outside the declared set: {len(unexpected)} unexpected label codes "
+                                 f"(declared {sorted(declared)}); is this an image rather than a label map?", case)
     if unexpected:
         raise ImagingError(path, f"labels outside the declared set: unexpected label codes {unexpected} "
                                  f"(declared {sorted(declared)})", case)
@@ -164,65 +214,90 @@ def same_geometry(a: np.ndarray, b: np.ndarray) -> bool:
 def _read_seg(path: Path, reference: Volume, case: str | None) -> np.ndarray:
     """A DICOM SEG as a label map on the reference grid: segment number k → label k.
 
-    Each stored frame is placed on the reference slice at its PlanePositionSequence position
-    (the Volume carries no SOP Instance UIDs, so matching is geometric, which also proves the
-    SEG was drawn on this grid). Frames absent from the SEG are empty slices.
+    The SEG must reference the image's series (ReferencedSeriesSequence) and share its
+    FrameOfReferenceUID when the image carries them (a DICOM series; not NIfTI, not blanked UIDs).
+    Each stored frame is then placed on the reference slice at its PlanePositionSequence position
+    (the Volume carries no SOP Instance UIDs, so slices are matched geometrically, which also proves
+    the SEG was drawn on this grid). Frames absent from the SEG are empty slices. pydicom's and
+    highdicom's warnings become value-free log records (``third_party_messages``).
     """
     import highdicom as hd
 
-    header = read_file(path, case, header_only=True)
-    if str(header.get("SOPClassUID", "")) not in SEG_SOP_CLASSES:
-        raise ImagingError(path, "not a DICOM Segmentation (SEG) object and not .nii/.nii.gz/.npy", case)
-    try:
-        seg = hd.seg.segread(path)
-        frames = np.asarray(seg.pixel_array)
-    except Exception as exc:  # noqa: BLE001 - keep only the type: messages can quote header values
-        raise ImagingError(path, f"unreadable DICOM SEG ({type(exc).__name__})", case) from None
-    seg_type = str(seg.SegmentationType).upper()
-    if seg_type == "FRACTIONAL":
-        raise ImagingError(path, "FRACTIONAL segmentation (probabilities); a BINARY or LABELMAP SEG is "
-                                 "needed for a label map", case)
-    n_frames = int(seg.get("NumberOfFrames", 1) or 1)
-    if frames.ndim == 2:
-        frames = frames[np.newaxis]
-    _, rows, cols = reference.array.shape
-    if frames.shape[1:] != (rows, cols):
-        raise ImagingError(path, f"shape mismatch: SEG frames are {frames.shape[1:]} (rows, columns), "
-                                 f"image slices are {(rows, cols)}", case)
-    inverse = np.linalg.inv(reference.affine)
-    spacing = np.array(reference.spacing[1:])
-    row_cos = reference.affine[:3, 2] / reference.spacing[2]
-    col_cos = reference.affine[:3, 1] / reference.spacing[1]
-    out = np.zeros(reference.array.shape, dtype=np.int64)
-    shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else None
-    for i in range(n_frames):
-        group = seg.PerFrameFunctionalGroupsSequence[i]
+    with third_party_messages(case, path):
+        header = read_file(path, case, header_only=True)
+        if str(header.get("SOPClassUID", "")) not in SEG_SOP_CLASSES:
+            raise ImagingError(path, "not a DICOM Segmentation (SEG) object and not .nii/.nii.gz/.npy", case)
         try:
-            position = np.array([float(v) for v in _seg_item(group, shared, "PlanePositionSequence")
-                                 .ImagePositionPatient])
-            orientation = np.array([float(v) for v in _seg_item(group, shared, "PlaneOrientationSequence")
-                                    .ImageOrientationPatient])
-            pixel_spacing = np.array([float(v) for v in _seg_item(group, shared, "PixelMeasuresSequence")
-                                      .PixelSpacing])
-        except (AttributeError, TypeError, ValueError):
-            raise ImagingError(path, f"SEG frame {i + 1}: position, orientation or pixel spacing is "
-                                     f"missing or not numeric", case) from None
-        index = inverse @ np.append(position, 1.0)
-        z = int(np.rint(index[0]))
-        on_slice = (0 <= z < out.shape[0]
-                    and np.abs(reference.affine @ np.array([z, 0, 0, 1.0]) - np.append(position, 1)).max()
-                    <= ORIGIN_ATOL_MM)
-        if (not on_slice or np.abs(orientation - np.concatenate([row_cos, col_cos])).max() > AFFINE_RTOL
-                or np.abs(pixel_spacing - spacing).max() > AFFINE_RTOL * spacing.max()):
-            raise ImagingError(path, f"geometry differs: SEG frame {i + 1} does not lie on a slice of the "
-                                     f"image grid (another series, or resampled)", case)
-        frame = frames[i].astype(np.int64)
-        if seg_type != "LABELMAP":  # BINARY: one frame per segment and slice
-            frame = np.where(frame != 0, int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber), 0)
-        if np.any((frame != 0) & (out[z] != 0) & (out[z] != frame)):
-            raise ImagingError(path, f"segments overlap on slice {z}: a label map needs disjoint segments", case)
-        out[z] = np.where(frame != 0, frame, out[z])
-    return out
+            seg = hd.seg.segread(path)
+            frames = np.asarray(seg.pixel_array)
+        except Exception as exc:  # noqa: BLE001 - keep only the type: messages can quote header values
+            raise ImagingError(path, f"unreadable DICOM SEG ({type(exc).__name__})", case) from None
+        seg_type = str(seg.SegmentationType).upper()
+        if seg_type == "FRACTIONAL":
+            raise ImagingError(path, "FRACTIONAL segmentation (probabilities); a BINARY or LABELMAP SEG is "
+                                     "needed for a label map", case)
+        n_frames = int(seg.get("NumberOfFrames", 1) or 1)
+        if frames.ndim == 2:
+            frames = frames[np.newaxis]
+        _, rows, cols = reference.array.shape
+        if frames.shape[1:] != (rows, cols):
+            raise ImagingError(path, f"shape mismatch: SEG frames are {frames.shape[1:]} (rows, columns), "
+                                     f"image slices are {(rows, cols)}", case)
+        # The SEG must say it was made on this series, in this frame of reference (UIDs are compared,
+        # never printed). An image read from NIfTI, or with blanked UIDs, has none: geometry alone decides.
+        if reference.series_instance_uid:
+            referenced = {str(item.get("SeriesInstanceUID", "") or "").strip()
+                          for item in seg.get("ReferencedSeriesSequence") or []} - {""}
+            if not referenced:
+                raise ImagingError(path, "the SEG does not say which series it was made on (no "
+                                         "ReferencedSeriesSequence); it cannot be matched to the image series", case)
+            if reference.series_instance_uid not in referenced:
+                raise ImagingError(path, "the SEG references another series: it was made on another image series "
+                                         "than this case's (ReferencedSeriesSequence), even if the grids agree", case)
+        seg_frame_of_reference = str(seg.get("FrameOfReferenceUID", "") or "").strip()
+        if reference.frame_of_reference_uid and seg_frame_of_reference \
+                and seg_frame_of_reference != reference.frame_of_reference_uid:
+            raise ImagingError(path, "the SEG lies in another frame of reference than the image series "
+                                     "(FrameOfReferenceUID differs): its positions do not refer to this image", case)
+        inverse = np.linalg.inv(reference.affine)
+        spacing = np.array(reference.spacing[1:])
+        row_cos = reference.affine[:3, 2] / reference.spacing[2]
+        col_cos = reference.affine[:3, 1] / reference.spacing[1]
+        out = np.zeros(reference.array.shape, dtype=np.int64)
+        shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else None
+        for i in range(n_frames):
+            group = seg.PerFrameFunctionalGroupsSequence[i]
+            try:
+                position = np.array([float(v) for v in _seg_item(group, shared, "PlanePositionSequence")
+                                     .ImagePositionPatient])
+                orientation = np.array([float(v) for v in _seg_item(group, shared, "PlaneOrientationSequence")
+                                        .ImageOrientationPatient])
+                pixel_spacing = np.array([float(v) for v in _seg_item(group, shared, "PixelMeasuresSequence")
+                                          .PixelSpacing])
+            except (AttributeError, TypeError, ValueError):
+                raise ImagingError(path, f"SEG frame {i + 1}: position, orientation or pixel spacing is "
+                                         f"missing or not numeric", case) from None
+            index = inverse @ np.append(position, 1.0)
+            z = int(np.rint(index[0]))
+            on_slice = (0 <= z < out.shape[0]
+                        and np.abs(reference.affine @ np.array([z, 0, 0, 1.0]) - np.append(position, 1)).max()
+                        <= ORIGIN_ATOL_MM)
+            if (not on_slice or np.abs(orientation - np.concatenate([row_cos, col_cos])).max() > AFFINE_RTOL
+                    or np.abs(pixel_spacing - spacing).max() > AFFINE_RTOL * spacing.max()):
+                raise ImagingError(path, f"geometry differs: SEG frame {i + 1} does not lie on a slice of the "
+                                         f"image grid (another series, or resampled)", case)
+            frame = frames[i].astype(np.int64)
+            if seg_type != "LABELMAP":  # BINARY: one frame per segment and slice
+                try:  # per frame, or shared when every frame shows the same (e.g. the only) segment
+                    segment = int(_seg_item(group, shared, "SegmentIdentificationSequence").ReferencedSegmentNumber)
+                except (AttributeError, TypeError, ValueError):
+                    raise ImagingError(path, f"SEG frame {i + 1}: no ReferencedSegmentNumber (which segment the "
+                                             f"frame shows)", case) from None
+                frame = np.where(frame != 0, segment, 0)
+            if np.any((frame != 0) & (out[z] != 0) & (out[z] != frame)):
+                raise ImagingError(path, f"segments overlap on slice {z}: a label map needs disjoint segments", case)
+            out[z] = np.where(frame != 0, frame, out[z])
+        return out
 
 
 def _seg_item(group, shared, sequence: str):

@@ -4,6 +4,15 @@ Columns: ``case_id,image,mask[,split]`` — image is a DICOM series folder or a 
 NIfTI, ``.npy`` or DICOM SEG file; relative paths are relative to the manifest. ``split`` is
 ``train`` or ``test`` (empty: assigned deterministically from the case id).
 
+A ``.npy`` mask has no geometry, so it is read in its image's own array order: beside a NIfTI image,
+nibabel's (x, y, z) order, exactly as ``nib.load(image).get_fdata()`` returns it; beside a DICOM
+series, carefl's (z, y, x) = (slice, row, column) order (``io.read_mask``).
+
+Every problem names its manifest line. Structural problems (columns, empty or duplicate case ids, a
+bad split, a missing path) make the manifest unusable: ``read_manifest`` raises one error listing
+all of them, files that do not exist included. Otherwise a missing or unusable file only excludes
+its case, reported by ``validate`` with the line.
+
 De-identification: the names (never the values) of identifying DICOM attributes present are
 reported; with ``require_deidentified`` a case is refused unless its series declares
 PatientIdentityRemoved = YES (what remains is then a pseudonym, as in our synthetic DICOM).
@@ -35,6 +44,7 @@ class Case:
     image: Path
     mask: Path
     split: str  # "train" or "test"
+    line: int = field(default=0, compare=False)  # the manifest line (0: not from a manifest)
 
 
 @dataclass(frozen=True)
@@ -42,9 +52,11 @@ class Problem:
     case_id: str
     file: str
     reason: str
+    line: int = 0  # the manifest line of the case (0: unknown)
 
     def __str__(self) -> str:
-        return f"case {self.case_id}: {self.file}: {self.reason}"
+        where = f"line {self.line}: " if self.line else ""
+        return f"{where}case {self.case_id}: {self.file}: {self.reason}"
 
 
 @dataclass
@@ -68,12 +80,13 @@ def default_split(case_id: str) -> str:
 
 
 def read_manifest(path: Path) -> list[Case]:
-    """Parse the manifest; structural problems (columns, duplicates, bad split) are one SiteError."""
+    """Parse the manifest; structural problems (columns, duplicates, bad split, missing paths) are one
+    SiteError that lists every problem with its line, files that do not exist included."""
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
-            rows = list(reader)
+            rows = [(reader.line_num, row) for row in reader]  # line_num: physical line, blank lines counted
             columns = reader.fieldnames or []
     except FileNotFoundError:
         raise SiteError(f"manifest {path} not found") from None
@@ -84,26 +97,36 @@ def read_manifest(path: Path) -> list[Case]:
         raise SiteError(f"manifest {path}: missing column(s) {', '.join(missing)} (need {', '.join(REQUIRED)}[,split])")
     if not rows:
         raise SiteError(f"manifest {path}: no cases")
-    problems, cases, seen = [], [], set()
-    for line_no, row in enumerate(rows, start=2):
+    problems: list[tuple[int, str]] = []   # structural: the manifest cannot be used
+    not_found: list[tuple[int, str]] = []  # files that do not exist: only their case is excluded
+    cases: list[Case] = []
+    seen: dict[str, int] = {}
+    for line_no, row in rows:
         case_id = (row.get("case_id") or "").strip()
         split = (row.get("split") or "").strip().lower()
+        image_text, mask_text = (row.get("image") or "").strip(), (row.get("mask") or "").strip()
+        who = f"case '{case_id}'" if case_id else "row without case_id"
+        for kind, text in (("image", image_text), ("mask", mask_text)):
+            if text and not (path.parent / text).exists():
+                not_found.append((line_no, f"{who}: {kind} {text} not found"))
         if not case_id:
-            problems.append(f"line {line_no}: empty case_id")
+            problems.append((line_no, "empty case_id"))
             continue
         if case_id in seen:
-            problems.append(f"line {line_no}: case_id '{case_id}' appears twice")
+            problems.append((line_no, f"case_id '{case_id}' appears twice (first on line {seen[case_id]})"))
         if split not in SPLITS:
-            problems.append(f"line {line_no}: split must be train, test or empty")
-        if not (row.get("image") or "").strip() or not (row.get("mask") or "").strip():
-            problems.append(f"line {line_no}: case '{case_id}' lacks an image or a mask path")
+            problems.append((line_no, "split must be train, test or empty"))
+        if not image_text or not mask_text:
+            problems.append((line_no, f"case '{case_id}' lacks an image or a mask path"))
             continue
-        seen.add(case_id)
-        cases.append(Case(case_id, (path.parent / row["image"].strip()).resolve(),
-                          (path.parent / row["mask"].strip()).resolve(), split or default_split(case_id)))
-    if problems:
-        raise SiteError(f"manifest {path}: " + "; ".join(problems))
-    return cases
+        seen.setdefault(case_id, line_no)
+        cases.append(Case(case_id, (path.parent / image_text).resolve(), (path.parent / mask_text).resolve(),
+                          split or default_split(case_id), line=line_no))
+    if problems:  # the manifest is unusable: list everything to fix at once, missing files too, by line
+        every = sorted(problems + not_found, key=lambda item: item[0])
+        raise SiteError(f"manifest {path}: {len(every)} problem(s): "
+                        + "; ".join(f"line {line}: {text}" for line, text in every))
+    return cases  # a missing file only excludes its case: validate() reports it with its line
 
 
 def validate(cases: list[Case], labels: set[int], require_deidentified: bool) -> ValidationReport:
@@ -114,22 +137,26 @@ def validate(cases: list[Case], labels: set[int], require_deidentified: bool) ->
         try:
             image = read_image(case.image, case=case.case_id)
         except ImagingError as exc:
-            report.problems.append(Problem(case.case_id, str(case.image), str(exc)))
+            report.problems.append(Problem(case.case_id, str(exc.path), exc.reason, case.line))
+            if not case.mask.is_file():  # the mask cannot be checked without its image, but its absence can
+                report.problems.append(Problem(case.case_id, str(case.mask), "mask file not found", case.line))
             continue
         phi = phi_attributes(case.image) if case.image.is_dir() else []
         if phi:
             pseudonymised = declares_deidentified(case.image)
             finding = Problem(case.case_id, str(case.image), f"identifying attributes present: {', '.join(phi)}"
-                              + (" (series declares PatientIdentityRemoved = YES)" if pseudonymised else ""))
+                              + (" (series declares PatientIdentityRemoved = YES)" if pseudonymised else ""),
+                              case.line)
             if require_deidentified and not pseudonymised:
                 case_problems.append(Problem(finding.case_id, finding.file,
-                                             finding.reason + "; refused: site policy require_deidentified = true"))
+                                             finding.reason + "; refused: site policy require_deidentified = true",
+                                             case.line))
             else:
                 report.warnings.append(finding)
         try:
-            read_mask(case.mask, image, labels, case=case.case_id)
+            read_mask(case.mask, image, labels, case=case.case_id, image_file=case.image)
         except ImagingError as exc:
-            case_problems.append(Problem(case.case_id, str(case.mask), str(exc)))
+            case_problems.append(Problem(case.case_id, str(exc.path), exc.reason, case.line))
         if case_problems:
             report.problems.extend(case_problems)
         else:

@@ -6,6 +6,10 @@ normalisation per modality, centre crop/pad — MONAI transforms) and stored as 
 where the hash covers the input files' bytes and the preprocessing settings. Changed data or
 settings give a new key; unchanged data is a file read. Hashing a file's bytes is itself skipped
 while its (size, mtime) are unchanged, via a small memo in the cache folder.
+
+Nothing non-finite is ever cached or served: ``read_image`` / ``read_mask`` refuse NaN/Inf input, the
+preprocessed arrays are checked again before they are written, and a cached entry holding NaN/Inf
+(written before this check existed) is discarded and preprocessed anew.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from monai.transforms import ResizeWithPadOrCrop, Spacing
 
 from client.ingest.imaging.io import read_image, read_mask
 from client.ingest.imaging.manifest import Case
-from client.ingest.imaging.volume import Volume
+from client.ingest.imaging.volume import Volume, count_nonfinite, require_finite
 
 CT_WINDOW = (-1000.0, 1000.0)
 
@@ -100,12 +104,17 @@ class PreprocessCache:
     def load(self, case: Case) -> tuple[np.ndarray, np.ndarray]:
         target = self.folder / f"{self.key(case)}.npz"
         if target.exists():
-            self.hits += 1
             with np.load(target) as data:
-                return data["image"], data["label"]
+                x, y = data["image"], data["label"]
+            if count_nonfinite(x) == 0 and count_nonfinite(y) == 0:
+                self.hits += 1
+                return x, y
+            target.unlink(missing_ok=True)  # NaN/Inf cached by an older version: never serve it
         self.misses += 1
-        image = read_image(case.image)
-        x, y = preprocess(image, read_mask(case.mask, image, self.labels), self.spec)
+        image = read_image(case.image, case=case.case_id)  # refuses NaN/Inf voxels
+        mask = read_mask(case.mask, image, self.labels, case=case.case_id, image_file=case.image)
+        x, y = preprocess(image, mask, self.spec)
+        require_finite(x, case.image, "preprocessed image (nothing cached)", case.case_id)
         fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".npz.tmp")
         try:
             with os.fdopen(fd, "wb") as fh:

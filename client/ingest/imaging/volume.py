@@ -24,6 +24,8 @@ class Volume:
     spacing: tuple[float, float, float]
     affine: np.ndarray
     modality: str = ""  # DICOM Modality ("CT", "MR", ...), or "" if unknown (NIfTI does not record it)
+    series_instance_uid: str | None = None  # DICOM series read: its SeriesInstanceUID (None: blank, or NIfTI)
+    frame_of_reference_uid: str | None = None  # DICOM series read: its FrameOfReferenceUID (None: blank, or NIfTI)
 
     def __post_init__(self) -> None:
         if self.array.ndim != 3 or np.asarray(self.affine).shape != (4, 4) or len(self.spacing) != 3:
@@ -54,3 +56,21 @@ def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size along (z, y, x): the lengths of the affine's first three columns."""
     norms = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
     return (float(norms[0]), float(norms[1]), float(norms[2]))
+
+
+def count_nonfinite(array: np.ndarray) -> int:
+    """How many entries of ``array`` are NaN or ±Inf (always 0 for integer and bool arrays)."""
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.inexact):
+        return 0
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
+def require_finite(array: np.ndarray, path: Path | str, what: str, case: str | None = None) -> None:
+    """Refuse an image or mask holding NaN or ±Inf voxels: one such voxel turns the normalisation
+    statistics, and with them the whole cached volume, training and the update, into NaN. The
+    message gives only how many voxels are affected, never a value or where they are."""
+    n = count_nonfinite(array)
+    if n:
+        raise ImagingError(path, f"{n} non-finite voxel{'s' if n != 1 else ''} (NaN/Inf) in the {what}; "
+                                 f"refused: they would make the cached volume and training NaN", case)
