@@ -67,7 +67,7 @@ def load_site_images(site: SiteConfig, dataset: DatasetConfig, spec: PreprocessS
     cache = PreprocessCache(site.cache_dir / dataset.name, spec, labels)
     train, test, excluded = [], [], 0
     for case in read_manifest(dataset.manifest):
-        item = _cached_or_validated(cache, case, labels, dataset.require_deidentified)
+        item = _cached_or_validated(cache, case, labels, dataset.require_deidentified, dataset.modality)
         if item is None:
             excluded += 1
         else:
@@ -82,13 +82,14 @@ def load_site_images(site: SiteConfig, dataset: DatasetConfig, spec: PreprocessS
     return SiteImages(PatientVolumes(train), PatientVolumes(test), excluded)
 
 
-def _cached_or_validated(cache: PreprocessCache, case: Case, labels: set[int], require_deidentified: bool):
+def _cached_or_validated(cache: PreprocessCache, case: Case, labels: set[int], require_deidentified: bool,
+                         modalities: tuple[str, ...] = ()):
     key = cache.key(case)
     marker = cache.folder / f"{key}.invalid"
     if marker.exists():
         return None
     if not (cache.folder / f"{key}.npz").exists():
-        report = validate([case], labels, require_deidentified)
+        report = validate([case], labels, require_deidentified, modalities)
         if report.problems:
             marker.write_text("\n".join(str(p) for p in report.problems) + "\n")
             return None

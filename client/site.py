@@ -51,7 +51,7 @@ from shared_models.toml_file import TomlFileError, read_toml
 
 
 HEART_DISEASE = "heart-disease"
-DATASET_SETTINGS = {"path", "manifest", "labels", "require_deidentified", "nominal_size"}  # besides the privacy policy
+DATASET_SETTINGS = {"path", "manifest", "labels", "require_deidentified", "nominal_size", "modality"}  # besides the privacy policy
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class DatasetConfig:
     labels: tuple[int, ...] = ()      # declared label codes of the masks (imaging)
     require_deidentified: bool = False
     nominal_size: int | None = None   # the public size the site chooses to disclose (None: not disclosed)
+    modality: tuple[str, ...] = ()    # imaging: the DICOM modalities its images must be (e.g. ("MR",)); (): CT, MR or PET
 
     @property
     def weight(self) -> int:
@@ -111,6 +112,11 @@ def _dataset_from_toml(name: str, raw: dict, base: Path, where: str) -> DatasetC
     labels = settings.get("labels", [])
     if not isinstance(labels, list) or not all(isinstance(v, int) for v in labels):
         raise SiteError(f"{where}: labels must be a list of integer label codes")
+    modality = settings.get("modality", [])
+    modality = [modality] if isinstance(modality, str) else modality
+    if not isinstance(modality, list) or not all(isinstance(m, str) and m.upper() in ("CT", "MR", "PT", "PET")
+                                                 for m in modality):
+        raise SiteError(f"{where}: modality must be CT, MR or PET (or a list of them)")
     nominal = settings.get("nominal_size")
     if nominal is not None and not (isinstance(nominal, int) and not isinstance(nominal, bool) and nominal >= 1):
         raise SiteError(f"{where}: nominal_size must be a whole number >= 1 (the size the site discloses)")
@@ -119,7 +125,7 @@ def _dataset_from_toml(name: str, raw: dict, base: Path, where: str) -> DatasetC
         path=(base / str(settings["path"])).resolve() if "path" in settings else None,
         manifest=(base / str(settings["manifest"])).resolve() if "manifest" in settings else None,
         labels=tuple(labels), require_deidentified=bool(settings.get("require_deidentified", False)),
-        nominal_size=nominal,
+        nominal_size=nominal, modality=tuple(m.upper() for m in modality),
     )
 
 

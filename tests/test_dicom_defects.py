@@ -204,6 +204,28 @@ def test_declared_modalities_are_enforced(tmp_path):
     refused(lambda: read_dicom_series(tmp_path, modalities=["US"]), "carefl reads CT, MR and PT")
 
 
+def test_a_sites_declared_modality_reaches_validation_and_refuses_other_images(tmp_path):
+    """site.toml's ``modality`` for an imaging dataset: `carefl site validate` refuses an MR series in a CT
+    dataset naming the case and the SOP class, and accepts it in an MR dataset."""
+    from client.site import write_site_config
+    from deploy.datasets.hippocampus import write_manifest
+    from tests.helpers import run_carefl
+
+    images = write_series(tmp_path / "mr")
+    mask = tmp_path / "mask.npy"
+    np.save(mask, np.zeros((len(images), *pydicom.dcmread(images[0]).pixel_array.shape), dtype=np.uint8))
+    manifest = write_manifest(tmp_path / "site" / "images.csv", [("case-a", tmp_path / "mr", mask)])
+    verdicts = {}
+    for declared in ("CT", "MR"):
+        config = write_site_config(tmp_path / declared / "site.toml", "s1", manifest, dataset="scans", manifest=True,
+                                   labels=[0, 1], modality=declared, epsilon_budget=10.0, delta=1e-3)
+        done = run_carefl(["site", "validate", "--config", str(config), "--dataset", "scans"], tmp_path, timeout=120)
+        verdicts[declared] = (done.returncode, " ".join((done.stdout + done.stderr).split()))
+    assert verdicts["CT"][0] != 0 and "case-a" in verdicts["CT"][1] and "the dataset declares CT" in verdicts["CT"][1]
+    assert verdicts["MR"][0] == 0, verdicts["MR"][1]
+    assert PLANTED_NAME not in verdicts["CT"][1] + verdicts["MR"][1]
+
+
 def test_modality_must_match_the_declaration(tmp_path):
     write_series(tmp_path / "ct", n=2, Modality="CT")  # MR Image Storage objects that say CT
     refused(lambda: read_dicom_series(tmp_path / "ct", modalities={"MR"}), "Modality is CT",

@@ -63,7 +63,7 @@ def _check_data(site: SiteConfig) -> list[str]:
     for name, ds in site.datasets.items():
         try:
             if ds.manifest is not None:
-                report = validate(read_manifest(ds.manifest), set(ds.labels) or {0, 1}, ds.require_deidentified)
+                report = validate(read_manifest(ds.manifest), set(ds.labels) or {0, 1}, ds.require_deidentified, ds.modality)
                 if not report.valid:
                     problems.append(f"dataset {name}: no valid case ({report.summary()}); "
                                     f"see `carefl site validate --dataset {name}`")
@@ -199,7 +199,7 @@ def _validation(config: Path, dataset: str):
 
     site, ds = _imaging_dataset(config, dataset)
     with console.status(f"validating {dataset} of site {site.site_id} …"):
-        report = validate(read_manifest(ds.manifest), set(ds.labels) or {0, 1}, ds.require_deidentified)
+        report = validate(read_manifest(ds.manifest), set(ds.labels) or {0, 1}, ds.require_deidentified, ds.modality)
     from rich.markup import escape  # paths and case ids are data, not markup
 
     for problem in report.problems:  # each names its manifest line, case, file and reason

@@ -276,6 +276,7 @@ apps = []
 # [datasets.hippocampus]
 # manifest = "/data/mri/cases.csv"
 # labels = [0, 1, 2]
+# modality = "MR"                    # CT, MR or PET: a DICOM image of another modality is refused
 # require_deidentified = true
 # epsilon_budget = 8.0
 """

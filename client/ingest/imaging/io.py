@@ -32,7 +32,7 @@ def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith((".nii", ".nii.gz"))
 
 
-def read_image(path: Path, *, case: str | None = None) -> Volume:
+def read_image(path: Path, *, case: str | None = None, modalities: tuple[str, ...] = ()) -> Volume:
     """A DICOM series folder or a .nii/.nii.gz file as a float32 (z, y, x) LPS Volume.
 
     Every image passes here, so here a NaN or ±Inf voxel (in the file, or a value beyond float32's
@@ -40,7 +40,7 @@ def read_image(path: Path, *, case: str | None = None) -> Volume:
     """
     path = Path(path)
     if path.is_dir():
-        volume = read_dicom_series(path, case=case)
+        volume = read_dicom_series(path, case=case, modalities=modalities or None)
     else:
         if not path.exists():
             raise ImagingError(path, "image not found", case)

@@ -129,13 +129,15 @@ def read_manifest(path: Path) -> list[Case]:
     return cases  # a missing file only excludes its case: validate() reports it with its line
 
 
-def validate(cases: list[Case], labels: set[int], require_deidentified: bool) -> ValidationReport:
-    """Read every case fully; collect every problem; keep the cases that pass."""
+def validate(cases: list[Case], labels: set[int], require_deidentified: bool,
+             modalities: tuple[str, ...] = ()) -> ValidationReport:
+    """Read every case fully; collect every problem; keep the cases that pass. ``modalities``: what the
+    dataset declares (site.toml ``modality``); its DICOM images must be of them."""
     report = ValidationReport()
     for case in cases:
         case_problems: list[Problem] = []
         try:
-            image = read_image(case.image, case=case.case_id)
+            image = read_image(case.image, case=case.case_id, modalities=modalities)
         except ImagingError as exc:
             report.problems.append(Problem(case.case_id, str(exc.path), exc.reason, case.line))
             if not case.mask.is_file():  # the mask cannot be checked without its image, but its absence can
