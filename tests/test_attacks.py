@@ -40,9 +40,11 @@ def test_an_honest_study_is_not_bounded_and_nobody_is_flagged(honest):
     assert all(r["consensus"]["scale"] == 1.0 for r in records)  # honest updates are within the bound
 
 
-@pytest.mark.parametrize("attack, outlier", [("sign-flip-10", "far"), ("sign-flip-100", "rejected")])
+@pytest.mark.parametrize("attack, outlier", [("sign-flip-10", "far"), ("sign-flip-1000", "rejected")])
 def test_a_reversed_scaled_update_is_bounded_every_round_and_its_site_flagged(tmp_path, honest, attack, outlier):
-    """×10: bounded (it counts less than a typical update); ×100: over 100× the median, rejected outright."""
+    """×10: bounded (it counts less than a typical update); ×1000: far over 100× the median, rejected outright.
+    (×100 sits on the rejection threshold whenever the dishonest site's own update is about the median's
+    length, so which side it lands on is the secret DP noise's draw: 93× in one CI run.)"""
     summary, records = _study(tmp_path, attack)
     mine = _agreement(records, DISHONEST)
     assert len(mine) == ROUNDS and all(outlier in a["outlier"] and a["scale"] < 0.2 for a in mine), mine
