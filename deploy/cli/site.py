@@ -4,6 +4,7 @@
     carefl site validate | ingest                 every problem of a dataset at once; the preprocessing cache
     carefl site budget                            ε spent and left per dataset, from the site's ledger
     carefl site report                            the site's own patient-level report (stays at the site)
+    carefl site predict                           use a global model: DICOM SEG or risk scores, with a model card
 """
 
 from __future__ import annotations
@@ -285,3 +286,37 @@ def site_report_cmd(
         fail(str(exc))
     console.print(f"site report written to {report.html} with {len(report.images)} plot(s); it holds "
                   f"patient-level results: keep it at the site", highlight=False)
+
+
+@site_app.command("predict")
+def site_predict_cmd(
+    config: Path = typer.Option(..., "--config", help="The site's config file (site.toml)."),
+    model: Path = typer.Option(..., "--model", help="The global model (a run's final_model.pt; its summary.json "
+                               "beside it gives the model card)."),
+    input_path: Optional[Path] = typer.Option(None, "--input", help="Imaging: a DICOM series folder, or a folder of "
+                                              "series folders. EHR: an extract (default: the site's dataset file)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the outputs and the model card (stays at the site)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset of site.toml it belongs to (default: "
+                                          "the model's task's, e.g. hippocampus or heart-disease)."),
+    kit: Optional[Path] = typer.Option(None, "--kit", help="Folder with audit-signing.key (default: beside "
+                                       "site.toml)."),
+) -> None:
+    """Use a global model at this site: a DICOM SEG per series (imaging) or risk scores as CSV (EHR), with a
+    model card; logged in the site's audit log by counts and hashes."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from deploy.site.predict import predict
+
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
+                      transient=True) as progress:
+            result = predict(config, model, input_path, out, dataset=dataset, kit=kit, progress=progress)
+    except (SiteError, ValueError) as exc:  # ImagingError, DataFormatError, a bad seg-shape: one line, never wrapped
+        console.print(f"[bold red]error:[/] {escape((str(exc) or type(exc).__name__).splitlines()[0])}",
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    what = "series" if result.task == "seg" else ("rows" if result.task == "ehr" else "patients")
+    console.print(f"{result.model} (task {result.task}) on {result.device}: {result.inputs} {what} → "
+                  f"{len(result.outputs)} output(s) in {Path(out).resolve()}, model card {result.card.name}; "
+                  f"{'logged in the site audit log' if result.audited else 'no audit log configured'}. "
+                  f"Keep the outputs at the site.", highlight=False)

@@ -155,16 +155,10 @@ def _visit_history_test(site: SiteConfig, study: Task, model, device, run_config
 
     from client.ingest import ehr_encode
     from client.tasks import load_task
-    from shared_models.feature_stats import FeatureStats
     from shared_models.schema import SchemaError
     from shared_models.sequence import HistoryDataset
 
-    stats_path = model_path.parent / FEATURE_STATS_FILE
-    try:
-        stats = FeatureStats.from_json(json.loads(stats_path.read_text(encoding="utf-8"))["stats"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise SiteError(f"task {study.name} encodes visits with its run's pooled feature statistics: put the run's "
-                        f"{FEATURE_STATS_FILE} beside the model ({stats_path} is missing or unreadable)") from None
+    stats = run_feature_stats(model_path, study.name)
     config = {**study.defaults(), **run_config, "task": study.name}
     try:
         task = load_task(site, config, stats.to_json())
@@ -323,3 +317,16 @@ def _seg_section(site: SiteConfig, study: Task, model, device, out: Path, cases:
         written.append(path)
         parts.append(img)
     return "".join(parts), written
+
+
+def run_feature_stats(model_path: Path, task: str):
+    """The run's pooled feature statistics (``feature_stats.json`` beside its model), which a visit-sequence
+    model's inputs are encoded with; one clear error when they are not there."""
+    from shared_models.feature_stats import FeatureStats
+
+    stats_path = model_path.parent / FEATURE_STATS_FILE
+    try:
+        return FeatureStats.from_json(json.loads(stats_path.read_text(encoding="utf-8"))["stats"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SiteError(f"task {task} encodes visits with its run's pooled feature statistics: put the run's "
+                        f"{FEATURE_STATS_FILE} beside the model ({stats_path} is missing or unreadable)") from None
