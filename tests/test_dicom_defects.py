@@ -313,7 +313,7 @@ def test_pydicom_warnings_never_reach_stderr_of_a_process(tmp_path, monkeypatch)
               "logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)\n"
               "from client.ingest.imaging.dicom_series import phi_attributes\n"
               "from client.ingest.imaging.io import read_image\n"
-              f"print(read_image(sys.argv[1]).shape, phi_attributes(sys.argv[1]))\n")
+              "print(read_image(sys.argv[1]).shape, phi_attributes(sys.argv[1]))\n")
     done = subprocess.run([sys.executable, "-W", "always", "-c", script, str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -110,12 +110,12 @@ def read_rows(path: Path) -> np.ndarray:
                             f"({', '.join(COLUMNS)})")
             continue
         row = []
-        for col, field in zip(COLUMNS, fields):
-            field = field.strip()
+        for col, cell in zip(COLUMNS, fields):
+            cell = cell.strip()
             value = math.nan
-            if field != "?":
+            if cell != "?":
                 try:
-                    value = float(field)
+                    value = float(cell)
                 except ValueError:
                     problems.append(f"{path.name} line {line_no}, column '{col}': not a number and not '?'")
                     continue

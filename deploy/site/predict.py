@@ -275,14 +275,9 @@ def _is_series(folder: Path) -> bool:
 
 def model_grid(volume, spacing: tuple[float, float, float], shape: tuple[int, int, int]):
     """The volume on the model's grid, exactly as ``preprocess`` makes it: ([1, z, y, x] float32, grid affine)."""
-    from monai.data import MetaTensor
-    from monai.transforms import ResizeWithPadOrCrop, Spacing
+    from client.ingest.imaging.preprocess import PreprocessSpec, normalise, on_model_grid
 
-    from client.ingest.imaging.preprocess import normalise
-
-    img = MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))[None],
-                     affine=torch.as_tensor(volume.affine, dtype=torch.float64))
-    img = ResizeWithPadOrCrop(spatial_size=shape)(Spacing(pixdim=spacing, mode="bilinear")(img))
+    img = on_model_grid(volume.array, volume.affine, PreprocessSpec(tuple(spacing), tuple(shape)), "bilinear")
     return normalise(img.numpy(), volume.modality), np.asarray(img.affine, dtype=np.float64)
 
 

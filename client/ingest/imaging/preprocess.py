@@ -53,17 +53,19 @@ def normalise(array: np.ndarray, modality: str) -> np.ndarray:
     return ((array - ref.mean()) / (ref.std() + 1e-8)).astype(np.float32)
 
 
+def on_model_grid(array: np.ndarray, affine: np.ndarray, spec: PreprocessSpec, mode: str) -> MetaTensor:
+    """A (z, y, x) array resampled to the spec's spacing (``mode``: bilinear for images, nearest for labels),
+    then centre-cropped/padded to its shape: [1, z, y, x], its affine the grid's in patient space."""
+    volume = MetaTensor(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None],
+                        affine=torch.as_tensor(affine, dtype=torch.float64))
+    return ResizeWithPadOrCrop(spatial_size=spec.shape)(Spacing(pixdim=spec.spacing, mode=mode)(volume))
+
+
 def preprocess(image: Volume, mask: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
     """→ image [1, z, y, x] float32 and label map [z, y, x] uint8, on the target grid and shape."""
-    affine = torch.as_tensor(image.affine, dtype=torch.float64)
-    img = MetaTensor(torch.from_numpy(np.ascontiguousarray(image.array, dtype=np.float32))[None], affine=affine)
-    lab = MetaTensor(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None], affine=affine)
-    img = Spacing(pixdim=spec.spacing, mode="bilinear")(img)
-    lab = Spacing(pixdim=spec.spacing, mode="nearest")(lab)
-    crop = ResizeWithPadOrCrop(spatial_size=spec.shape)
-    img_np = crop(img).numpy()
-    lab_np = crop(lab).numpy()[0]
-    return normalise(img_np, image.modality), np.rint(lab_np).astype(np.uint8)
+    img = on_model_grid(image.array, image.affine, spec, "bilinear").numpy()
+    lab = on_model_grid(mask, image.affine, spec, "nearest").numpy()[0]
+    return normalise(img, image.modality), np.rint(lab).astype(np.uint8)
 
 
 def _file_digest(path: Path, memo: dict) -> str:
